@@ -1,0 +1,1651 @@
+//! Deal events: the CloudEvents 1.0 envelope and the typed `data` of every deal
+//! event type, decoded from bytes with errors that name the offending field.
+//!
+//! This is the contract with event producers. `schemas/` holds the same
+//! contract as JSON Schema for producers in other languages; a test holds the
+//! two against each other. Decoding is pure (no I/O, no clock) and bounded:
+//! every string, list and the whole event have explicit limits ([`limits`]).
+//!
+//! Decoding happens in three steps, each with its own error kind:
+//! 1. bytes → UTF-8 → JSON ([`DecodeError::TooLarge`], [`DecodeError::NotUtf8`],
+//!    [`DecodeError::NotJson`]);
+//! 2. JSON → CloudEvents envelope ([`DecodeError::NotCloudEvent`],
+//!    [`DecodeError::UnknownType`]);
+//! 3. `data` → the typed payload of that event type, then the rules a single
+//!    event must satisfy on its own, such as `end` after `start`
+//!    ([`DecodeError::Schema`], [`DecodeError::Invalid`]).
+//!
+//! Rules that need the deal's history (who may accept what, and when) belong
+//! to the fold in [`crate::deal`], not here.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::value::RawValue;
+
+/// Explicit bounds on everything a producer controls.
+pub mod limits {
+    /// Largest encoded event accepted, in bytes (the whole CloudEvent JSON).
+    pub const MAX_EVENT_BYTES: usize = 64 * 1024;
+    /// Longest identifier (deal, party, proposal, lock, scope ids), in characters.
+    pub const MAX_ID_CHARS: usize = 128;
+    /// Longest CloudEvents `id`, `source` or `dataschema`, in characters.
+    pub const MAX_ATTRIBUTE_CHARS: usize = 256;
+    /// Longest free text (descriptions, reasons, names), in characters.
+    pub const MAX_TEXT_CHARS: usize = 1024;
+    /// Most entries in any list inside `data` (partners, signatories, ...).
+    pub const MAX_LIST_LEN: usize = 16;
+    /// Most CloudEvents extension attributes on one event.
+    pub const MAX_EXTENSIONS: usize = 16;
+    /// Largest amount or quantity: 2^53 - 1, so producers in languages whose
+    /// numbers are doubles (JavaScript) never lose precision.
+    pub const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
+}
+
+/// The only CloudEvents version accepted.
+pub const SPEC_VERSION: &str = "1.0";
+/// The only `datacontenttype` accepted (it may also be absent).
+pub const DATA_CONTENT_TYPE: &str = "application/json";
+/// Base URI of the JSON Schemas in `schemas/`; `dataschema` values point below it.
+pub const SCHEMA_BASE_URI: &str = "https://schemas.dealledger.example/v1/";
+
+// ---------------------------------------------------------------------------
+// Scalars: identifiers, text, time, money.
+// ---------------------------------------------------------------------------
+
+/// An identifier of a deal, party, proposal, lock or scope: 1 to
+/// [`limits::MAX_ID_CHARS`] characters of `A-Z a-z 0-9 . _ : -`, starting
+/// with a letter or digit.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Id(String);
+
+impl Id {
+    /// Describes the identifier rule; used in error messages and docs.
+    pub const RULE: &'static str = "an identifier of 1-128 characters from A-Z a-z 0-9 . _ : -, starting with a letter or digit";
+
+    /// Checks `s` against [`Id::RULE`].
+    pub fn new(s: impl Into<String>) -> Result<Self, String> {
+        let s = s.into();
+        let mut chars = s.chars();
+        let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+        let rest_ok =
+            chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'));
+        if first_ok && rest_ok && s.len() <= limits::MAX_ID_CHARS {
+            Ok(Id(s))
+        } else {
+            Err(format!("{s:?} is not {}", Self::RULE))
+        }
+    }
+
+    /// The identifier as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl FromStr for Id {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Id::new(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Id::new(s).map_err(de::Error::custom)
+    }
+}
+
+/// Free text (descriptions, reasons, names): 1 to [`limits::MAX_TEXT_CHARS`] characters.
+#[derive(Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Text(String);
+
+impl Text {
+    /// Checks that `s` is non-empty and within [`limits::MAX_TEXT_CHARS`].
+    pub fn new(s: impl Into<String>) -> Result<Self, String> {
+        let s = s.into();
+        let n = s.chars().count();
+        if n == 0 {
+            Err("must not be empty".to_string())
+        } else if n > limits::MAX_TEXT_CHARS {
+            Err(format!(
+                "is {n} characters long, over the limit of {}",
+                limits::MAX_TEXT_CHARS
+            ))
+        } else {
+            Ok(Text(s))
+        }
+    }
+
+    /// The text as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Text::new(s).map_err(de::Error::custom)
+    }
+}
+
+/// An instant in business time, parsed from strict RFC 3339
+/// (`2025-05-20T09:30:00Z`, `2025-05-20T11:30:00.250+02:00`) and kept in UTC.
+///
+/// Strict means: upper-case `T` and `Z`, seconds present, an explicit offset,
+/// at most 9 fraction digits. Anything else is rejected rather than guessed.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(DateTime<Utc>);
+
+impl Timestamp {
+    /// Describes the accepted format; used in error messages.
+    pub const RULE: &'static str = "an RFC 3339 timestamp such as 2025-05-20T09:30:00Z (upper-case T, seconds, and Z or ±HH:MM)";
+
+    /// Parses strict RFC 3339.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if !has_rfc3339_shape(s.as_bytes()) {
+            return Err(format!("{s:?} is not {}", Self::RULE));
+        }
+        DateTime::parse_from_rfc3339(s)
+            .map(|t| Timestamp(t.with_timezone(&Utc)))
+            .map_err(|e| format!("{s:?} is not a valid date and time: {e}"))
+    }
+
+    /// The instant `ms` milliseconds after the Unix epoch, if representable.
+    pub fn from_unix_millis(ms: i64) -> Option<Self> {
+        DateTime::from_timestamp_millis(ms).map(Timestamp)
+    }
+
+    /// Milliseconds since the Unix epoch.
+    pub fn unix_millis(&self) -> i64 {
+        self.0.timestamp_millis()
+    }
+
+    /// The underlying chrono value.
+    pub fn as_datetime(&self) -> DateTime<Utc> {
+        self.0
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.f{1,9}](Z|±HH:MM)`, checked byte by byte.
+fn has_rfc3339_shape(b: &[u8]) -> bool {
+    let digits =
+        |r: std::ops::Range<usize>| b.get(r).is_some_and(|s| s.iter().all(u8::is_ascii_digit));
+    let at = |i: usize, c: u8| b.get(i) == Some(&c);
+    if !(digits(0..4)
+        && at(4, b'-')
+        && digits(5..7)
+        && at(7, b'-')
+        && digits(8..10)
+        && at(10, b'T')
+        && digits(11..13)
+        && at(13, b':')
+        && digits(14..16)
+        && at(16, b':')
+        && digits(17..19))
+    {
+        return false;
+    }
+    let mut i = 19;
+    if at(i, b'.') {
+        let start = i + 1;
+        i = start;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        if i == start || i - start > 9 {
+            return false;
+        }
+    }
+    match b.get(i) {
+        Some(b'Z') => i + 1 == b.len(),
+        Some(b'+') | Some(b'-') => {
+            b.len() == i + 6 && digits(i + 1..i + 3) && at(i + 3, b':') && digits(i + 4..i + 6)
+        }
+        _ => false,
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+    }
+}
+
+impl fmt::Debug for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for Timestamp {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Timestamp::parse(s)
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Timestamp;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(Timestamp::RULE)
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Timestamp, E> {
+                Timestamp::parse(s).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A calendar date, strictly `YYYY-MM-DD`.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Date(NaiveDate);
+
+impl Date {
+    /// Parses strict `YYYY-MM-DD`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let b = s.as_bytes();
+        let shape = b.len() == 10
+            && b[4] == b'-'
+            && b[7] == b'-'
+            && b.iter()
+                .enumerate()
+                .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
+        if !shape {
+            return Err(format!("{s:?} is not a date of the form YYYY-MM-DD"));
+        }
+        NaiveDate::parse_from_str(s, "%Y-%m-%d")
+            .map(Date)
+            .map_err(|e| format!("{s:?} is not a valid date: {e}"))
+    }
+
+    /// Midnight UTC at the start of this date.
+    pub fn start(&self) -> Timestamp {
+        Timestamp(
+            self.0
+                .and_hms_opt(0, 0, 0)
+                .expect("midnight exists")
+                .and_utc(),
+        )
+    }
+}
+
+impl fmt::Display for Date {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0.format("%Y-%m-%d"))
+    }
+}
+
+impl fmt::Debug for Date {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl Serialize for Date {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Date {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Date::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+/// A whole, non-negative number no larger than [`limits::MAX_SAFE_INTEGER`]:
+/// money in minor units, capacity quantities. Never a float.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize)]
+#[serde(transparent)]
+pub struct Amount(u64);
+
+impl Amount {
+    /// Checks the upper bound.
+    pub fn new(n: u64) -> Result<Self, String> {
+        if n > limits::MAX_SAFE_INTEGER {
+            Err(format!(
+                "{n} is over the limit of {} (2^53 - 1)",
+                limits::MAX_SAFE_INTEGER
+            ))
+        } else {
+            Ok(Amount(n))
+        }
+    }
+
+    /// The value.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for Amount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl<'de> Deserialize<'de> for Amount {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Amount;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a whole number from 0 to 2^53 - 1")
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Amount, E> {
+                Amount::new(n).map_err(E::custom)
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Amount, E> {
+                if n < 0 {
+                    Err(E::custom(format!("{n} is negative; must be 0 or more")))
+                } else {
+                    self.visit_u64(n as u64)
+                }
+            }
+            fn visit_f64<E: de::Error>(self, n: f64) -> Result<Amount, E> {
+                Err(E::custom(format!(
+                    "{n} is not a whole number; amounts are integers (money in minor units, e.g. cents)"
+                )))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// An ISO 4217 currency code: three upper-case letters such as `USD`.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Currency([u8; 3]);
+
+impl Currency {
+    /// Checks the three-upper-case-letters shape.
+    pub fn new(s: &str) -> Result<Self, String> {
+        match s.as_bytes() {
+            [a, b, c] if [a, b, c].iter().all(|x| x.is_ascii_uppercase()) => {
+                Ok(Currency([*a, *b, *c]))
+            }
+            _ => Err(format!(
+                "{s:?} is not an ISO 4217 currency code (three upper-case letters, e.g. USD)"
+            )),
+        }
+    }
+
+    /// The code as a string slice.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("checked ASCII at construction")
+    }
+}
+
+impl fmt::Display for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl Serialize for Currency {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Currency {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Currency::new(&s).map_err(de::Error::custom)
+    }
+}
+
+/// A list of at most [`limits::MAX_LIST_LEN`] items, checked while decoding
+/// so a hostile list is refused before it is fully materialised.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+#[serde(transparent)]
+pub struct BoundedList<T>(Vec<T>);
+
+impl<T> BoundedList<T> {
+    /// Checks the length bound.
+    pub fn new(items: Vec<T>) -> Result<Self, String> {
+        if items.len() > limits::MAX_LIST_LEN {
+            Err(format!(
+                "has {} items, over the limit of {}",
+                items.len(),
+                limits::MAX_LIST_LEN
+            ))
+        } else {
+            Ok(BoundedList(items))
+        }
+    }
+
+    /// The items.
+    pub fn as_slice(&self) -> &[T] {
+        &self.0
+    }
+}
+
+impl<T> Default for BoundedList<T> {
+    fn default() -> Self {
+        BoundedList(Vec::new())
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for BoundedList<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = BoundedList<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "a list of at most {} items", limits::MAX_LIST_LEN)
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    if items.len() == limits::MAX_LIST_LEN {
+                        return Err(de::Error::custom(format!(
+                            "has more than {} items",
+                            limits::MAX_LIST_LEN
+                        )));
+                    }
+                    items.push(item);
+                }
+                Ok(BoundedList(items))
+            }
+        }
+        d.deserialize_seq(V(std::marker::PhantomData))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The data of each event type.
+// ---------------------------------------------------------------------------
+
+/// A unit in which capacity is sold.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub enum CapacityUnit {
+    /// GPU hours.
+    #[serde(rename = "gpu-hours")]
+    GpuHours,
+    /// Dedicated GPUs.
+    #[serde(rename = "gpus")]
+    Gpus,
+    /// Dedicated TPU chips.
+    #[serde(rename = "tpu-chips")]
+    TpuChips,
+    /// TPU chip hours.
+    #[serde(rename = "tpu-hours")]
+    TpuHours,
+    /// Virtual CPU hours.
+    #[serde(rename = "vcpu-hours")]
+    VcpuHours,
+    /// Data-centre power, megawatts.
+    #[serde(rename = "MW")]
+    Megawatts,
+    /// Data-centre power, gigawatts.
+    #[serde(rename = "GW")]
+    Gigawatts,
+}
+
+/// How much capacity a deal covers.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    /// How many units; at least 1.
+    pub quantity: Amount,
+    /// The unit.
+    pub unit: CapacityUnit,
+}
+
+/// An amount of money in integer minor units (cents for USD): never a float.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Money {
+    /// Minor units of `currency`.
+    pub amount_minor: Amount,
+    /// ISO 4217 code.
+    pub currency: Currency,
+}
+
+/// The commercial terms of a proposal, counter-proposal or amendment.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Terms {
+    /// Capacity sold.
+    pub capacity: Capacity,
+    /// Total contract value.
+    pub price: Money,
+    /// When the capacity becomes available.
+    pub start: Timestamp,
+    /// When it ends; strictly after `start`.
+    pub end: Timestamp,
+}
+
+/// Whether a lock forbids dealing with others or only gives first refusal.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub enum LockKind {
+    /// The bound party may not deal with anyone else in the scope.
+    #[serde(rename = "exclusive")]
+    Exclusive,
+    /// The holder must be offered any deal in the scope first.
+    #[serde(rename = "right-of-first-refusal")]
+    RightOfFirstRefusal,
+}
+
+/// `deal.negotiation.opened`: the first event of every deal.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NegotiationOpened {
+    /// The party buying capacity.
+    pub customer: Id,
+    /// The party selling it.
+    pub provider: Id,
+    /// Further parties to a multi-party deal (e.g. a joint venture's investors).
+    #[serde(default, skip_serializing_if = "BoundedList::is_empty")]
+    pub partners: BoundedList<Id>,
+    /// What the deal is about, as a comparable identifier (e.g. `cloud-compute`);
+    /// exclusivity locks name the same scopes.
+    pub scope: Id,
+    /// Human description.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<Text>,
+}
+
+impl<T> BoundedList<T> {
+    /// True when the list has no items.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// `deal.terms.proposed`: a party puts terms on the table.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TermsProposed {
+    /// Identifier of this proposal, unique within the deal.
+    pub proposal_id: Id,
+    /// The party proposing.
+    pub proposer: Id,
+    /// The terms.
+    pub terms: Terms,
+}
+
+/// `deal.terms.countered`: a party answers a proposal with new terms,
+/// superseding it.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TermsCountered {
+    /// Identifier of the counter-proposal, unique within the deal.
+    pub proposal_id: Id,
+    /// The proposal being countered.
+    pub counters: Id,
+    /// The party countering.
+    pub proposer: Id,
+    /// The new terms.
+    pub terms: Terms,
+}
+
+/// `deal.terms.accepted`: a party accepts another party's open proposal.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TermsAccepted {
+    /// The proposal accepted.
+    pub proposal_id: Id,
+    /// The accepting party.
+    pub accepted_by: Id,
+}
+
+/// `deal.terms.rejected`: a party turns down another party's open proposal.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TermsRejected {
+    /// The proposal rejected.
+    pub proposal_id: Id,
+    /// The rejecting party.
+    pub rejected_by: Id,
+    /// Why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Text>,
+}
+
+/// `deal.exclusivity.granted`: the deal gives `holder` a lock over `bound_party`
+/// in `scope`.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExclusivityGranted {
+    /// Identifier of the lock, unique within the deal.
+    pub lock_id: Id,
+    /// The party holding the lock.
+    pub holder: Id,
+    /// The party it binds; different from `holder`.
+    pub bound_party: Id,
+    /// What it covers (compared with deals' `scope`).
+    pub scope: Id,
+    /// Exclusive or right of first refusal.
+    pub kind: LockKind,
+    /// Start of validity (business time).
+    pub valid_from: Timestamp,
+    /// End of validity, if fixed; strictly after `valid_from`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_until: Option<Timestamp>,
+}
+
+/// `deal.exclusivity.released`: an active lock of this deal ends.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExclusivityReleased {
+    /// The lock released.
+    pub lock_id: Id,
+    /// Why.
+    pub reason: Text,
+}
+
+/// Someone who signed a finalized deal on behalf of a party.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Signatory {
+    /// The party signed for.
+    pub party: Id,
+    /// The person's name.
+    pub name: Text,
+    /// Their title, if given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<Text>,
+}
+
+/// `deal.finalized`: the deal is signed on an accepted proposal.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Finalized {
+    /// The accepted proposal the deal is signed on.
+    pub proposal_id: Id,
+    /// Who signed; at least one.
+    pub signatories: BoundedList<Signatory>,
+    /// When the contract takes effect.
+    pub effective_date: Date,
+    /// The terms as signed, if the producer states them (compliance compares
+    /// them with the accepted proposal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terms: Option<Terms>,
+}
+
+/// `deal.amended`: a finalized deal's terms change.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Amended {
+    /// Identifier of the amendment, unique within the deal.
+    pub amendment_id: Id,
+    /// The new terms.
+    pub terms: Terms,
+    /// The parties that agreed to it; at least one.
+    pub agreed_by: BoundedList<Id>,
+    /// Why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Text>,
+}
+
+/// `deal.terminated`: the deal (or its negotiation) ends for good.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Terminated {
+    /// The party ending it.
+    pub terminated_by: Id,
+    /// Why.
+    pub reason: Text,
+}
+
+// ---------------------------------------------------------------------------
+// Event types and the decoded event.
+// ---------------------------------------------------------------------------
+
+/// Every deal event type, with its CloudEvents `type` string.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub enum EventType {
+    /// `deal.negotiation.opened`
+    NegotiationOpened,
+    /// `deal.terms.proposed`
+    TermsProposed,
+    /// `deal.terms.countered`
+    TermsCountered,
+    /// `deal.terms.accepted`
+    TermsAccepted,
+    /// `deal.terms.rejected`
+    TermsRejected,
+    /// `deal.exclusivity.granted`
+    ExclusivityGranted,
+    /// `deal.exclusivity.released`
+    ExclusivityReleased,
+    /// `deal.finalized`
+    Finalized,
+    /// `deal.amended`
+    Amended,
+    /// `deal.terminated`
+    Terminated,
+}
+
+impl EventType {
+    /// All types, in lifecycle order.
+    pub const ALL: [EventType; 10] = [
+        EventType::NegotiationOpened,
+        EventType::TermsProposed,
+        EventType::TermsCountered,
+        EventType::TermsAccepted,
+        EventType::TermsRejected,
+        EventType::ExclusivityGranted,
+        EventType::ExclusivityReleased,
+        EventType::Finalized,
+        EventType::Amended,
+        EventType::Terminated,
+    ];
+
+    /// The CloudEvents `type` attribute.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::NegotiationOpened => "deal.negotiation.opened",
+            EventType::TermsProposed => "deal.terms.proposed",
+            EventType::TermsCountered => "deal.terms.countered",
+            EventType::TermsAccepted => "deal.terms.accepted",
+            EventType::TermsRejected => "deal.terms.rejected",
+            EventType::ExclusivityGranted => "deal.exclusivity.granted",
+            EventType::ExclusivityReleased => "deal.exclusivity.released",
+            EventType::Finalized => "deal.finalized",
+            EventType::Amended => "deal.amended",
+            EventType::Terminated => "deal.terminated",
+        }
+    }
+
+    /// The type for a CloudEvents `type` attribute, if it is a deal event type.
+    pub fn parse(s: &str) -> Option<EventType> {
+        EventType::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// The `dataschema` URI of this type's data schema in `schemas/`.
+    pub fn schema_uri(self) -> String {
+        format!("{SCHEMA_BASE_URI}data/{}.schema.json", self.as_str())
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The typed `data` of a deal event.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+#[serde(untagged)]
+pub enum Payload {
+    /// `deal.negotiation.opened`
+    NegotiationOpened(NegotiationOpened),
+    /// `deal.terms.proposed`
+    TermsProposed(TermsProposed),
+    /// `deal.terms.countered`
+    TermsCountered(TermsCountered),
+    /// `deal.terms.accepted`
+    TermsAccepted(TermsAccepted),
+    /// `deal.terms.rejected`
+    TermsRejected(TermsRejected),
+    /// `deal.exclusivity.granted`
+    ExclusivityGranted(ExclusivityGranted),
+    /// `deal.exclusivity.released`
+    ExclusivityReleased(ExclusivityReleased),
+    /// `deal.finalized`
+    Finalized(Finalized),
+    /// `deal.amended`
+    Amended(Amended),
+    /// `deal.terminated`
+    Terminated(Terminated),
+}
+
+impl Payload {
+    /// The event type this payload belongs to.
+    pub fn event_type(&self) -> EventType {
+        match self {
+            Payload::NegotiationOpened(_) => EventType::NegotiationOpened,
+            Payload::TermsProposed(_) => EventType::TermsProposed,
+            Payload::TermsCountered(_) => EventType::TermsCountered,
+            Payload::TermsAccepted(_) => EventType::TermsAccepted,
+            Payload::TermsRejected(_) => EventType::TermsRejected,
+            Payload::ExclusivityGranted(_) => EventType::ExclusivityGranted,
+            Payload::ExclusivityReleased(_) => EventType::ExclusivityReleased,
+            Payload::Finalized(_) => EventType::Finalized,
+            Payload::Amended(_) => EventType::Amended,
+            Payload::Terminated(_) => EventType::Terminated,
+        }
+    }
+
+    /// Decodes `data` JSON as the payload of `event_type`.
+    fn decode(event_type: EventType, data: &str) -> Result<Payload, DecodeError> {
+        fn typed<'a, T: Deserialize<'a>>(data: &'a str) -> Result<T, DecodeError> {
+            let mut de = serde_json::Deserializer::from_str(data);
+            serde_path_to_error::deserialize(&mut de).map_err(|e| {
+                let path = join_path("data", &e.path().to_string());
+                let message = clean_serde_message(&e.inner().to_string());
+                // serde reports a missing field at its parent; name the field itself.
+                match message
+                    .strip_prefix("missing field `")
+                    .and_then(|m| m.strip_suffix('`'))
+                {
+                    Some(field) => DecodeError::Schema {
+                        path: format!("{path}.{field}"),
+                        reason: "missing (required)".into(),
+                    },
+                    None => DecodeError::Schema {
+                        path,
+                        reason: message,
+                    },
+                }
+            })
+        }
+        Ok(match event_type {
+            EventType::NegotiationOpened => Payload::NegotiationOpened(typed(data)?),
+            EventType::TermsProposed => Payload::TermsProposed(typed(data)?),
+            EventType::TermsCountered => Payload::TermsCountered(typed(data)?),
+            EventType::TermsAccepted => Payload::TermsAccepted(typed(data)?),
+            EventType::TermsRejected => Payload::TermsRejected(typed(data)?),
+            EventType::ExclusivityGranted => Payload::ExclusivityGranted(typed(data)?),
+            EventType::ExclusivityReleased => Payload::ExclusivityReleased(typed(data)?),
+            EventType::Finalized => Payload::Finalized(typed(data)?),
+            EventType::Amended => Payload::Amended(typed(data)?),
+            EventType::Terminated => Payload::Terminated(typed(data)?),
+        })
+    }
+
+    /// The rules a payload must satisfy on its own (beyond its schema).
+    fn validate(&self) -> Result<(), DecodeError> {
+        let invalid = |path: &str, reason: String| {
+            Err(DecodeError::Invalid {
+                path: path.to_string(),
+                reason,
+            })
+        };
+        match self {
+            Payload::NegotiationOpened(p) => {
+                let mut seen = vec![&p.customer, &p.provider];
+                if p.customer == p.provider {
+                    return invalid(
+                        "data.provider",
+                        format!(
+                            "{} is also the customer; a deal needs two different parties",
+                            p.provider
+                        ),
+                    );
+                }
+                for (i, partner) in p.partners.as_slice().iter().enumerate() {
+                    if seen.contains(&partner) {
+                        return invalid(
+                            &format!("data.partners[{i}]"),
+                            format!("{partner} is named twice among the deal's parties"),
+                        );
+                    }
+                    seen.push(partner);
+                }
+                Ok(())
+            }
+            Payload::TermsProposed(p) => validate_terms("data.terms", &p.terms),
+            Payload::TermsCountered(p) => {
+                if p.proposal_id == p.counters {
+                    return invalid(
+                        "data.counters",
+                        format!("a proposal cannot counter itself ({})", p.counters),
+                    );
+                }
+                validate_terms("data.terms", &p.terms)
+            }
+            Payload::ExclusivityGranted(g) => {
+                if g.holder == g.bound_party {
+                    return invalid(
+                        "data.bound_party",
+                        format!("{} cannot hold a lock over itself", g.holder),
+                    );
+                }
+                if let Some(until) = g.valid_until
+                    && until <= g.valid_from
+                {
+                    return invalid(
+                        "data.valid_until",
+                        format!("{until} is not after valid_from {}", g.valid_from),
+                    );
+                }
+                Ok(())
+            }
+            Payload::Finalized(f) => {
+                if f.signatories.is_empty() {
+                    return invalid("data.signatories", "needs at least one signatory".into());
+                }
+                match &f.terms {
+                    Some(t) => validate_terms("data.terms", t),
+                    None => Ok(()),
+                }
+            }
+            Payload::Amended(a) => {
+                if a.agreed_by.is_empty() {
+                    return invalid("data.agreed_by", "needs at least one party".into());
+                }
+                validate_terms("data.terms", &a.terms)
+            }
+            Payload::TermsAccepted(_)
+            | Payload::TermsRejected(_)
+            | Payload::ExclusivityReleased(_)
+            | Payload::Terminated(_) => Ok(()),
+        }
+    }
+}
+
+fn validate_terms(path: &str, t: &Terms) -> Result<(), DecodeError> {
+    if t.capacity.quantity.get() == 0 {
+        return Err(DecodeError::Invalid {
+            path: format!("{path}.capacity.quantity"),
+            reason: "must be at least 1".into(),
+        });
+    }
+    if t.end <= t.start {
+        return Err(DecodeError::Invalid {
+            path: format!("{path}.end"),
+            reason: format!("{} is not after start {}", t.end, t.start),
+        });
+    }
+    Ok(())
+}
+
+/// A CloudEvents extension attribute value (string, integer or boolean).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+#[serde(untagged)]
+pub enum ExtensionValue {
+    /// A string.
+    String(String),
+    /// An integer.
+    Integer(i64),
+    /// A boolean.
+    Boolean(bool),
+}
+
+/// A decoded, validated deal event: the CloudEvents envelope with typed data.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct DealEvent {
+    /// CloudEvents `id`; with `source` it identifies the event (duplicates share both).
+    pub id: String,
+    /// CloudEvents `source`: the producer.
+    pub source: String,
+    /// CloudEvents `subject`: the deal this event belongs to.
+    pub deal_id: Id,
+    /// CloudEvents `time`: business time, when it happened in the world.
+    pub time: Timestamp,
+    /// CloudEvents `dataschema`, if given.
+    pub dataschema: Option<String>,
+    /// Extension attributes, in the order received.
+    pub extensions: Vec<(String, ExtensionValue)>,
+    /// The typed data.
+    pub payload: Payload,
+}
+
+impl DealEvent {
+    /// A new event with `dataschema` pointing at this type's schema and no extensions.
+    pub fn new(
+        id: impl Into<String>,
+        source: impl Into<String>,
+        deal_id: Id,
+        time: Timestamp,
+        payload: Payload,
+    ) -> Self {
+        let dataschema = Some(payload.event_type().schema_uri());
+        DealEvent {
+            id: id.into(),
+            source: source.into(),
+            deal_id,
+            time,
+            dataschema,
+            extensions: Vec::new(),
+            payload,
+        }
+    }
+
+    /// The event type.
+    pub fn event_type(&self) -> EventType {
+        self.payload.event_type()
+    }
+
+    /// Decodes and validates one encoded CloudEvent (JSON structured mode).
+    pub fn decode(bytes: &[u8]) -> Result<DealEvent, DecodeError> {
+        if bytes.len() > limits::MAX_EVENT_BYTES {
+            return Err(DecodeError::TooLarge {
+                size: bytes.len(),
+                limit: limits::MAX_EVENT_BYTES,
+            });
+        }
+        let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::NotUtf8 {
+            byte: e.valid_up_to(),
+        })?;
+        let raw: RawEnvelope<'_> = parse_envelope(text)?;
+        let event = raw.into_event()?;
+        event.payload.validate()?;
+        Ok(event)
+    }
+
+    /// Encodes as a CloudEvents JSON structured-mode document.
+    pub fn to_json(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            specversion: &'static str,
+            id: &'a str,
+            source: &'a str,
+            #[serde(rename = "type")]
+            event_type: &'static str,
+            subject: &'a Id,
+            time: Timestamp,
+            datacontenttype: &'static str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            dataschema: Option<&'a str>,
+            data: &'a Payload,
+            #[serde(flatten)]
+            extensions: Extensions<'a>,
+        }
+        /// Extension attributes serialized as map entries, in received order.
+        struct Extensions<'a>(&'a [(String, ExtensionValue)]);
+        impl Serialize for Extensions<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+            }
+        }
+        let out = Out {
+            specversion: SPEC_VERSION,
+            id: &self.id,
+            source: &self.source,
+            event_type: self.event_type().as_str(),
+            subject: &self.deal_id,
+            time: self.time,
+            datacontenttype: DATA_CONTENT_TYPE,
+            dataschema: self.dataschema.as_deref(),
+            data: &self.payload,
+            extensions: Extensions(&self.extensions),
+        };
+        serde_json::to_vec(&out).expect("deal events always serialize")
+    }
+}
+
+/// Why bytes are not a valid deal event. Every variant names where the
+/// problem is; [`DecodeError::kind`] gives a stable code for metrics.
+#[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The encoded event is larger than [`limits::MAX_EVENT_BYTES`].
+    #[error("event is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The bytes are not UTF-8.
+    #[error("event is not UTF-8: invalid byte at offset {byte}")]
+    NotUtf8 {
+        /// Offset of the first invalid byte.
+        byte: usize,
+    },
+    /// The text is not JSON.
+    #[error("event is not JSON: {reason}")]
+    NotJson {
+        /// The parser's message, with line and column.
+        reason: String,
+    },
+    /// JSON, but not a CloudEvents 1.0 envelope this ledger accepts.
+    #[error("field {path}: {reason}")]
+    NotCloudEvent {
+        /// The envelope attribute at fault.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A CloudEvent whose `type` is not a deal event type.
+    #[error("field type: unknown event type {event_type:?}; expected one of {}", EventType::ALL.map(EventType::as_str).join(", "))]
+    UnknownType {
+        /// The type received.
+        event_type: String,
+    },
+    /// `data` does not match its type's schema.
+    #[error("field {path}: {reason}")]
+    Schema {
+        /// Path of the field in the event, e.g. `data.terms.price.amount_minor`.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Matches the schema but breaks a rule of a single event (e.g. `end` before `start`).
+    #[error("field {path}: {reason}")]
+    Invalid {
+        /// Path of the field in the event.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl DecodeError {
+    /// A stable, short code for metrics and machine consumers.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DecodeError::TooLarge { .. } => "too_large",
+            DecodeError::NotUtf8 { .. } => "not_utf8",
+            DecodeError::NotJson { .. } => "not_json",
+            DecodeError::NotCloudEvent { .. } => "not_cloudevent",
+            DecodeError::UnknownType { .. } => "unknown_type",
+            DecodeError::Schema { .. } => "schema",
+            DecodeError::Invalid { .. } => "invalid",
+        }
+    }
+
+    /// The field path at fault, when there is one.
+    pub fn path(&self) -> Option<&str> {
+        match self {
+            DecodeError::NotCloudEvent { path, .. }
+            | DecodeError::Schema { path, .. }
+            | DecodeError::Invalid { path, .. } => Some(path),
+            DecodeError::UnknownType { .. } => Some("type"),
+            _ => None,
+        }
+    }
+}
+
+/// `data` + `.` + `rest`, where serde_path_to_error writes the root as `.`.
+fn join_path(prefix: &str, rest: &str) -> String {
+    if rest == "." || rest.is_empty() {
+        prefix.to_string()
+    } else if rest.starts_with('[') {
+        format!("{prefix}{rest}")
+    } else {
+        format!("{prefix}.{rest}")
+    }
+}
+
+/// serde_json appends " at line L column C" to messages; inside an event the
+/// field path is more useful, so it is dropped.
+fn clean_serde_message(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) if msg[i..].contains(" column ") => msg[..i].to_string(),
+        _ => msg.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Envelope parsing.
+// ---------------------------------------------------------------------------
+
+/// The envelope as parsed, before the required attributes are checked.
+#[derive(Default)]
+struct RawEnvelope<'a> {
+    specversion: Option<String>,
+    id: Option<String>,
+    source: Option<String>,
+    event_type: Option<String>,
+    subject: Option<String>,
+    time: Option<String>,
+    datacontenttype: Option<String>,
+    dataschema: Option<String>,
+    data: Option<&'a RawValue>,
+    extensions: Vec<(String, ExtensionValue)>,
+}
+
+fn parse_envelope(text: &str) -> Result<RawEnvelope<'_>, DecodeError> {
+    // First make sure it is JSON at all, so "not JSON" and "not a CloudEvent"
+    // are told apart.
+    let value: &RawValue = serde_json::from_str(text).map_err(|e| DecodeError::NotJson {
+        reason: e.to_string(),
+    })?;
+    let mut de = serde_json::Deserializer::from_str(value.get());
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        DecodeError::NotCloudEvent {
+            path: if path == "." { "(event)".into() } else { path },
+            reason: clean_serde_message(&e.inner().to_string()),
+        }
+    })
+}
+
+impl<'a> RawEnvelope<'a> {
+    fn into_event(self) -> Result<DealEvent, DecodeError> {
+        fn required(v: Option<String>, name: &str) -> Result<String, DecodeError> {
+            v.ok_or_else(|| DecodeError::NotCloudEvent {
+                path: name.to_string(),
+                reason: "missing (a required CloudEvents attribute)".into(),
+            })
+        }
+        fn attribute(v: String, name: &str) -> Result<String, DecodeError> {
+            let n = v.chars().count();
+            if n == 0 || n > limits::MAX_ATTRIBUTE_CHARS || v.chars().any(char::is_whitespace) {
+                return Err(DecodeError::NotCloudEvent {
+                    path: name.to_string(),
+                    reason: format!(
+                        "must be 1-{} characters without spaces",
+                        limits::MAX_ATTRIBUTE_CHARS
+                    ),
+                });
+            }
+            Ok(v)
+        }
+        let bad = |path: &str, reason: String| DecodeError::NotCloudEvent {
+            path: path.to_string(),
+            reason,
+        };
+
+        let specversion = required(self.specversion, "specversion")?;
+        if specversion != SPEC_VERSION {
+            return Err(bad(
+                "specversion",
+                format!("{specversion:?} is not supported; expected \"{SPEC_VERSION}\""),
+            ));
+        }
+        let id = attribute(required(self.id, "id")?, "id")?;
+        let source = attribute(required(self.source, "source")?, "source")?;
+        let type_name = required(self.event_type, "type")?;
+        let subject = required(self.subject, "subject")?;
+        let deal_id = Id::new(subject).map_err(|e| bad("subject", e))?;
+        let time = required(self.time, "time")?;
+        let time = Timestamp::parse(&time).map_err(|e| bad("time", e))?;
+        if let Some(ct) = &self.datacontenttype
+            && ct != DATA_CONTENT_TYPE
+        {
+            return Err(bad(
+                "datacontenttype",
+                format!("{ct:?} is not supported; expected \"{DATA_CONTENT_TYPE}\""),
+            ));
+        }
+        let dataschema = self
+            .dataschema
+            .map(|s| attribute(s, "dataschema"))
+            .transpose()?;
+        let event_type = EventType::parse(&type_name).ok_or(DecodeError::UnknownType {
+            event_type: type_name,
+        })?;
+        let data = self.data.ok_or_else(|| {
+            bad(
+                "data",
+                format!("missing; a {event_type} event carries its details in data"),
+            )
+        })?;
+        if !data.get().starts_with('{') {
+            return Err(DecodeError::Schema {
+                path: "data".into(),
+                reason: "must be a JSON object".into(),
+            });
+        }
+        let payload = Payload::decode(event_type, data.get())?;
+        Ok(DealEvent {
+            id,
+            source,
+            deal_id,
+            time,
+            dataschema,
+            extensions: self.extensions,
+            payload,
+        })
+    }
+}
+
+/// The names of the envelope's attributes, as seen while parsing.
+enum Attribute {
+    Specversion,
+    Id,
+    Source,
+    Type,
+    Subject,
+    Time,
+    Datacontenttype,
+    Dataschema,
+    Data,
+    Extension(String),
+}
+
+impl<'de> Deserialize<'de> for Attribute {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Attribute;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a CloudEvents attribute name")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Attribute, E> {
+                Ok(match s {
+                    "specversion" => Attribute::Specversion,
+                    "id" => Attribute::Id,
+                    "source" => Attribute::Source,
+                    "type" => Attribute::Type,
+                    "subject" => Attribute::Subject,
+                    "time" => Attribute::Time,
+                    "datacontenttype" => Attribute::Datacontenttype,
+                    "dataschema" => Attribute::Dataschema,
+                    "data" => Attribute::Data,
+                    other => Attribute::Extension(other.to_string()),
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawEnvelope<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = RawEnvelope<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a CloudEvents 1.0 JSON object")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                fn set<T, E: de::Error>(slot: &mut Option<T>, v: T, name: &str) -> Result<(), E> {
+                    if slot.is_some() {
+                        return Err(E::custom(format!("attribute {name} appears twice")));
+                    }
+                    *slot = Some(v);
+                    Ok(())
+                }
+                let mut env = RawEnvelope::default();
+                while let Some(key) = map.next_key::<Attribute>()? {
+                    match key {
+                        Attribute::Specversion => {
+                            set(&mut env.specversion, map.next_value()?, "specversion")?
+                        }
+                        Attribute::Id => set(&mut env.id, map.next_value()?, "id")?,
+                        Attribute::Source => set(&mut env.source, map.next_value()?, "source")?,
+                        Attribute::Type => set(&mut env.event_type, map.next_value()?, "type")?,
+                        Attribute::Subject => set(&mut env.subject, map.next_value()?, "subject")?,
+                        Attribute::Time => set(&mut env.time, map.next_value()?, "time")?,
+                        Attribute::Datacontenttype => set(
+                            &mut env.datacontenttype,
+                            map.next_value()?,
+                            "datacontenttype",
+                        )?,
+                        Attribute::Dataschema => {
+                            set(&mut env.dataschema, map.next_value()?, "dataschema")?
+                        }
+                        Attribute::Data => {
+                            let raw: &'de RawValue = map.next_value()?;
+                            set(&mut env.data, raw, "data")?
+                        }
+                        Attribute::Extension(name) => {
+                            let valid_name = (1..=20).contains(&name.len())
+                                && name
+                                    .bytes()
+                                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+                            if !valid_name {
+                                return Err(de::Error::custom(format!(
+                                    "{name:?} is not a CloudEvents attribute: extension names are 1-20 lower-case letters or digits"
+                                )));
+                            }
+                            if env.extensions.len() == limits::MAX_EXTENSIONS {
+                                return Err(de::Error::custom(format!(
+                                    "more than {} extension attributes",
+                                    limits::MAX_EXTENSIONS
+                                )));
+                            }
+                            if env.extensions.iter().any(|(n, _)| *n == name) {
+                                return Err(de::Error::custom(format!(
+                                    "attribute {name} appears twice"
+                                )));
+                            }
+                            let value: ExtensionValueIn = map.next_value()?;
+                            env.extensions.push((name, value.0));
+                        }
+                    }
+                }
+                Ok(env)
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+/// Deserializes an extension value, refusing objects, arrays, null and floats.
+struct ExtensionValueIn(ExtensionValue);
+
+impl<'de> Deserialize<'de> for ExtensionValueIn {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ExtensionValueIn;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string, integer or boolean (a CloudEvents extension value)")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                if s.chars().count() > limits::MAX_ATTRIBUTE_CHARS {
+                    return Err(E::custom(format!(
+                        "is over {} characters",
+                        limits::MAX_ATTRIBUTE_CHARS
+                    )));
+                }
+                Ok(ExtensionValueIn(ExtensionValue::String(s.to_string())))
+            }
+            fn visit_bool<E: de::Error>(self, b: bool) -> Result<Self::Value, E> {
+                Ok(ExtensionValueIn(ExtensionValue::Boolean(b)))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Self::Value, E> {
+                Ok(ExtensionValueIn(ExtensionValue::Integer(n)))
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Self::Value, E> {
+                i64::try_from(n)
+                    .map(|n| ExtensionValueIn(ExtensionValue::Integer(n)))
+                    .map_err(|_| E::custom(format!("{n} does not fit a signed 64-bit integer")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(ty: &str, data: &str) -> String {
+        format!(
+            r#"{{"specversion":"1.0","id":"e1","source":"urn:test","type":"{ty}","subject":"deal-1","time":"2025-01-15T10:00:00Z","datacontenttype":"application/json","data":{data}}}"#
+        )
+    }
+
+    const TERMS: &str = r#"{"capacity":{"quantity":1000,"unit":"gpu-hours"},"price":{"amount_minor":250000,"currency":"USD"},"start":"2025-06-01T00:00:00Z","end":"2026-06-01T00:00:00Z"}"#;
+
+    fn proposal(terms: &str) -> String {
+        event(
+            "deal.terms.proposed",
+            &format!(r#"{{"proposal_id":"p1","proposer":"openai","terms":{terms}}}"#),
+        )
+    }
+
+    #[test]
+    fn decodes_a_proposal_and_round_trips() {
+        let ev = DealEvent::decode(proposal(TERMS).as_bytes()).expect("valid");
+        assert_eq!(ev.event_type(), EventType::TermsProposed);
+        assert_eq!(ev.deal_id.as_str(), "deal-1");
+        let again = DealEvent::decode(&ev.to_json()).expect("re-decodes");
+        assert_eq!(again.payload, ev.payload);
+        assert_eq!(again.time, ev.time);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases: Vec<(String, &str, &str)> = vec![
+            (
+                proposal(&TERMS.replace("250000", "-5")),
+                "schema",
+                "data.terms.price.amount_minor",
+            ),
+            (
+                proposal(&TERMS.replace("250000", "2.5")),
+                "schema",
+                "data.terms.price.amount_minor",
+            ),
+            (
+                proposal(&TERMS.replace("USD", "usd")),
+                "schema",
+                "data.terms.price.currency",
+            ),
+            (
+                proposal(&TERMS.replace("gpu-hours", "bananas")),
+                "schema",
+                "data.terms.capacity.unit",
+            ),
+            (
+                proposal(&TERMS.replace("2026-06-01T00:00:00Z", "2024-06-01T00:00:00Z")),
+                "invalid",
+                "data.terms.end",
+            ),
+            (
+                proposal(&TERMS.replace(
+                    "\"start\":\"2025-06-01T00:00:00Z\"",
+                    "\"start\":\"2025-06-01\"",
+                )),
+                "schema",
+                "data.terms.start",
+            ),
+            (
+                event("deal.terms.proposed", r#"{"proposer":"openai","terms":{}}"#),
+                "schema",
+                "data.terms.capacity",
+            ),
+            (event("deal.nope", "{}"), "unknown_type", "type"),
+            (
+                proposal(TERMS).replace("2025-01-15T10:00:00Z", "2025-01-15 10:00"),
+                "not_cloudevent",
+                "time",
+            ),
+            (
+                proposal(TERMS).replace("\"specversion\":\"1.0\",", ""),
+                "not_cloudevent",
+                "specversion",
+            ),
+            (
+                proposal(TERMS).replace("\"deal-1\"", "\"deal 1\""),
+                "not_cloudevent",
+                "subject",
+            ),
+            (
+                proposal(TERMS).replace("\"id\":\"e1\"", "\"id\":7"),
+                "not_cloudevent",
+                "id",
+            ),
+            (
+                proposal(TERMS).replace("\"id\":\"e1\"", "\"Bad-Ext\":1"),
+                "not_cloudevent",
+                "(event)",
+            ),
+            (event("deal.terms.proposed", "[1]"), "schema", "data"),
+        ];
+        for (json, kind, path) in cases {
+            let err = DealEvent::decode(json.as_bytes()).expect_err(&json);
+            assert_eq!(err.kind(), kind, "{json}: {err}");
+            assert_eq!(err.path(), Some(path), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn bytes_level_errors() {
+        assert_eq!(
+            DealEvent::decode(b"\xff\xfe").unwrap_err().kind(),
+            "not_utf8"
+        );
+        assert_eq!(DealEvent::decode(b"{nope").unwrap_err().kind(), "not_json");
+        assert_eq!(
+            DealEvent::decode(b"42").unwrap_err().kind(),
+            "not_cloudevent"
+        );
+        let big = vec![b' '; limits::MAX_EVENT_BYTES + 1];
+        assert_eq!(DealEvent::decode(&big).unwrap_err().kind(), "too_large");
+    }
+
+    #[test]
+    fn lists_are_bounded_while_decoding() {
+        let partners: Vec<String> = (0..=limits::MAX_LIST_LEN)
+            .map(|i| format!("\"p{i}\""))
+            .collect();
+        let json = event(
+            "deal.negotiation.opened",
+            &format!(
+                r#"{{"customer":"a","provider":"b","scope":"cloud-compute","partners":[{}]}}"#,
+                partners.join(",")
+            ),
+        );
+        let err = DealEvent::decode(json.as_bytes()).unwrap_err();
+        assert_eq!(err.path(), Some("data.partners"), "{err}");
+    }
+
+    #[test]
+    fn timestamp_shape_is_strict() {
+        for ok in [
+            "2025-01-15T10:00:00Z",
+            "2025-01-15T10:00:00.123456789+02:00",
+            "2025-01-15T10:00:00-05:30",
+        ] {
+            assert!(Timestamp::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "2025-01-15",
+            "2025-01-15T10:00Z",
+            "2025-01-15t10:00:00z",
+            "2025-01-15T10:00:00",
+            "2025-13-15T10:00:00Z",
+            "2025-01-15T10:00:00.Z",
+            "2025-01-15T10:00:00.1234567890Z",
+            "2025-01-15T10:00:00+0200",
+        ] {
+            assert!(Timestamp::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn extensions_are_kept_and_checked() {
+        let json = proposal(TERMS).replace(
+            "\"id\":\"e1\"",
+            "\"id\":\"e1\",\"traceparent\":\"00-ab\",\"seq\":3",
+        );
+        let ev = DealEvent::decode(json.as_bytes()).unwrap();
+        assert_eq!(ev.extensions.len(), 2);
+        let back = DealEvent::decode(&ev.to_json()).unwrap();
+        assert_eq!(back.extensions, ev.extensions);
+        let nested = proposal(TERMS).replace("\"id\":\"e1\"", "\"id\":\"e1\",\"x\":{}");
+        assert_eq!(
+            DealEvent::decode(nested.as_bytes()).unwrap_err().path(),
+            Some("x")
+        );
+    }
+}

@@ -1,0 +1,8 @@
+//! dealledger: an event-sourced, blake3 hash-chained ledger of compute and cloud deals.
+//!
+//! See ARCHITECTURE.md for the map of the code. The pure core (`event`, `deal`,
+//! `chain`) does no I/O; everything else is a thin shell around it.
+
+pub mod chain;
+pub mod deal;
+pub mod event;
