@@ -4,5 +4,8 @@
 //! `chain`) does no I/O; everything else is a thin shell around it.
 
 pub mod chain;
+pub mod cli;
 pub mod deal;
 pub mod event;
+pub mod kafka;
+pub mod producer;

@@ -1,0 +1,85 @@
+//! The `dealledger` command line: argument definitions and dispatch.
+//!
+//! Each subcommand lives in its own file and is a thin shell over the
+//! library: it parses arguments, calls the core, and prints a human table or,
+//! with `--json`, one JSON document. Exit codes are the same for every
+//! command: 0 success, 1 failure of the environment (Kafka unreachable, I/O),
+//! 2 bad input (invalid events, bad arguments).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::kafka::{DEFAULT_BROKERS, DEFAULT_TOPIC, KafkaSettings};
+
+mod produce;
+
+/// Exit code for bad input (invalid events, bad arguments).
+pub const EXIT_BAD_INPUT: u8 = 2;
+
+/// dealledger: an event-sourced, hash-chained ledger of compute and cloud deals.
+#[derive(Debug, Parser)]
+#[command(name = "dealledger", version, about, long_about = None)]
+pub struct Cli {
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate a JSONL file of deal events, then publish them to Kafka.
+    ///
+    /// Every line is validated first; if any is invalid, each is reported as
+    /// `line N: field PATH: reason`, nothing is sent and the exit code is 2.
+    ///
+    /// Example: dealledger produce --brokers 127.0.0.1:9092 schemas/examples/scenario.jsonl
+    Produce(produce::ProduceArgs),
+    /// Validate a JSONL file of deal events without sending anything.
+    ///
+    /// Example: dealledger validate events.jsonl
+    Validate(produce::ValidateArgs),
+}
+
+/// How to reach Kafka; shared by every command that talks to it.
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, comma-separated host:port.
+    #[arg(long, env = "DEALLEDGER_BROKERS", default_value = DEFAULT_BROKERS)]
+    pub brokers: String,
+    /// Topic of deal events.
+    #[arg(long, env = "DEALLEDGER_TOPIC", default_value = DEFAULT_TOPIC)]
+    pub topic: String,
+    /// librdkafka properties file (key=value lines), e.g. TLS and SASL
+    /// settings. Put secrets here, never on the command line.
+    #[arg(long, env = "DEALLEDGER_KAFKA_CONFIG", value_name = "FILE")]
+    pub kafka_config: Option<PathBuf>,
+    /// A librdkafka setting, applied last (repeatable), e.g. -X linger.ms=10.
+    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_override)]
+    pub set: Vec<(String, String)>,
+}
+
+impl KafkaArgs {
+    /// The Kafka settings these arguments describe.
+    pub fn settings(&self) -> KafkaSettings {
+        KafkaSettings {
+            brokers: self.brokers.clone(),
+            config_file: self.kafka_config.clone(),
+            overrides: self.set.clone(),
+        }
+    }
+}
+
+fn parse_override(s: &str) -> Result<(String, String), String> {
+    KafkaSettings::parse_override(s).map_err(|e| e.to_string())
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Produce(args) => produce::produce(args),
+        Command::Validate(args) => produce::validate(args),
+    }
+}
