@@ -7,5 +7,6 @@ pub mod chain;
 pub mod cli;
 pub mod deal;
 pub mod event;
+pub mod generate;
 pub mod kafka;
 pub mod producer;

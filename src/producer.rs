@@ -68,7 +68,7 @@ pub enum ProduceError {
         /// The topic.
         topic: String,
         /// The client error.
-        source: KafkaError,
+        source: Box<KafkaError>,
     },
     /// The producer was dropped before it reported the delivery.
     #[error("event for deal {key:?}: the producer shut down before reporting delivery")]
@@ -220,7 +220,7 @@ impl DealProducer {
         ProduceError::Delivery {
             key: key.unwrap_or("").to_string(),
             topic: self.topic.clone(),
-            source,
+            source: Box::new(source),
         }
     }
 

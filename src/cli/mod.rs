@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::kafka::{DEFAULT_BROKERS, DEFAULT_TOPIC, KafkaSettings};
 
+mod generate;
 mod produce;
 
 /// Exit code for bad input (invalid events, bad arguments).
@@ -41,6 +42,11 @@ pub enum Command {
     ///
     /// Example: dealledger validate events.jsonl
     Validate(produce::ValidateArgs),
+    /// Write a synthetic, valid stream of deal events as JSONL (for load tests
+    /// and benchmarks).
+    ///
+    /// Example: dealledger generate --events 1000000 --deals 10000 > events.jsonl
+    Generate(generate::GenerateArgs),
 }
 
 /// How to reach Kafka; shared by every command that talks to it.
@@ -81,5 +87,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Produce(args) => produce::produce(args),
         Command::Validate(args) => produce::validate(args),
+        Command::Generate(args) => generate::generate(args),
     }
 }
