@@ -21,7 +21,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, SecondsFormat, Utc};
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
@@ -165,6 +165,13 @@ impl<'de> Deserialize<'de> for Text {
 ///
 /// Strict means: upper-case `T` and `Z`, seconds present, an explicit offset,
 /// at most 9 fraction digits. Anything else is rejected rather than guessed.
+///
+/// Two further rules keep every `Timestamp` writable back as the same strict
+/// RFC 3339 (in UTC, with `Z`) that [`Timestamp::parse`] accepts:
+/// - no leap seconds: second `60` is refused everywhere (chrono would take it
+///   in any minute, and it has no place on the Unix time line);
+/// - the instant's year in UTC is within 0000–9999 ([`Timestamp::MIN_YEAR`],
+///   [`Timestamp::MAX_YEAR`]); `9999-12-31T23:59:59-01:00` is year 10000 in UTC.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timestamp(DateTime<Utc>);
 
@@ -172,19 +179,47 @@ impl Timestamp {
     /// Describes the accepted format; used in error messages.
     pub const RULE: &'static str = "an RFC 3339 timestamp such as 2025-05-20T09:30:00Z (upper-case T, seconds, and Z or ±HH:MM)";
 
-    /// Parses strict RFC 3339.
+    /// Earliest UTC year of a timestamp.
+    pub const MIN_YEAR: i32 = 0;
+    /// Latest UTC year of a timestamp.
+    pub const MAX_YEAR: i32 = 9999;
+
+    /// Parses strict RFC 3339, refusing leap seconds and instants whose UTC
+    /// year is outside [`Timestamp::MIN_YEAR`]..=[`Timestamp::MAX_YEAR`].
     pub fn parse(s: &str) -> Result<Self, String> {
-        if !has_rfc3339_shape(s.as_bytes()) {
+        let b = s.as_bytes();
+        if !has_rfc3339_shape(b) {
             return Err(format!("{s:?} is not {}", Self::RULE));
         }
-        DateTime::parse_from_rfc3339(s)
-            .map(|t| Timestamp(t.with_timezone(&Utc)))
-            .map_err(|e| format!("{s:?} is not a valid date and time: {e}"))
+        if &b[17..19] == b"60" {
+            return Err(format!(
+                "{s:?} has second 60: leap seconds are not accepted; use :59"
+            ));
+        }
+        let utc = DateTime::parse_from_rfc3339(s)
+            .map_err(|e| format!("{s:?} is not a valid date and time: {e}"))?
+            .with_timezone(&Utc);
+        Timestamp::in_range(utc).ok_or_else(|| {
+            format!(
+                "{s:?} is in the year {} in UTC, outside {:04}-{:04}: it could not be written back as an RFC 3339 timestamp in UTC",
+                utc.year(),
+                Self::MIN_YEAR,
+                Self::MAX_YEAR
+            )
+        })
     }
 
-    /// The instant `ms` milliseconds after the Unix epoch, if representable.
+    /// The instant `ms` milliseconds after the Unix epoch, if its UTC year is
+    /// within [`Timestamp::MIN_YEAR`]..=[`Timestamp::MAX_YEAR`].
     pub fn from_unix_millis(ms: i64) -> Option<Self> {
-        DateTime::from_timestamp_millis(ms).map(Timestamp)
+        DateTime::from_timestamp_millis(ms).and_then(Timestamp::in_range)
+    }
+
+    /// `t` as a timestamp, if its year is in range.
+    fn in_range(t: DateTime<Utc>) -> Option<Self> {
+        (Self::MIN_YEAR..=Self::MAX_YEAR)
+            .contains(&t.year())
+            .then_some(Timestamp(t))
     }
 
     /// Milliseconds since the Unix epoch.
@@ -501,6 +536,23 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for BoundedList<T> {
     }
 }
 
+/// Why an optional field given as `null` is refused.
+const NULL_OPTIONAL: &str =
+    "is null; an optional field is either left out or given a value, never null";
+
+/// `deserialize_with` for an optional field that has a default: reached only
+/// when the field is present, so `null` is refused instead of read as absent.
+/// With `#[serde(default)]`, a field left out still gets its default.
+fn not_null<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    Option::<T>::deserialize(d)?.ok_or_else(|| de::Error::custom(NULL_OPTIONAL))
+}
+
+/// `deserialize_with` for an `Option` field: present means `Some(value)`;
+/// `null` is refused (see [`not_null`]). Pair with `#[serde(default)]`.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    not_null(d).map(Some)
+}
+
 // ---------------------------------------------------------------------------
 // The data of each event type.
 // ---------------------------------------------------------------------------
@@ -585,13 +637,21 @@ pub struct NegotiationOpened {
     /// The party selling it.
     pub provider: Id,
     /// Further parties to a multi-party deal (e.g. a joint venture's investors).
-    #[serde(default, skip_serializing_if = "BoundedList::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "not_null",
+        skip_serializing_if = "BoundedList::is_empty"
+    )]
     pub partners: BoundedList<Id>,
     /// What the deal is about, as a comparable identifier (e.g. `cloud-compute`);
     /// exclusivity locks name the same scopes.
     pub scope: Id,
     /// Human description.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub description: Option<Text>,
 }
 
@@ -648,7 +708,11 @@ pub struct TermsRejected {
     /// The rejecting party.
     pub rejected_by: Id,
     /// Why.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub reason: Option<Text>,
 }
 
@@ -670,7 +734,11 @@ pub struct ExclusivityGranted {
     /// Start of validity (business time).
     pub valid_from: Timestamp,
     /// End of validity, if fixed; strictly after `valid_from`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub valid_until: Option<Timestamp>,
 }
 
@@ -693,7 +761,11 @@ pub struct Signatory {
     /// The person's name.
     pub name: Text,
     /// Their title, if given.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub title: Option<Text>,
 }
 
@@ -709,7 +781,11 @@ pub struct Finalized {
     pub effective_date: Date,
     /// The terms as signed, if the producer states them (compliance compares
     /// them with the accepted proposal).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub terms: Option<Terms>,
 }
 
@@ -724,7 +800,11 @@ pub struct Amended {
     /// The parties that agreed to it; at least one.
     pub agreed_by: BoundedList<Id>,
     /// Why.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub reason: Option<Text>,
 }
 
@@ -1629,6 +1709,117 @@ mod tests {
             "2025-01-15T10:00:00+0200",
         ] {
             assert!(Timestamp::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn leap_seconds_are_refused_everywhere() {
+        for t in [
+            "2016-12-31T23:59:60Z",
+            "2016-12-31T23:59:60.5Z",
+            "2017-01-01T00:59:60+01:00",
+            "2016-12-31T23:59:60-01:00",
+            "2025-01-15T10:00:60Z",
+        ] {
+            let err = Timestamp::parse(t).expect_err(t);
+            assert!(
+                err.contains("leap seconds are not accepted; use :59"),
+                "{t}: {err}"
+            );
+            let in_time = proposal(TERMS).replace("2025-01-15T10:00:00Z", t);
+            let err = DealEvent::decode(in_time.as_bytes()).expect_err(t);
+            assert_eq!((err.kind(), err.path()), ("not_cloudevent", Some("time")));
+            assert!(err.to_string().contains("leap seconds"), "{err}");
+            let in_data = proposal(&TERMS.replace("2025-06-01T00:00:00Z", t));
+            let err = DealEvent::decode(in_data.as_bytes()).expect_err(t);
+            assert_eq!(
+                (err.kind(), err.path()),
+                ("schema", Some("data.terms.start"))
+            );
+            assert!(err.to_string().contains("leap seconds"), "{err}");
+        }
+        assert!(Timestamp::parse("2016-12-31T23:59:59.999999999Z").is_ok());
+    }
+
+    #[test]
+    fn utc_year_stays_within_0000_to_9999() {
+        for t in ["9999-12-31T23:59:59-01:00", "0000-01-01T00:00:00+01:00"] {
+            let err = Timestamp::parse(t).expect_err(t);
+            assert!(err.contains("outside 0000-9999"), "{t}: {err}");
+            let json = proposal(TERMS).replace("2025-01-15T10:00:00Z", t);
+            let err = DealEvent::decode(json.as_bytes()).expect_err(t);
+            assert_eq!((err.kind(), err.path()), ("not_cloudevent", Some("time")));
+        }
+        // The edges themselves, written in any offset that stays in range,
+        // are accepted and written back in a form that parses again.
+        for t in [
+            "9999-12-31T23:59:59.999999999Z",
+            "9999-12-31T23:59:59+01:00",
+            "0000-01-01T00:00:00Z",
+            "0000-01-01T00:00:00-01:00",
+        ] {
+            let ts = Timestamp::parse(t).expect(t);
+            assert_eq!(Timestamp::parse(&ts.to_string()), Ok(ts), "{t} as {ts}");
+        }
+        let first_ms = -62_167_219_200_000; // 0000-01-01T00:00:00Z
+        let end_ms = 253_402_300_800_000; // 10000-01-01T00:00:00Z
+        assert!(Timestamp::from_unix_millis(first_ms).is_some());
+        assert!(Timestamp::from_unix_millis(first_ms - 1).is_none());
+        assert!(Timestamp::from_unix_millis(end_ms - 1).is_some());
+        assert!(Timestamp::from_unix_millis(end_ms).is_none());
+    }
+
+    #[test]
+    fn null_for_an_optional_field_is_refused_but_absence_is_fine() {
+        let signed = r#"{"proposal_id":"p1","signatories":[{"party":"a","name":"N","title":null}],"effective_date":"2025-06-01"}"#;
+        let amended =
+            format!(r#"{{"amendment_id":"a1","terms":{TERMS},"agreed_by":["a"],"reason":null}}"#);
+        let cases: Vec<(&str, String, &str)> = vec![
+            (
+                "deal.negotiation.opened",
+                r#"{"customer":"a","provider":"b","scope":"s","description":null}"#.into(),
+                "data.description",
+            ),
+            (
+                "deal.negotiation.opened",
+                r#"{"customer":"a","provider":"b","scope":"s","partners":null}"#.into(),
+                "data.partners",
+            ),
+            (
+                "deal.terms.rejected",
+                r#"{"proposal_id":"p1","rejected_by":"a","reason":null}"#.into(),
+                "data.reason",
+            ),
+            (
+                "deal.exclusivity.granted",
+                r#"{"lock_id":"l1","holder":"a","bound_party":"b","scope":"s","kind":"exclusive","valid_from":"2025-01-01T00:00:00Z","valid_until":null}"#.into(),
+                "data.valid_until",
+            ),
+            ("deal.finalized", signed.into(), "data.signatories[0].title"),
+            (
+                "deal.finalized",
+                signed.replace(r#","title":null"#, "").replace(
+                    r#""effective_date""#,
+                    r#""terms":null,"effective_date""#,
+                ),
+                "data.terms",
+            ),
+            ("deal.amended", amended, "data.reason"),
+        ];
+        for (ty, data, path) in cases {
+            let json = event(ty, &data);
+            let err = DealEvent::decode(json.as_bytes()).expect_err(&json);
+            assert_eq!((err.kind(), err.path()), ("schema", Some(path)), "{err}");
+            assert_eq!(
+                err.to_string(),
+                format!("field {path}: {NULL_OPTIONAL}"),
+                "{json}"
+            );
+            // Left out, the same field is simply absent.
+            let key = path.rsplit('.').next().unwrap();
+            let without = data.replace(&format!(r#","{key}":null"#), "");
+            assert_ne!(without, data);
+            DealEvent::decode(event(ty, &without).as_bytes()).expect(&without);
         }
     }
 

@@ -69,6 +69,7 @@ pub struct Generator {
     /// Business time of the next event, in seconds since the epoch.
     clock: i64,
     next_event: u64,
+    seed: u64,
     source: String,
 }
 
@@ -81,6 +82,7 @@ impl Generator {
             deals: Vec::with_capacity(deals),
             clock: 1_704_067_200, // 2024-01-01T00:00:00Z
             next_event: 0,
+            seed,
             source: "urn:dealledger:generator".to_string(),
         };
         for i in 0..deals {
@@ -271,7 +273,7 @@ impl Generator {
             }
         };
         let event = DealEvent::new(
-            format!("gen-{:012}", self.next_event),
+            format!("gen-{}-{:012}", self.seed, self.next_event),
             self.source.clone(),
             d.id.clone(),
             ts(now),

@@ -3,10 +3,15 @@
 //! See ARCHITECTURE.md for the map of the code. The pure core (`event`, `deal`,
 //! `chain`) does no I/O; everything else is a thin shell around it.
 
+pub mod api;
 pub mod chain;
 pub mod cli;
 pub mod deal;
 pub mod event;
 pub mod generate;
+pub mod ingest;
 pub mod kafka;
+pub mod ledger;
+pub mod metrics;
 pub mod producer;
+pub mod store;

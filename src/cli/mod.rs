@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::kafka::{DEFAULT_BROKERS, DEFAULT_TOPIC, KafkaSettings};
 
 mod generate;
+mod ingest;
 mod produce;
 
 /// Exit code for bad input (invalid events, bad arguments).
@@ -47,6 +48,20 @@ pub enum Command {
     ///
     /// Example: dealledger generate --events 1000000 --deals 10000 > events.jsonl
     Generate(generate::GenerateArgs),
+    /// Consume the topic into the ledger.
+    ///
+    /// With --until-caught-up it stops once every partition reaches the high
+    /// watermark seen at start and prints each stream's head.
+    ///
+    /// Example: dealledger ingest --until-caught-up --data ./ledger
+    Ingest(ingest::IngestArgs),
+    /// Run the daemon: continuous ingest plus /health and /metrics over HTTP.
+    ///
+    /// SIGTERM or Ctrl-C finishes the batch in flight, makes it durable,
+    /// leaves the consumer group and exits 0.
+    ///
+    /// Example: dealledger serve --data ./ledger --listen 127.0.0.1:8080
+    Serve(ingest::ServeArgs),
 }
 
 /// How to reach Kafka; shared by every command that talks to it.
@@ -88,5 +103,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Produce(args) => produce::produce(args),
         Command::Validate(args) => produce::validate(args),
         Command::Generate(args) => generate::generate(args),
+        Command::Ingest(args) => ingest::ingest(args),
+        Command::Serve(args) => ingest::serve(args),
     }
 }

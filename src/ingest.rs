@@ -1,0 +1,822 @@
+//! Ingestion: the Kafka shell around the ledger's pure state machine.
+//!
+//! It consumes the deal-events topic, groups records into bounded batches,
+//! hands each batch to [`LedgerState::apply_batch`], makes the result durable
+//! with [`Store::write_batch`], and only then tells anyone else: metrics, the
+//! dead-letter topic, and Kafka's committed offsets (kept for lag monitoring
+//! only; the ledger's own positions are the truth).
+//!
+//! Exactly once: consumer positions live in sled, written atomically with the
+//! entries they cover. Kafka auto-commit and auto offset store are off. On
+//! every partition assignment the rebalance callback reads the stored
+//! position of each partition and puts it *into the assignment* (seeking
+//! after assign is unreliable in librdkafka); a partition never seen starts
+//! at the beginning. Every message is tagged with its partition's assignment
+//! epoch when polled; messages of a partition revoked (or re-assigned) while
+//! the batch was being gathered are dropped before the write and re-read
+//! from the stored position. Records already in the ledger are skipped by
+//! the state machine. A batch whose write fails stops the ingester with an
+//! error (non-zero exit); it is never skipped.
+//!
+//! Two modes: [`Mode::UntilCaughtUp`] assigns every partition itself (no
+//! group membership) and stops when each partition reaches the high
+//! watermark it saw at start; [`Mode::Continuous`] joins the consumer group
+//! and runs until stopped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+
+use crate::chain::{Header, Record, TimestampType};
+use crate::kafka::{KafkaSettings, SettingsError};
+use crate::ledger::{
+    BatchWrite, LedgerError, LedgerState, MAX_BATCH_BYTES, MAX_BATCH_RECORDS, Verdict,
+};
+use crate::metrics::{IngestState, Metrics};
+use crate::store::{Store, StoreError};
+
+/// Default number of records per batch (one durable write each).
+pub const DEFAULT_BATCH_RECORDS: usize = 5_000;
+/// Default bytes of record values per batch.
+pub const DEFAULT_BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// How long a batch waits for more records after its first one.
+pub const DEFAULT_LINGER: Duration = Duration::from_millis(50);
+/// How long one poll blocks when no record is waiting.
+const POLL_TIMEOUT: Duration = Duration::from_millis(100);
+/// Timeout of metadata and watermark requests.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for dead-letter deliveries after each batch that has some.
+const DEAD_LETTER_FLUSH: Duration = Duration::from_secs(30);
+/// Suffix of the dead-letter topic's name.
+pub const DEAD_LETTER_SUFFIX: &str = ".rejected";
+
+/// librdkafka settings of the ledger's consumer.
+const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
+    ("enable.auto.commit", "false"),
+    ("enable.auto.offset.store", "false"),
+    ("auto.offset.reset", "earliest"),
+    ("isolation.level", "read_committed"),
+    ("enable.partition.eof", "false"),
+    // Bound prefetched data: part of the ingester's memory budget.
+    ("queued.max.messages.kbytes", "32768"),
+    ("statistics.interval.ms", "5000"),
+];
+
+/// Whether to stop once caught up or run until told to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Assign all partitions, stop at the high watermarks seen at start.
+    UntilCaughtUp,
+    /// Join the consumer group and run until stopped.
+    Continuous,
+}
+
+/// How to ingest.
+#[derive(Clone, Debug)]
+pub struct IngestConfig {
+    /// Kafka connection.
+    pub kafka: KafkaSettings,
+    /// Topic of deal events.
+    pub topic: String,
+    /// Consumer group (offsets committed there for lag monitoring).
+    pub group_id: String,
+    /// Static group membership id (continuous mode), so a restarted daemon
+    /// takes its partitions back at once instead of waiting for the old
+    /// member's session to time out.
+    pub instance_id: Option<String>,
+    /// Dead-letter topic; `None` disables publishing.
+    pub dead_letter_topic: Option<String>,
+    /// Records per batch (at most [`MAX_BATCH_RECORDS`]).
+    pub batch_records: usize,
+    /// Value bytes per batch (at most [`MAX_BATCH_BYTES`]).
+    pub batch_bytes: usize,
+    /// Wait after a batch's first record.
+    pub linger: Duration,
+    /// The mode.
+    pub mode: Mode,
+}
+
+impl IngestConfig {
+    /// Defaults for `topic`, in `mode`.
+    pub fn new(kafka: KafkaSettings, topic: impl Into<String>, mode: Mode) -> Self {
+        let topic = topic.into();
+        IngestConfig {
+            kafka,
+            dead_letter_topic: Some(format!("{topic}{DEAD_LETTER_SUFFIX}")),
+            topic,
+            group_id: "dealledger".into(),
+            instance_id: None,
+            batch_records: DEFAULT_BATCH_RECORDS,
+            batch_bytes: DEFAULT_BATCH_BYTES,
+            linger: DEFAULT_LINGER,
+            mode,
+        }
+    }
+}
+
+/// Why ingestion stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// Bad Kafka settings.
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    /// A Kafka client could not be created or a request failed.
+    #[error("Kafka: {what}: {source}")]
+    Kafka {
+        /// What was being done.
+        what: String,
+        /// The client error.
+        source: KafkaError,
+    },
+    /// The topic does not exist.
+    #[error(
+        "topic {topic:?} does not exist on {brokers}; create it first (ops/kafka/topic create {topic})"
+    )]
+    NoTopic {
+        /// The topic.
+        topic: String,
+        /// The brokers asked.
+        brokers: String,
+    },
+    /// The ledger store failed; the batch in flight was not acknowledged.
+    #[error("ledger storage: {0}")]
+    Store(#[from] StoreError),
+    /// The state machine refused a record (see the message for partition and offset).
+    #[error("ledger: {0}")]
+    Ledger(#[from] LedgerError),
+    /// The rebalance callback could not read stored positions.
+    #[error("could not read stored positions during a partition assignment: {0}")]
+    Positions(String),
+}
+
+/// Per-stream state at the end of a run.
+#[derive(Clone, Debug, Serialize)]
+pub struct StreamSummary {
+    /// Kafka partition.
+    pub partition: i32,
+    /// Entries in the stream.
+    pub entries: u64,
+    /// Sequence number of the last entry.
+    pub head_seq: Option<u64>,
+    /// Hash of the last entry (or the genesis value of an empty stream).
+    pub head_hash: String,
+    /// Next Kafka offset to read.
+    pub next_offset: i64,
+}
+
+/// What one run of the ingester did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct IngestSummary {
+    /// Topic ingested.
+    pub topic: String,
+    /// Every stream of the ledger.
+    pub streams: Vec<StreamSummary>,
+    /// Entries written by this run.
+    pub ingested: u64,
+    /// Of which accepted.
+    pub accepted: u64,
+    /// Of which rejected.
+    pub rejected: u64,
+    /// Of which duplicates.
+    pub duplicate: u64,
+    /// Batches written.
+    pub batches: u64,
+    /// Messages dropped because their partition was revoked mid-batch.
+    pub dropped_revoked: u64,
+    /// Records skipped because they were already in the ledger.
+    pub skipped_stale: u64,
+    /// Seconds this run took.
+    pub seconds: f64,
+}
+
+impl IngestSummary {
+    /// Builds the per-stream part from the state.
+    fn streams_of(state: &LedgerState) -> Vec<StreamSummary> {
+        state
+            .heads()
+            .iter()
+            .map(|(p, head)| StreamSummary {
+                partition: *p,
+                entries: head.next_seq(),
+                head_seq: head.next_seq().checked_sub(1),
+                head_hash: head.head().to_string(),
+                next_offset: state.next_offset(*p),
+            })
+            .collect()
+    }
+}
+
+/// Assignment epochs: bumped on every assign and revoke of a partition.
+#[derive(Default)]
+struct Epochs {
+    current: Mutex<HashMap<i32, u64>>,
+    counter: AtomicU64,
+}
+
+impl Epochs {
+    fn assign(&self, partitions: &[i32]) {
+        let mut current = self.current.lock().expect("epochs lock");
+        for p in partitions {
+            current.insert(*p, self.counter.fetch_add(1, Ordering::Relaxed) + 1);
+        }
+    }
+    fn revoke(&self, partitions: &[i32]) {
+        let mut current = self.current.lock().expect("epochs lock");
+        for p in partitions {
+            current.remove(p);
+        }
+    }
+    fn of(&self, partition: i32) -> Option<u64> {
+        self.current
+            .lock()
+            .expect("epochs lock")
+            .get(&partition)
+            .copied()
+    }
+}
+
+/// The consumer's context: positions from the store, epochs, Kafka health.
+struct LedgerContext {
+    store: Arc<Store>,
+    topic: String,
+    epochs: Epochs,
+    metrics: Arc<Metrics>,
+    /// Set when a rebalance could not be served; the loop stops with it.
+    fatal: Mutex<Option<String>>,
+}
+
+impl LedgerContext {
+    /// Stored next offset of every partition of the ledger.
+    fn stored_positions(&self) -> Result<HashMap<i32, i64>, StoreError> {
+        Ok(self
+            .store
+            .heads()?
+            .into_iter()
+            .map(|h| (h.stream().partition, h.last_offset().map_or(0, |o| o + 1)))
+            .collect())
+    }
+}
+
+impl ClientContext for LedgerContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "Kafka client error");
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)
+                | Some(rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure)
+        ) {
+            self.metrics
+                .set_kafka_status(false, Some(reason.to_string()));
+        }
+    }
+
+    fn stats(&self, stats: Statistics) {
+        let up = stats.brokers.values().any(|b| b.state == "UP");
+        self.metrics
+            .set_kafka_status(up, (!up).then(|| "no broker connection is up".to_string()));
+        if let Some(topic) = stats.topics.get(&self.topic) {
+            for (p, partition) in &topic.partitions {
+                if *p >= 0 && partition.hi_offset >= 0 {
+                    self.metrics.set_high_watermark(*p, partition.hi_offset);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for LedgerContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let positions = match self.stored_positions() {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read stored positions; refusing the assignment");
+                        *self.fatal.lock().expect("fatal lock") = Some(e.to_string());
+                        let _ = consumer.unassign();
+                        return;
+                    }
+                };
+                for p in &partitions {
+                    let offset = positions
+                        .get(p)
+                        .map_or(Offset::Beginning, |o| Offset::Offset(*o));
+                    if let Err(e) = tpl.set_partition_offset(&self.topic, *p, offset) {
+                        tracing::error!(partition = p, error = %e, "cannot set the stored offset in the assignment");
+                    }
+                }
+                self.epochs.assign(&partitions);
+                tracing::info!(?partitions, "partitions assigned at their stored positions");
+                let result = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "assign failed");
+                    *self.fatal.lock().expect("fatal lock") = Some(format!("assign failed: {e}"));
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.epochs.revoke(&partitions);
+                tracing::info!(?partitions, "partitions revoked");
+                let result = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "unassign failed");
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance error; dropping the assignment");
+                self.epochs.revoke(&partitions);
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+/// A polled message, owned, with the assignment epoch it was polled under.
+struct Polled {
+    epoch: Option<u64>,
+    record: Record,
+}
+
+fn to_record(m: &BorrowedMessage<'_>) -> Record {
+    let (timestamp_type, timestamp_ms) = match m.timestamp() {
+        rdkafka::Timestamp::NotAvailable => (TimestampType::NotAvailable, 0),
+        rdkafka::Timestamp::CreateTime(t) => (TimestampType::CreateTime, t),
+        rdkafka::Timestamp::LogAppendTime(t) => (TimestampType::LogAppendTime, t),
+    };
+    let headers = m
+        .headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| Header {
+                    name: h.key.to_string(),
+                    value: h.value.map(<[u8]>::to_vec),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Record {
+        topic: m.topic().to_string(),
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp_type,
+        timestamp_ms,
+        key: m.key().map(<[u8]>::to_vec),
+        value: m.payload().map(<[u8]>::to_vec),
+        headers,
+    }
+}
+
+/// Publishes rejected and duplicate entries to the dead-letter topic.
+struct DeadLetters {
+    producer: ThreadedProducer<DefaultProducerContext>,
+    topic: String,
+}
+
+impl DeadLetters {
+    fn publish(&self, batch: &BatchWrite, metrics: &Metrics) {
+        let mut sent = 0;
+        for (entry, outcome) in batch.entries.iter().zip(&batch.outcomes) {
+            if outcome.verdict == Verdict::Accepted {
+                continue;
+            }
+            let r = &entry.record;
+            let partition = r.partition.to_string();
+            let offset = r.offset.to_string();
+            let seq = entry.seq.to_string();
+            let hash = entry.hash.to_string();
+            let reason = outcome.verdict.reason().unwrap_or_default();
+            let headers = OwnedHeaders::new()
+                .insert(rdkafka::message::Header {
+                    key: "dealledger.verdict",
+                    value: Some(outcome.verdict.label()),
+                })
+                .insert(rdkafka::message::Header {
+                    key: "dealledger.kind",
+                    value: Some(outcome.verdict.kind().unwrap_or("")),
+                })
+                .insert(rdkafka::message::Header {
+                    key: "dealledger.reason",
+                    value: Some(reason.as_str()),
+                })
+                .insert(rdkafka::message::Header {
+                    key: "dealledger.source.topic",
+                    value: Some(r.topic.as_str()),
+                })
+                .insert(rdkafka::message::Header {
+                    key: "dealledger.source.partition",
+                    value: Some(partition.as_str()),
+                })
+                .insert(rdkafka::message::Header {
+                    key: "dealledger.source.offset",
+                    value: Some(offset.as_str()),
+                })
+                .insert(rdkafka::message::Header {
+                    key: "dealledger.entry.seq",
+                    value: Some(seq.as_str()),
+                })
+                .insert(rdkafka::message::Header {
+                    key: "dealledger.entry.hash",
+                    value: Some(hash.as_str()),
+                });
+            let mut record: BaseRecord<'_, [u8], [u8]> =
+                BaseRecord::to(&self.topic).headers(headers);
+            if let Some(k) = r.key.as_deref() {
+                record = record.key(k);
+            }
+            if let Some(v) = r.value.as_deref() {
+                record = record.payload(v);
+            }
+            match self.producer.send(record) {
+                Ok(()) => sent += 1,
+                Err((e, _)) => {
+                    tracing::warn!(error = %e, partition = r.partition, offset = r.offset, "dead-letter publish failed");
+                    metrics.dead_letter(false);
+                }
+            }
+        }
+        if sent > 0 {
+            match self.producer.flush(DEAD_LETTER_FLUSH) {
+                Ok(()) => (0..sent).for_each(|_| metrics.dead_letter(true)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "dead-letter deliveries not confirmed");
+                    (0..sent).for_each(|_| metrics.dead_letter(false));
+                }
+            }
+        }
+    }
+}
+
+fn kafka_err(what: impl Into<String>) -> impl FnOnce(KafkaError) -> IngestError {
+    let what = what.into();
+    move |source| IngestError::Kafka { what, source }
+}
+
+/// Creates the dead-letter topic if it does not exist, with as many
+/// partitions as the source topic.
+fn ensure_topic(settings: &KafkaSettings, topic: &str, partitions: i32) -> Result<(), IngestError> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = settings
+        .client_config(&[])?
+        .create()
+        .map_err(kafka_err("creating an admin client"))?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1))
+        .set("retention.ms", "-1")
+        .set("retention.bytes", "-1");
+    let results = futures::executor::block_on(admin.create_topics(&[new], &AdminOptions::new()))
+        .map_err(kafka_err(format!("creating topic {topic}")))?;
+    for result in results {
+        match result {
+            Ok(_) => tracing::info!(topic, "created the dead-letter topic"),
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => {
+                return Err(IngestError::Kafka {
+                    what: format!("creating topic {t}"),
+                    source: KafkaError::AdminOp(code),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs the ingester until caught up (or stopped), starting from `state`
+/// (loaded from `store`). Returns what it did.
+pub fn run(
+    config: &IngestConfig,
+    store: Arc<Store>,
+    mut state: LedgerState,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+) -> Result<IngestSummary, IngestError> {
+    assert!(
+        (1..=MAX_BATCH_RECORDS).contains(&config.batch_records),
+        "batch size must be 1..={MAX_BATCH_RECORDS}"
+    );
+    assert!(
+        (1..=MAX_BATCH_BYTES).contains(&config.batch_bytes),
+        "batch bytes must be 1..={MAX_BATCH_BYTES}"
+    );
+    let started = Instant::now();
+    metrics.set_ingest_state(IngestState::Starting);
+    let mut client = config.kafka.client_config(CONSUMER_DEFAULTS)?;
+    client.set("group.id", &config.group_id);
+    if config.mode == Mode::Continuous
+        && let Some(id) = &config.instance_id
+    {
+        client.set("group.instance.id", id);
+    }
+    let context = LedgerContext {
+        store: Arc::clone(&store),
+        topic: config.topic.clone(),
+        epochs: Epochs::default(),
+        metrics: Arc::clone(&metrics),
+        fatal: Mutex::new(None),
+    };
+    let consumer: BaseConsumer<LedgerContext> = client
+        .create_with_context(context)
+        .map_err(kafka_err("creating the consumer"))?;
+
+    // Discover the topic (retrying while the broker is unreachable) and,
+    // in until-caught-up mode, the high watermarks to reach.
+    let partitions = wait_for_partitions(&consumer, config, &metrics, &stop)?;
+    let Some(partitions) = partitions else {
+        return Ok(finish(
+            &config.topic,
+            &state,
+            IngestSummary::default(),
+            started,
+        ));
+    };
+    if let Some(dlq) = &config.dead_letter_topic {
+        ensure_topic(&config.kafka, dlq, partitions.len() as i32)?;
+    }
+    let dead_letters = match &config.dead_letter_topic {
+        Some(topic) => Some(DeadLetters {
+            producer: config
+                .kafka
+                .client_config(crate::producer::PRODUCER_DEFAULTS)?
+                .create()
+                .map_err(kafka_err("creating the dead-letter producer"))?,
+            topic: topic.clone(),
+        }),
+        None => None,
+    };
+
+    let mut targets: BTreeMap<i32, i64> = BTreeMap::new();
+    match config.mode {
+        Mode::UntilCaughtUp => {
+            let mut tpl = TopicPartitionList::new();
+            for p in &partitions {
+                let (_, high) = consumer
+                    .fetch_watermarks(&config.topic, *p, METADATA_TIMEOUT)
+                    .map_err(kafka_err(format!(
+                        "reading the high watermark of partition {p}"
+                    )))?;
+                targets.insert(*p, high);
+                metrics.set_high_watermark(*p, high);
+                let next = state.next_offset(*p);
+                let offset = if next == 0 {
+                    Offset::Beginning
+                } else {
+                    Offset::Offset(next)
+                };
+                tpl.add_partition_offset(&config.topic, *p, offset)
+                    .map_err(kafka_err("building the assignment"))?;
+            }
+            consumer.context().epochs.assign(&partitions);
+            consumer
+                .assign(&tpl)
+                .map_err(kafka_err("assigning partitions"))?;
+        }
+        Mode::Continuous => {
+            consumer
+                .subscribe(&[&config.topic])
+                .map_err(kafka_err(format!("subscribing to {}", config.topic)))?;
+        }
+    }
+    for (p, head) in state.heads() {
+        metrics.set_position(*p, head.last_offset().map_or(0, |o| o + 1));
+    }
+    metrics.set_ingest_state(IngestState::Running);
+
+    let mut summary = IngestSummary {
+        topic: config.topic.clone(),
+        ..Default::default()
+    };
+    loop {
+        if let Some(reason) = consumer.context().fatal.lock().expect("fatal lock").take() {
+            metrics.set_ingest_state(IngestState::Failed(reason.clone()));
+            return Err(IngestError::Positions(reason));
+        }
+        if config.mode == Mode::UntilCaughtUp && caught_up(&state, &targets) {
+            break;
+        }
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let polled = gather(&consumer, config, &stop, &metrics);
+        if polled.is_empty() {
+            continue;
+        }
+        // Drop messages whose partition was revoked or re-assigned since they were polled.
+        let mut records = Vec::with_capacity(polled.len());
+        for m in polled {
+            if m.epoch.is_some() && m.epoch == consumer.context().epochs.of(m.record.partition) {
+                records.push(m.record);
+            } else {
+                summary.dropped_revoked += 1;
+            }
+        }
+        if records.is_empty() {
+            continue;
+        }
+        let write = state.apply_batch(records, &*store)?;
+        let stats = match store.write_batch(&write) {
+            Ok(stats) => stats,
+            Err(e) => {
+                // The in-memory state already includes this batch: stop here;
+                // a restart rebuilds the state from what is durable.
+                metrics.set_ingest_state(IngestState::Failed(e.to_string()));
+                return Err(IngestError::Store(e));
+            }
+        };
+        // Durable: now tell the world.
+        summary.batches += 1;
+        summary.skipped_stale += write.skipped_stale;
+        for outcome in &write.outcomes {
+            summary.ingested += 1;
+            match outcome.verdict {
+                Verdict::Accepted => summary.accepted += 1,
+                Verdict::Rejected { .. } => summary.rejected += 1,
+                Verdict::Duplicate { .. } => summary.duplicate += 1,
+            }
+            metrics.record(
+                outcome.location.partition,
+                outcome.verdict.label(),
+                outcome.verdict.kind(),
+            );
+        }
+        metrics.batch_written(stats.entries, stats.bytes, stats.apply, stats.durable);
+        if let Some(dlq) = &dead_letters {
+            dlq.publish(&write, &metrics);
+        }
+        commit_positions(&consumer, &config.topic, &state, &write, &metrics);
+    }
+    metrics.set_ingest_state(IngestState::Stopping);
+    if config.mode == Mode::Continuous {
+        // Leave the group now rather than after the session timeout.
+        consumer.unsubscribe();
+    }
+    Ok(finish(&config.topic, &state, summary, started))
+}
+
+fn finish(
+    topic: &str,
+    state: &LedgerState,
+    mut summary: IngestSummary,
+    started: Instant,
+) -> IngestSummary {
+    summary.topic = topic.to_string();
+    summary.streams = IngestSummary::streams_of(state);
+    summary.seconds = started.elapsed().as_secs_f64();
+    summary
+}
+
+/// Waits until the topic's metadata can be read; `None` if stopped first.
+fn wait_for_partitions(
+    consumer: &BaseConsumer<LedgerContext>,
+    config: &IngestConfig,
+    metrics: &Metrics,
+    stop: &AtomicBool,
+) -> Result<Option<Vec<i32>>, IngestError> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match consumer.fetch_metadata(Some(&config.topic), METADATA_TIMEOUT) {
+            Ok(md) => {
+                let topic = md.topics().first();
+                let missing = topic.is_none_or(|t| {
+                    t.partitions().is_empty()
+                        || t.error()
+                            == Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)
+                });
+                if missing {
+                    return Err(IngestError::NoTopic {
+                        topic: config.topic.clone(),
+                        brokers: config.kafka.brokers.clone(),
+                    });
+                }
+                metrics.set_kafka_status(true, None);
+                let mut ps: Vec<i32> = topic
+                    .expect("checked above")
+                    .partitions()
+                    .iter()
+                    .map(|p| p.id())
+                    .collect();
+                ps.sort_unstable();
+                return Ok(Some(ps));
+            }
+            Err(e) => {
+                metrics.set_kafka_status(false, Some(format!("cannot read metadata: {e}")));
+                tracing::warn!(error = %e, brokers = %config.kafka.brokers, "Kafka unreachable; retrying in {backoff:?}");
+                let until = Instant::now() + backoff;
+                while Instant::now() < until {
+                    if stop.load(Ordering::Relaxed) {
+                        return Ok(None);
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Polls until the batch is full, its linger time is over, or nothing comes.
+fn gather(
+    consumer: &BaseConsumer<LedgerContext>,
+    config: &IngestConfig,
+    stop: &AtomicBool,
+    metrics: &Metrics,
+) -> Vec<Polled> {
+    let mut batch = Vec::new();
+    let mut bytes = 0usize;
+    let mut first_at: Option<Instant> = None;
+    while batch.len() < config.batch_records && bytes < config.batch_bytes {
+        let timeout = match first_at {
+            None => POLL_TIMEOUT,
+            Some(t) => match config.linger.checked_sub(t.elapsed()) {
+                Some(left) => left,
+                None => break,
+            },
+        };
+        match consumer.poll(timeout) {
+            Some(Ok(m)) => {
+                let epoch = consumer.context().epochs.of(m.partition());
+                let record = to_record(&m);
+                bytes += record.value.as_ref().map_or(0, Vec::len);
+                batch.push(Polled { epoch, record });
+                first_at.get_or_insert_with(Instant::now);
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "consumer error");
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)
+                ) {
+                    metrics.set_kafka_status(false, Some(e.to_string()));
+                }
+                if first_at.is_none() {
+                    break;
+                }
+            }
+            None => {
+                if first_at.is_none() || stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+        }
+    }
+    batch
+}
+
+fn caught_up(state: &LedgerState, targets: &BTreeMap<i32, i64>) -> bool {
+    targets
+        .iter()
+        .all(|(p, high)| state.next_offset(*p) >= *high)
+}
+
+/// Commits the new positions to Kafka (for lag monitoring only) and updates metrics.
+fn commit_positions(
+    consumer: &BaseConsumer<LedgerContext>,
+    topic: &str,
+    state: &LedgerState,
+    write: &BatchWrite,
+    metrics: &Metrics,
+) {
+    let mut tpl = TopicPartitionList::new();
+    for head in &write.heads {
+        let p = head.stream().partition;
+        let next = state.next_offset(p);
+        metrics.set_position(p, next);
+        if tpl
+            .add_partition_offset(topic, p, Offset::Offset(next))
+            .is_err()
+        {
+            continue;
+        }
+    }
+    if tpl.count() > 0
+        && let Err(e) = consumer.commit(&tpl, CommitMode::Async)
+    {
+        tracing::debug!(error = %e, "offset commit to Kafka failed (lag monitoring only)");
+    }
+}

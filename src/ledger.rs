@@ -1,0 +1,669 @@
+//! The ledger's pure state machine: turns Kafka records into hash-chained
+//! entries and verdicts, and keeps the derived state they imply.
+//!
+//! This is the functional core of ingestion and replay. It owns, in memory:
+//! the chain head of every stream (one per Kafka partition), the set of
+//! event identities seen so far (for duplicate detection) and the
+//! [`DealBook`]. Given a batch of records it produces a [`BatchWrite`]: the
+//! exact facts and derived data the storage shell must persist, atomically.
+//! It performs no I/O; the one thing it cannot know by itself, where an
+//! earlier event with the same identity was recorded, the shell supplies
+//! through [`OriginalLookup`].
+//!
+//! Facts vs verdicts: every record becomes an entry, whatever its content.
+//! The verdict (accepted, rejected with a reason, duplicate of an earlier
+//! entry) is derived, kept beside the chain and never hashed into it.
+//!
+//! Ledger order: the order in which entries were applied across streams.
+//! Within a stream it is offset order; across streams it is the order
+//! records were consumed. Replay follows the stored ledger order, so it
+//! reproduces ingest's verdicts exactly even when one deal's events (or one
+//! event's duplicates) are spread over several partitions.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use serde::{Deserialize, Serialize};
+
+use crate::chain::{AppendError, ChainHead, Entry, Record, StreamId};
+use crate::deal::DealBook;
+use crate::event::{DealEvent, EventType, Id};
+
+/// Context string of the event-identity fingerprint (blake3 derive_key mode).
+pub const IDENTITY_CONTEXT: &str = "dealledger 2026-11 event identity v1";
+
+/// Most records in one batch: bounds the memory of a batch and the size of
+/// one atomic storage write.
+pub const MAX_BATCH_RECORDS: usize = 10_000;
+
+/// Most value bytes in one batch.
+pub const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
+
+/// Where an entry sits: its stream (partition) and sequence number.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub struct Location {
+    /// Kafka partition = stream.
+    pub partition: i32,
+    /// Position in the stream's chain, from 0.
+    pub seq: u64,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "partition {} seq {}", self.partition, self.seq)
+    }
+}
+
+/// The fold's judgement of one entry. Derived data: never hashed.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+pub enum Verdict {
+    /// Decoded, new, and applied to its deal.
+    Accepted,
+    /// Not applied: undecodable, invalid, or refused by the fold.
+    Rejected {
+        /// Stable code: a [`crate::event::DecodeError::kind`], a
+        /// [`crate::deal::Rejection::kind`], or `no_value`.
+        kind: String,
+        /// One line saying what was wrong and where.
+        reason: String,
+    },
+    /// Same CloudEvents `source` and `id` as an earlier entry; not applied again.
+    Duplicate {
+        /// The entry that carried this identity first.
+        of: Location,
+    },
+}
+
+impl Verdict {
+    /// `accepted`, `rejected` or `duplicate`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Verdict::Accepted => "accepted",
+            Verdict::Rejected { .. } => "rejected",
+            Verdict::Duplicate { .. } => "duplicate",
+        }
+    }
+
+    /// The reason, for rejected and duplicate entries.
+    pub fn reason(&self) -> Option<String> {
+        match self {
+            Verdict::Accepted => None,
+            Verdict::Rejected { reason, .. } => Some(reason.clone()),
+            Verdict::Duplicate { of } => Some(format!(
+                "duplicate: an event with the same source and id was recorded at {of}"
+            )),
+        }
+    }
+
+    /// The stable code of the reason (`duplicate` for duplicates).
+    pub fn kind(&self) -> Option<&str> {
+        match self {
+            Verdict::Accepted => None,
+            Verdict::Rejected { kind, .. } => Some(kind),
+            Verdict::Duplicate { .. } => Some("duplicate"),
+        }
+    }
+}
+
+/// What happened to one record of a batch; for metrics and the dead-letter topic.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// Where its entry is.
+    pub location: Location,
+    /// Its Kafka offset.
+    pub offset: i64,
+    /// The deal, when the event decoded.
+    pub deal_id: Option<Id>,
+    /// The event type, when the event decoded.
+    pub event_type: Option<EventType>,
+    /// The verdict.
+    pub verdict: Verdict,
+}
+
+/// Everything one batch adds to storage. The shell must persist all of it in
+/// one atomic write, or none of it.
+#[derive(Debug)]
+pub struct BatchWrite {
+    /// Number of this batch; batches are numbered from 0 without gaps.
+    pub batch_no: u64,
+    /// New entries, in ledger order.
+    pub entries: Vec<Entry>,
+    /// One outcome per entry, same order.
+    pub outcomes: Vec<Outcome>,
+    /// Chain heads after the batch, for every stream the batch touched.
+    pub heads: Vec<ChainHead>,
+    /// Identity fingerprints of the batch's decodable, non-duplicate events.
+    pub fingerprints: Vec<(u64, Location)>,
+    /// Records skipped because their offset was already in the ledger.
+    pub skipped_stale: u64,
+}
+
+/// Finds the event identity (`source`, `id`) of an earlier entry; implemented
+/// by the storage shell. Used only when a fingerprint matches, to tell a true
+/// duplicate from a (astronomically rare) 64-bit fingerprint collision.
+pub trait OriginalLookup {
+    /// The (`source`, `id`) of the event at `location`, if it decodes.
+    fn identity(&self, location: Location) -> Option<(String, String)>;
+}
+
+/// The identity (`source`, `id`) of the event an entry carries, if it decodes.
+pub fn identity_of(entry: &Entry) -> Option<(String, String)> {
+    let event = DealEvent::decode(entry.record.value.as_deref()?).ok()?;
+    Some((event.source, event.id))
+}
+
+/// A lookup for a ledger with no earlier entries (tests, fresh replays).
+pub struct NoOriginals;
+
+impl OriginalLookup for NoOriginals {
+    fn identity(&self, _location: Location) -> Option<(String, String)> {
+        None
+    }
+}
+
+/// A batch could not be applied. This is a bug or a misuse by the caller
+/// (records of another topic), never a property of the data.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// A record is for another topic than this ledger's.
+    #[error(
+        "record at offset {offset} of partition {partition} is from topic {found:?}, but this ledger holds topic {expected:?}"
+    )]
+    WrongTopic {
+        /// This ledger's topic.
+        expected: String,
+        /// The record's topic.
+        found: String,
+        /// The record's partition.
+        partition: i32,
+        /// The record's offset.
+        offset: i64,
+    },
+    /// The chain refused the record.
+    #[error(transparent)]
+    Append(#[from] AppendError),
+}
+
+/// Hasher for fingerprints, which are already uniformly distributed.
+#[derive(Default)]
+struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// Fingerprint -> packed location of the first entry with that identity.
+type FingerprintMap = HashMap<u64, u64, BuildHasherDefault<IdentityHasher>>;
+
+/// Packs a location into 64 bits: 16 bits of partition, 48 of sequence.
+fn pack(location: Location) -> u64 {
+    assert!(
+        (0..=i32::from(u16::MAX)).contains(&location.partition),
+        "partition {} outside the supported range 0..=65535",
+        location.partition
+    );
+    assert!(
+        location.seq < 1 << 48,
+        "sequence {} beyond 2^48",
+        location.seq
+    );
+    (u64::from(location.partition as u16) << 48) | location.seq
+}
+
+fn unpack(packed: u64) -> Location {
+    Location {
+        partition: i32::from((packed >> 48) as u16),
+        seq: packed & ((1 << 48) - 1),
+    }
+}
+
+/// The 64-bit fingerprint of an event identity (`source`, `id`).
+pub fn identity_fingerprint(source: &str, id: &str) -> u64 {
+    let mut h = blake3::Hasher::new_derive_key(IDENTITY_CONTEXT);
+    h.update(&(source.len() as u64).to_be_bytes());
+    h.update(source.as_bytes());
+    h.update(&(id.len() as u64).to_be_bytes());
+    h.update(id.as_bytes());
+    let bytes = h.finalize();
+    u64::from_be_bytes(bytes.as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+/// The in-memory state of a ledger: chain heads, seen identities, deal book.
+pub struct LedgerState {
+    topic: String,
+    heads: BTreeMap<i32, ChainHead>,
+    /// First entry of every identity seen, by fingerprint.
+    seen: FingerprintMap,
+    /// Identities whose fingerprint collided with an earlier, different one.
+    collided: HashMap<(String, String), Location>,
+    book: DealBook,
+    next_batch: u64,
+    entries: u64,
+}
+
+impl LedgerState {
+    /// An empty ledger of `topic`.
+    pub fn new(topic: impl Into<String>) -> Self {
+        LedgerState {
+            topic: topic.into(),
+            heads: BTreeMap::new(),
+            seen: FingerprintMap::default(),
+            collided: HashMap::new(),
+            book: DealBook::new(),
+            next_batch: 0,
+            entries: 0,
+        }
+    }
+
+    /// The topic this ledger holds.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The chain head of every stream seen so far.
+    pub fn heads(&self) -> &BTreeMap<i32, ChainHead> {
+        &self.heads
+    }
+
+    /// The next Kafka offset to read for `partition` (0 for a new stream).
+    pub fn next_offset(&self, partition: i32) -> i64 {
+        self.heads
+            .get(&partition)
+            .and_then(ChainHead::last_offset)
+            .map_or(0, |o| o + 1)
+    }
+
+    /// The derived deal state.
+    pub fn book(&self) -> &DealBook {
+        &self.book
+    }
+
+    /// Number of the next batch.
+    pub fn next_batch(&self) -> u64 {
+        self.next_batch
+    }
+
+    /// Entries applied (ingested or replayed) so far.
+    pub fn entry_count(&self) -> u64 {
+        self.entries
+    }
+
+    /// Number of distinct event identities seen.
+    pub fn identities(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Applies a batch of freshly consumed records: appends each to its
+    /// stream's chain, judges it, and returns what must be stored.
+    ///
+    /// The state is updated as if the write succeeded; if the shell cannot
+    /// make the write durable it must not continue with this state (it exits
+    /// and rebuilds from storage on restart).
+    pub fn apply_batch(
+        &mut self,
+        records: Vec<Record>,
+        originals: &dyn OriginalLookup,
+    ) -> Result<BatchWrite, LedgerError> {
+        assert!(
+            records.len() <= MAX_BATCH_RECORDS,
+            "batch of {} records exceeds MAX_BATCH_RECORDS",
+            records.len()
+        );
+        let mut write = BatchWrite {
+            batch_no: self.next_batch,
+            entries: Vec::with_capacity(records.len()),
+            outcomes: Vec::with_capacity(records.len()),
+            heads: Vec::new(),
+            fingerprints: Vec::new(),
+            skipped_stale: 0,
+        };
+        // Identities first recorded in this very batch: fingerprint -> locations.
+        let mut in_batch: HashMap<u64, (Location, String, String)> = HashMap::new();
+        let mut touched = BTreeMap::new();
+        for record in records {
+            if record.topic != self.topic {
+                return Err(LedgerError::WrongTopic {
+                    expected: self.topic.clone(),
+                    found: record.topic,
+                    partition: record.partition,
+                    offset: record.offset,
+                });
+            }
+            let partition = record.partition;
+            let head = self.heads.entry(partition).or_insert_with(|| {
+                ChainHead::genesis(StreamId::new(self.topic.clone(), partition))
+            });
+            if head.last_offset().is_some_and(|last| record.offset <= last) {
+                write.skipped_stale += 1;
+                continue;
+            }
+            let entry = head.append(record)?;
+            touched.insert(partition, ());
+            let location = Location {
+                partition,
+                seq: entry.seq,
+            };
+            let outcome = self.judge(
+                location,
+                &entry.record,
+                originals,
+                &mut in_batch,
+                &mut write,
+            );
+            write.entries.push(entry);
+            write.outcomes.push(outcome);
+        }
+        write.heads = touched.keys().map(|p| self.heads[p].clone()).collect();
+        self.next_batch += 1;
+        Ok(write)
+    }
+
+    /// Re-applies one stored entry during replay (entries come in ledger
+    /// order). The chain link is checked by the caller's verifier; this
+    /// advances the head and recomputes the verdict.
+    pub fn replay_entry(&mut self, entry: &Entry, originals: &dyn OriginalLookup) -> Outcome {
+        let partition = entry.record.partition;
+        let head = self
+            .heads
+            .entry(partition)
+            .or_insert_with(|| ChainHead::genesis(StreamId::new(self.topic.clone(), partition)));
+        let appended = head
+            .append(entry.record.clone())
+            .expect("replayed entries were appended once already; the caller verifies them");
+        debug_assert_eq!(appended.hash, entry.hash);
+        let location = Location {
+            partition,
+            seq: entry.seq,
+        };
+        let mut scratch = BatchWrite {
+            batch_no: self.next_batch,
+            entries: Vec::new(),
+            outcomes: Vec::new(),
+            heads: Vec::new(),
+            fingerprints: Vec::new(),
+            skipped_stale: 0,
+        };
+        let mut in_batch = HashMap::new();
+        self.judge(
+            location,
+            &entry.record,
+            originals,
+            &mut in_batch,
+            &mut scratch,
+        )
+    }
+
+    /// Marks the end of a replayed batch, so batch numbering continues.
+    pub fn replayed_batch(&mut self) {
+        self.next_batch += 1;
+    }
+
+    fn judge(
+        &mut self,
+        location: Location,
+        record: &Record,
+        originals: &dyn OriginalLookup,
+        in_batch: &mut HashMap<u64, (Location, String, String)>,
+        write: &mut BatchWrite,
+    ) -> Outcome {
+        self.entries += 1;
+        let mut outcome = Outcome {
+            location,
+            offset: record.offset,
+            deal_id: None,
+            event_type: None,
+            verdict: Verdict::Accepted,
+        };
+        let Some(value) = record.value.as_deref() else {
+            outcome.verdict = Verdict::Rejected {
+                kind: "no_value".into(),
+                reason:
+                    "record has no value (a tombstone); a deal event is a CloudEvents JSON document"
+                        .into(),
+            };
+            return outcome;
+        };
+        let event = match DealEvent::decode(value) {
+            Ok(event) => event,
+            Err(err) => {
+                outcome.verdict = Verdict::Rejected {
+                    kind: err.kind().into(),
+                    reason: err.to_string(),
+                };
+                return outcome;
+            }
+        };
+        outcome.deal_id = Some(event.deal_id.clone());
+        outcome.event_type = Some(event.event_type());
+
+        let fp = identity_fingerprint(&event.source, &event.id);
+        if let Some(of) = self.find_original(fp, &event, originals, in_batch) {
+            outcome.verdict = Verdict::Duplicate { of };
+            return outcome;
+        }
+        match self.seen.entry(fp) {
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(pack(location));
+                in_batch.insert(fp, (location, event.source.clone(), event.id.clone()));
+            }
+            std::collections::hash_map::Entry::Occupied(_) => {
+                // A different identity with the same fingerprint: keep it exactly.
+                self.collided
+                    .insert((event.source.clone(), event.id.clone()), location);
+            }
+        }
+        write.fingerprints.push((fp, location));
+
+        if let Err(rejection) = self.book.apply(&event) {
+            outcome.verdict = Verdict::Rejected {
+                kind: rejection.kind().into(),
+                reason: rejection.to_string(),
+            };
+        }
+        outcome
+    }
+
+    /// The location of an earlier event with the same identity, if any.
+    fn find_original(
+        &self,
+        fp: u64,
+        event: &DealEvent,
+        originals: &dyn OriginalLookup,
+        in_batch: &HashMap<u64, (Location, String, String)>,
+    ) -> Option<Location> {
+        let first = unpack(*self.seen.get(&fp)?);
+        let same = |source: &str, id: &str| source == event.source && id == event.id;
+        let first_matches = match in_batch.get(&fp) {
+            Some((loc, source, id)) if *loc == first => same(source, id),
+            _ => originals
+                .identity(first)
+                .is_some_and(|(source, id)| same(&source, &id)),
+        };
+        if first_matches {
+            return Some(first);
+        }
+        self.collided
+            .get(&(event.source.clone(), event.id.clone()))
+            .copied()
+    }
+
+    /// Records the first entry of an identity (when loading from storage).
+    /// A fingerprint already present means a collision, resolved on lookup.
+    pub fn remember_fingerprint(
+        &mut self,
+        fp: u64,
+        location: Location,
+        originals: &dyn OriginalLookup,
+    ) {
+        match self.seen.entry(fp) {
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(pack(location));
+            }
+            std::collections::hash_map::Entry::Occupied(_) => {
+                if let Some(identity) = originals.identity(location) {
+                    self.collided.insert(identity, location);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::TimestampType;
+
+    fn record(partition: i32, offset: i64, value: &[u8]) -> Record {
+        Record {
+            topic: "deal-events".into(),
+            partition,
+            offset,
+            timestamp_type: TimestampType::CreateTime,
+            timestamp_ms: 1_700_000_000_000 + offset,
+            key: Some(b"deal-1".to_vec()),
+            value: Some(value.to_vec()),
+            headers: Vec::new(),
+        }
+    }
+
+    fn opened(id: &str) -> Vec<u8> {
+        format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"urn:t","type":"deal.negotiation.opened","subject":"deal-1","time":"2025-01-01T00:00:00Z","data":{{"customer":"a","provider":"b","scope":"cloud-compute"}}}}"#
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn every_record_becomes_an_entry_with_a_verdict() {
+        let mut state = LedgerState::new("deal-events");
+        let batch = state
+            .apply_batch(
+                vec![
+                    record(0, 0, &opened("e1")),
+                    record(0, 1, b"\xff not utf-8"),
+                    record(0, 2, &opened("e1")),
+                    record(0, 5, &opened("e2")),
+                ],
+                &NoOriginals,
+            )
+            .unwrap();
+        assert_eq!(batch.entries.len(), 4);
+        let kinds: Vec<Option<&str>> = batch.outcomes.iter().map(|o| o.verdict.kind()).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                None,
+                Some("not_utf8"),
+                Some("duplicate"),
+                Some("already_opened")
+            ]
+        );
+        assert_eq!(
+            batch.outcomes[2].verdict,
+            Verdict::Duplicate {
+                of: Location {
+                    partition: 0,
+                    seq: 0
+                }
+            }
+        );
+        assert_eq!(batch.heads.len(), 1);
+        assert_eq!(batch.heads[0].next_seq(), 4);
+        assert_eq!(state.next_offset(0), 6);
+        assert_eq!(state.book().len(), 1);
+    }
+
+    #[test]
+    fn stale_records_are_skipped_not_chained() {
+        let mut state = LedgerState::new("deal-events");
+        state
+            .apply_batch(vec![record(1, 0, &opened("e1"))], &NoOriginals)
+            .unwrap();
+        let again = state
+            .apply_batch(
+                vec![record(1, 0, &opened("e1")), record(1, 1, b"x")],
+                &NoOriginals,
+            )
+            .unwrap();
+        assert_eq!(again.skipped_stale, 1);
+        assert_eq!(again.entries.len(), 1);
+        assert_eq!(again.entries[0].seq, 1);
+        assert_eq!(again.batch_no, 1);
+    }
+
+    #[test]
+    fn other_topics_are_refused() {
+        let mut state = LedgerState::new("deal-events");
+        let mut r = record(0, 0, b"{}");
+        r.topic = "other".into();
+        assert!(matches!(
+            state.apply_batch(vec![r], &NoOriginals),
+            Err(LedgerError::WrongTopic { .. })
+        ));
+    }
+
+    #[test]
+    fn replay_reproduces_ingest_verdicts_and_heads() {
+        let mut ingest = LedgerState::new("deal-events");
+        let records: Vec<Record> = (0..6)
+            .map(|i| record(i % 2, i64::from(i / 2), &opened(&format!("e{}", i % 3))))
+            .collect();
+        let batch = ingest.apply_batch(records, &NoOriginals).unwrap();
+        struct Stored<'a>(&'a [Entry]);
+        impl OriginalLookup for Stored<'_> {
+            fn identity(&self, location: Location) -> Option<(String, String)> {
+                let entry = self
+                    .0
+                    .iter()
+                    .find(|e| e.record.partition == location.partition && e.seq == location.seq)?;
+                identity_of(entry)
+            }
+        }
+        let mut replay = LedgerState::new("deal-events");
+        let outcomes: Vec<Verdict> = batch
+            .entries
+            .iter()
+            .map(|e| replay.replay_entry(e, &Stored(&batch.entries)).verdict)
+            .collect();
+        let ingested: Vec<Verdict> = batch.outcomes.iter().map(|o| o.verdict.clone()).collect();
+        assert_eq!(outcomes, ingested);
+        assert!(
+            ingested
+                .iter()
+                .filter(|v| v.kind() == Some("duplicate"))
+                .count()
+                == 3
+        );
+        let heads = |s: &LedgerState| -> Vec<(i32, String)> {
+            s.heads()
+                .iter()
+                .map(|(p, h)| (*p, h.head().to_string()))
+                .collect()
+        };
+        assert_eq!(heads(&replay), heads(&ingest));
+    }
+
+    #[test]
+    fn fingerprints_separate_source_and_id() {
+        assert_ne!(
+            identity_fingerprint("ab", "c"),
+            identity_fingerprint("a", "bc")
+        );
+        assert_eq!(
+            identity_fingerprint("s", "1"),
+            identity_fingerprint("s", "1")
+        );
+    }
+}

@@ -1,0 +1,9 @@
+//! The one integration-test binary: every test that needs the built binary or
+//! a real Kafka broker lives in a module here, so CI links once.
+//! `common` starts what they need (see its docs).
+
+mod common;
+mod ingest;
+mod produce;
+mod purity;
+mod schemas;
