@@ -11,14 +11,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
-use super::KafkaArgs;
+use super::{DEFAULT_DATA_DIR, KafkaArgs};
 use crate::api::{self, ApiState};
 use crate::ingest::{self, IngestConfig, IngestSummary, Mode};
 use crate::metrics::Metrics;
 use crate::store::Store;
-
-/// Default ledger folder.
-pub const DEFAULT_DATA_DIR: &str = "dealledger-data";
 
 /// Options shared by `ingest` and `serve`.
 #[derive(Debug, Args)]

@@ -13,9 +13,16 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::kafka::{DEFAULT_BROKERS, DEFAULT_TOPIC, KafkaSettings};
 
+mod export;
 mod generate;
 mod ingest;
 mod produce;
+mod rebuild;
+mod replay;
+mod verify;
+
+/// Default ledger folder (`--data`, env `DEALLEDGER_DATA`).
+pub const DEFAULT_DATA_DIR: &str = "dealledger-data";
 
 /// Exit code for bad input (invalid events, bad arguments).
 pub const EXIT_BAD_INPUT: u8 = 2;
@@ -62,6 +69,16 @@ pub enum Command {
     ///
     /// Example: dealledger serve --data ./ledger --listen 127.0.0.1:8080
     Serve(ingest::ServeArgs),
+    /// Recompute every hash of every stream of a ledger or an export.
+    Verify(verify::VerifyArgs),
+    /// Rebuild deal state by folding the ledger, as of any time.
+    Replay(replay::ReplayArgs),
+    /// Write every entry, with its hashes, to a versioned export file.
+    Export(export::ExportArgs),
+    /// Build a ledger from an export file, verifying every link.
+    Import(export::ImportArgs),
+    /// Re-read the topic into a fresh ledger and compare its heads.
+    Rebuild(rebuild::RebuildArgs),
 }
 
 /// How to reach Kafka; shared by every command that talks to it.
@@ -105,5 +122,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Generate(args) => generate::generate(args),
         Command::Ingest(args) => ingest::ingest(args),
         Command::Serve(args) => ingest::serve(args),
+        Command::Verify(args) => verify::verify(args),
+        Command::Replay(args) => replay::replay(args),
+        Command::Export(args) => export::export(args),
+        Command::Import(args) => export::import(args),
+        Command::Rebuild(args) => rebuild::rebuild(args),
     }
 }
