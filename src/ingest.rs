@@ -155,6 +155,9 @@ pub enum IngestError {
     /// The state machine refused a record (see the message for partition and offset).
     #[error("ledger: {0}")]
     Ledger(#[from] LedgerError),
+    /// The writer thread could not be started or stopped unexpectedly.
+    #[error("ledger writer: {0}")]
+    Writer(String),
     /// The rebalance callback could not read stored positions.
     #[error("could not read stored positions during a partition assignment: {0}")]
     Positions(String),
@@ -612,18 +615,60 @@ pub fn run(
         topic: config.topic.clone(),
         ..Default::default()
     };
+    let writer = Writer::start(Arc::clone(&store), dead_letters, Arc::clone(&metrics))?;
+    let outcome = ingest_loop(
+        &consumer,
+        config,
+        &mut state,
+        &store,
+        &writer,
+        &metrics,
+        &stop,
+        &targets,
+        &mut summary,
+    );
+    // Whatever ended the loop, wait for the batches already handed to the writer.
+    let drained = writer
+        .finish(|written| acknowledge(&consumer, &config.topic, written, &metrics, &mut summary));
+    outcome?;
+    drained?;
+    metrics.set_ingest_state(IngestState::Stopping);
+    if config.mode == Mode::Continuous {
+        // Leave the group now rather than after the session timeout.
+        consumer.unsubscribe();
+    }
+    Ok(finish(&config.topic, &state, summary, started))
+}
+
+/// Gathers, applies and hands batches to the writer until caught up or stopped.
+#[allow(clippy::too_many_arguments)]
+fn ingest_loop(
+    consumer: &BaseConsumer<LedgerContext>,
+    config: &IngestConfig,
+    state: &mut LedgerState,
+    store: &Store,
+    writer: &Writer,
+    metrics: &Metrics,
+    stop: &AtomicBool,
+    targets: &BTreeMap<i32, i64>,
+    summary: &mut IngestSummary,
+) -> Result<(), IngestError> {
     loop {
         if let Some(reason) = consumer.context().fatal.lock().expect("fatal lock").take() {
             metrics.set_ingest_state(IngestState::Failed(reason.clone()));
             return Err(IngestError::Positions(reason));
         }
-        if config.mode == Mode::UntilCaughtUp && caught_up(&state, &targets) {
-            break;
+        // Acknowledge whatever the writer has made durable meanwhile.
+        while let Some(written) = writer.try_done()? {
+            acknowledge(consumer, &config.topic, written, metrics, summary);
+        }
+        if config.mode == Mode::UntilCaughtUp && caught_up(state, targets) {
+            return Ok(());
         }
         if stop.load(Ordering::Relaxed) {
-            break;
+            return Ok(());
         }
-        let polled = gather(&consumer, config, &stop, &metrics);
+        let polled = gather(consumer, config, stop, metrics);
         if polled.is_empty() {
             continue;
         }
@@ -639,44 +684,154 @@ pub fn run(
         if records.is_empty() {
             continue;
         }
-        let write = state.apply_batch(records, &*store)?;
-        let stats = match store.write_batch(&write) {
-            Ok(stats) => stats,
-            Err(e) => {
-                // The in-memory state already includes this batch: stop here;
-                // a restart rebuilds the state from what is durable.
-                metrics.set_ingest_state(IngestState::Failed(e.to_string()));
-                return Err(IngestError::Store(e));
-            }
-        };
-        // Durable: now tell the world.
-        summary.batches += 1;
-        summary.skipped_stale += write.skipped_stale;
-        for outcome in &write.outcomes {
-            summary.ingested += 1;
-            match outcome.verdict {
-                Verdict::Accepted => summary.accepted += 1,
-                Verdict::Rejected { .. } => summary.rejected += 1,
-                Verdict::Duplicate { .. } => summary.duplicate += 1,
-            }
-            metrics.record(
-                outcome.location.partition,
-                outcome.verdict.label(),
-                outcome.verdict.kind(),
-            );
+        // The state now includes this batch. If the writer cannot make it
+        // durable the ingester stops; a restart rebuilds the state from what is.
+        let write = state.apply_batch(records, store)?;
+        if let Some(written) = writer.submit(write)? {
+            acknowledge(consumer, &config.topic, written, metrics, summary);
         }
-        metrics.batch_written(stats.entries, stats.bytes, stats.apply, stats.durable);
-        if let Some(dlq) = &dead_letters {
-            dlq.publish(&write, &metrics);
+    }
+}
+
+/// Most batches applied in memory but not yet durable: one batch is gathered
+/// and applied while the previous one is being written.
+const PIPELINE_DEPTH: usize = 1;
+
+/// A batch the writer made durable.
+struct Written {
+    write: BatchWrite,
+}
+
+/// The writer thread: makes batches durable in order, then publishes their
+/// dead letters. Nothing is acknowledged before it is durable.
+struct Writer {
+    batches: Option<std::sync::mpsc::SyncSender<BatchWrite>>,
+    done: std::sync::mpsc::Receiver<Result<Written, StoreError>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+    in_flight: std::cell::Cell<usize>,
+}
+
+impl Writer {
+    fn start(
+        store: Arc<Store>,
+        dead_letters: Option<DeadLetters>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Writer, IngestError> {
+        let (batch_tx, batch_rx) = std::sync::mpsc::sync_channel::<BatchWrite>(PIPELINE_DEPTH);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("ledger-writer".into())
+            .spawn(move || {
+                for write in batch_rx {
+                    match store.write_batch(&write) {
+                        Ok(stats) => {
+                            metrics.batch_written(
+                                stats.entries,
+                                stats.bytes,
+                                stats.apply,
+                                stats.durable,
+                            );
+                            if let Some(dlq) = &dead_letters {
+                                dlq.publish(&write, &metrics);
+                            }
+                            if done_tx.send(Ok(Written { write })).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            metrics.set_ingest_state(IngestState::Failed(e.to_string()));
+                            let _ = done_tx.send(Err(e));
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| IngestError::Writer(format!("cannot start the writer thread: {e}")))?;
+        Ok(Writer {
+            batches: Some(batch_tx),
+            done: done_rx,
+            handle: Some(handle),
+            in_flight: std::cell::Cell::new(0),
+        })
+    }
+
+    /// Hands a batch over; when the pipeline is full, first waits for the
+    /// oldest batch to become durable and returns it.
+    fn submit(&self, write: BatchWrite) -> Result<Option<Written>, IngestError> {
+        let mut acknowledged = None;
+        if self.in_flight.get() >= PIPELINE_DEPTH {
+            acknowledged = Some(self.wait_done()?);
         }
-        commit_positions(&consumer, &config.topic, &state, &write, &metrics);
+        self.batches
+            .as_ref()
+            .expect("the writer is running")
+            .send(write)
+            .map_err(|_| IngestError::Writer("the writer thread stopped".into()))?;
+        self.in_flight.set(self.in_flight.get() + 1);
+        Ok(acknowledged)
     }
-    metrics.set_ingest_state(IngestState::Stopping);
-    if config.mode == Mode::Continuous {
-        // Leave the group now rather than after the session timeout.
-        consumer.unsubscribe();
+
+    fn wait_done(&self) -> Result<Written, IngestError> {
+        let result = self
+            .done
+            .recv()
+            .map_err(|_| IngestError::Writer("the writer thread stopped".into()))?;
+        self.in_flight.set(self.in_flight.get() - 1);
+        Ok(result?)
     }
-    Ok(finish(&config.topic, &state, summary, started))
+
+    /// A batch made durable since the last call, if any.
+    fn try_done(&self) -> Result<Option<Written>, IngestError> {
+        match self.done.try_recv() {
+            Ok(result) => {
+                self.in_flight.set(self.in_flight.get() - 1);
+                Ok(Some(result?))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Waits for every batch in flight, acknowledging each, then stops the thread.
+    fn finish(mut self, mut acknowledge: impl FnMut(Written)) -> Result<(), IngestError> {
+        let mut first_error = None;
+        while self.in_flight.get() > 0 {
+            match self.wait_done() {
+                Ok(written) => acknowledge(written),
+                Err(e) => {
+                    first_error = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(self.batches.take());
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// A batch is durable: count it, report it, and commit its positions to Kafka.
+fn acknowledge(
+    consumer: &BaseConsumer<LedgerContext>,
+    topic: &str,
+    written: Written,
+    metrics: &Metrics,
+    summary: &mut IngestSummary,
+) {
+    let write = written.write;
+    summary.batches += 1;
+    summary.skipped_stale += write.skipped_stale;
+    for outcome in &write.outcomes {
+        summary.ingested += 1;
+        match outcome.verdict {
+            Verdict::Accepted => summary.accepted += 1,
+            Verdict::Rejected { .. } => summary.rejected += 1,
+            Verdict::Duplicate { .. } => summary.duplicate += 1,
+        }
+    }
+    metrics.record_outcomes(&write.outcomes);
+    commit_positions(consumer, topic, &write, metrics);
 }
 
 fn finish(
@@ -794,18 +949,18 @@ fn caught_up(state: &LedgerState, targets: &BTreeMap<i32, i64>) -> bool {
         .all(|(p, high)| state.next_offset(*p) >= *high)
 }
 
-/// Commits the new positions to Kafka (for lag monitoring only) and updates metrics.
+/// Commits a durable batch's positions to Kafka (for lag monitoring only)
+/// and updates the position metrics.
 fn commit_positions(
     consumer: &BaseConsumer<LedgerContext>,
     topic: &str,
-    state: &LedgerState,
     write: &BatchWrite,
     metrics: &Metrics,
 ) {
     let mut tpl = TopicPartitionList::new();
     for head in &write.heads {
         let p = head.stream().partition;
-        let next = state.next_offset(p);
+        let next = head.last_offset().map_or(0, |o| o + 1);
         metrics.set_position(p, next);
         if tpl
             .add_partition_offset(topic, p, Offset::Offset(next))
