@@ -632,6 +632,7 @@ pub fn run(
         .finish(|written| acknowledge(&consumer, &config.topic, written, &metrics, &mut summary));
     outcome?;
     drained?;
+    snapshot(&store, &state);
     metrics.set_ingest_state(IngestState::Stopping);
     if config.mode == Mode::Continuous {
         // Leave the group now rather than after the session timeout.
@@ -686,10 +687,36 @@ fn ingest_loop(
         }
         // The state now includes this batch. If the writer cannot make it
         // durable the ingester stops; a restart rebuilds the state from what is.
+        let before = state.entry_count();
         let write = state.apply_batch(records, store)?;
         if let Some(written) = writer.submit(write)? {
             acknowledge(consumer, &config.topic, written, metrics, summary);
         }
+        if before / SNAPSHOT_EVERY_ENTRIES != state.entry_count() / SNAPSHOT_EVERY_ENTRIES {
+            // A snapshot is of the stored ledger: let the writer catch up first.
+            while writer.in_flight.get() > 0 {
+                acknowledge(
+                    consumer,
+                    &config.topic,
+                    writer.wait_done()?,
+                    metrics,
+                    summary,
+                );
+            }
+            snapshot(store, state);
+        }
+    }
+}
+
+/// Entries between two snapshots of the state (there is one at clean
+/// shutdown too): a restart folds at most this many entries again.
+pub const SNAPSHOT_EVERY_ENTRIES: u64 = 100_000;
+
+/// Snapshots the stored ledger's state, for faster restarts. A failure is
+/// only logged: a store it leaves unusable fails the next batch.
+fn snapshot(store: &Store, state: &LedgerState) {
+    if let Err(e) = store.write_snapshot(state) {
+        tracing::warn!("snapshot not written: {e}");
     }
 }
 

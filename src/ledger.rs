@@ -518,7 +518,147 @@ impl LedgerState {
             }
         }
     }
+
+    /// Judges one stored entry and folds it into the deal book *without*
+    /// advancing its stream's chain head. For replays that fold only some
+    /// entries (cut at a business or record time): the skipped entries
+    /// would break the heads' hashes, so the caller verifies the chain
+    /// separately. Entries come in ledger order, as for
+    /// [`LedgerState::replay_entry`].
+    pub fn judge_entry(&mut self, entry: &Entry, originals: &dyn OriginalLookup) -> Outcome {
+        let location = Location {
+            partition: entry.record.partition,
+            seq: entry.seq,
+        };
+        let mut scratch = BatchWrite {
+            batch_no: self.next_batch,
+            entries: Vec::new(),
+            outcomes: Vec::new(),
+            heads: Vec::new(),
+            fingerprints: Vec::new(),
+            skipped_stale: 0,
+        };
+        self.judge(
+            location,
+            &entry.record,
+            originals,
+            &mut HashMap::new(),
+            &mut scratch,
+        )
+    }
+
+    // ---- snapshots: the state in plain parts, and back ---------------------
+
+    /// The first location of every identity seen, by fingerprint, in no
+    /// particular order.
+    pub fn fingerprints(&self) -> impl Iterator<Item = (u64, Location)> + '_ {
+        self.seen.iter().map(|(fp, packed)| (*fp, unpack(*packed)))
+    }
+
+    /// Identities (`source`, `id`) whose fingerprint collided with an earlier,
+    /// different identity, with the location that carried them first.
+    pub fn collided(&self) -> impl Iterator<Item = (&(String, String), Location)> + '_ {
+        self.collided.iter().map(|(identity, l)| (identity, *l))
+    }
+
+    /// Rebuilds a state from its parts (as [`LedgerState::heads`],
+    /// [`LedgerState::fingerprints`], [`LedgerState::collided`], ... give
+    /// them), checking that they fit together. The parts come from storage,
+    /// so nothing here panics on bad input.
+    pub fn restore(parts: LedgerParts) -> Result<LedgerState, RestoreError> {
+        let LedgerParts {
+            topic,
+            heads,
+            fingerprints,
+            collided,
+            book,
+            next_batch,
+            entries,
+        } = parts;
+        let mut state = LedgerState::new(topic);
+        let mut chained = 0u64;
+        for head in heads {
+            let stream = head.stream();
+            if stream.topic != state.topic {
+                return Err(RestoreError(format!(
+                    "head of stream {stream} is not of topic {:?}",
+                    state.topic
+                )));
+            }
+            if !(0..=i32::from(u16::MAX)).contains(&stream.partition) {
+                return Err(RestoreError(format!(
+                    "head of stream {stream}: partition outside the supported range 0..=65535"
+                )));
+            }
+            chained = chained.saturating_add(head.next_seq());
+            let partition = stream.partition;
+            if state.heads.insert(partition, head).is_some() {
+                return Err(RestoreError(format!("partition {partition} has two heads")));
+            }
+        }
+        if chained != entries {
+            return Err(RestoreError(format!(
+                "the heads hold {chained} entries, but the entry count is {entries}"
+            )));
+        }
+        let inside = |state: &LedgerState, location: Location| {
+            state
+                .heads
+                .get(&location.partition)
+                .is_some_and(|h| location.seq < h.next_seq())
+        };
+        state.seen.reserve(fingerprints.len());
+        for (fp, location) in fingerprints {
+            if !inside(&state, location) {
+                return Err(RestoreError(format!(
+                    "fingerprint {fp:016x} points at {location}, which is not an entry"
+                )));
+            }
+            if state.seen.insert(fp, pack(location)).is_some() {
+                return Err(RestoreError(format!(
+                    "fingerprint {fp:016x} is given twice"
+                )));
+            }
+        }
+        for (identity, location) in collided {
+            if !inside(&state, location) {
+                return Err(RestoreError(format!(
+                    "collided identity {identity:?} points at {location}, which is not an entry"
+                )));
+            }
+            state.collided.insert(identity, location);
+        }
+        state.book = book;
+        state.next_batch = next_batch;
+        state.entries = entries;
+        Ok(state)
+    }
 }
+
+/// A [`LedgerState`] taken apart: what a snapshot stores, and what
+/// [`LedgerState::restore`] takes.
+#[derive(Debug)]
+pub struct LedgerParts {
+    /// The topic.
+    pub topic: String,
+    /// The chain head of every stream, at most one per partition.
+    pub heads: Vec<ChainHead>,
+    /// `(fingerprint, first location)` of every identity seen.
+    pub fingerprints: Vec<(u64, Location)>,
+    /// Identities whose fingerprint collided, with their first location.
+    pub collided: Vec<((String, String), Location)>,
+    /// The deal book.
+    pub book: DealBook,
+    /// Number of the next batch.
+    pub next_batch: u64,
+    /// Entries applied so far (the sum of the heads' next seqs).
+    pub entries: u64,
+}
+
+/// The parts given to [`LedgerState::restore`] do not fit together; says how.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("inconsistent ledger state: {0}")]
+pub struct RestoreError(pub String);
 
 #[cfg(test)]
 mod tests {

@@ -13,21 +13,19 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
+use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{
+    BaseRecord, FutureProducer, FutureRecord, Producer, ProducerContext, ThreadedProducer,
+};
 
 use crate::event::DealEvent;
 use crate::kafka::{KafkaSettings, SettingsError};
 
 /// The CloudEvents Kafka binding's content type for structured mode.
 pub const CONTENT_TYPE: &str = "application/cloudevents+json";
-
-/// Most events in flight (sent, delivery not yet reported) in [`DealProducer::send_all`].
-/// Below librdkafka's default `queue.buffering.max.messages` (100,000).
-pub const MAX_IN_FLIGHT: usize = 50_000;
 
 /// librdkafka settings every dealledger producer starts from.
 pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
@@ -78,18 +76,7 @@ pub enum ProduceError {
     },
 }
 
-/// One encoded event to send with [`DealProducer::send_all`].
-#[derive(Clone, Debug)]
-pub struct Outgoing {
-    /// Caller's tag for this event (e.g. its line number), echoed in failures.
-    pub tag: u64,
-    /// Record key: the deal id, or `None` for a keyless record.
-    pub key: Option<String>,
-    /// Record value, sent exactly as given.
-    pub value: Vec<u8>,
-}
-
-/// What [`DealProducer::send_all`] did.
+/// What [`BulkProducer`] delivered.
 #[derive(Debug, Default)]
 pub struct SendReport {
     /// Events delivered, per partition.
@@ -154,49 +141,6 @@ impl DealProducer {
             .map_err(|(source, _)| self.delivery_error(key, source))
     }
 
-    /// Sends many events with at most [`MAX_IN_FLIGHT`] awaiting acknowledgement,
-    /// then flushes. Order per key is kept (idempotent producer, one partition per key).
-    pub async fn send_all<I>(&self, events: I) -> SendReport
-    where
-        I: IntoIterator<Item = Outgoing>,
-    {
-        let mut report = SendReport::default();
-        let mut in_flight = FuturesUnordered::new();
-        for out in events {
-            if in_flight.len() >= MAX_IN_FLIGHT
-                && let Some((tag, key, result)) = in_flight.next().await
-            {
-                self.tally(&mut report, tag, key, result);
-            }
-            loop {
-                let record = self.record(out.key.as_deref(), &out.value);
-                match self.inner.send_result(record) {
-                    Ok(future) => {
-                        let (tag, key) = (out.tag, out.key.clone());
-                        in_flight.push(async move { (tag, key, future.await) });
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                        // librdkafka's local queue is full: wait for one delivery, then retry.
-                        match in_flight.next().await {
-                            Some((tag, key, result)) => self.tally(&mut report, tag, key, result),
-                            None => tokio::time::sleep(Duration::from_millis(10)).await,
-                        }
-                    }
-                    Err((source, _)) => {
-                        let err = self.delivery_error(out.key.as_deref(), source);
-                        report.failed.push((out.tag, err));
-                        break;
-                    }
-                }
-            }
-        }
-        while let Some((tag, key, result)) = in_flight.next().await {
-            self.tally(&mut report, tag, key, result);
-        }
-        report
-    }
-
     /// Waits until every queued event is delivered or `timeout` passes.
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
         self.inner.flush(timeout)
@@ -223,28 +167,115 @@ impl DealProducer {
             source: Box::new(source),
         }
     }
+}
 
-    fn tally(
-        &self,
-        report: &mut SendReport,
-        tag: u64,
-        key: Option<String>,
-        result: Result<
-            rdkafka::producer::future_producer::OwnedDeliveryResult,
-            futures::channel::oneshot::Canceled,
-        >,
-    ) {
+/// librdkafka's local queue bound for [`BulkProducer`] (messages).
+pub const BULK_QUEUE_MESSAGES: &str = "500000";
+
+/// Counts deliveries reported by librdkafka's delivery callback.
+#[derive(Default)]
+pub struct DeliveryTally {
+    state: std::sync::Mutex<SendReport>,
+    topic: String,
+}
+
+impl ClientContext for DeliveryTally {}
+
+impl ProducerContext for DeliveryTally {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, tag: usize) {
+        let mut report = self.state.lock().unwrap_or_else(|e| e.into_inner());
         match result {
-            Ok(Ok(delivery)) => *report.per_partition.entry(delivery.partition).or_default() += 1,
-            Ok(Err((source, _))) => report
-                .failed
-                .push((tag, self.delivery_error(key.as_deref(), source))),
-            Err(_) => report.failed.push((
-                tag,
-                ProduceError::Canceled {
-                    key: key.unwrap_or_default(),
-                },
-            )),
+            Ok(message) => *report.per_partition.entry(message.partition()).or_default() += 1,
+            Err((error, message)) => {
+                let key = message
+                    .key()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .unwrap_or_default();
+                report.failed.push((
+                    tag as u64,
+                    ProduceError::Delivery {
+                        key,
+                        topic: self.topic.clone(),
+                        source: Box::new(error.clone()),
+                    },
+                ));
+            }
         }
+    }
+}
+
+/// A producer for many events at once (the `produce` command): no future
+/// per event, deliveries counted by librdkafka's callback. Same settings as
+/// [`DealProducer`] (idempotent, acks=all), same headers.
+pub struct BulkProducer {
+    inner: ThreadedProducer<DeliveryTally>,
+    topic: String,
+}
+
+impl BulkProducer {
+    /// Creates a bulk producer for `topic`.
+    pub fn new(settings: &KafkaSettings, topic: impl Into<String>) -> Result<Self, ProduceError> {
+        let topic = topic.into();
+        let mut config = settings.client_config(PRODUCER_DEFAULTS)?;
+        if config.get("queue.buffering.max.messages").is_none() {
+            config.set("queue.buffering.max.messages", BULK_QUEUE_MESSAGES);
+        }
+        let inner = config
+            .create_with_context(DeliveryTally {
+                state: Default::default(),
+                topic: topic.clone(),
+            })
+            .map_err(|source| ProduceError::Create {
+                brokers: settings.brokers.clone(),
+                source,
+            })?;
+        Ok(BulkProducer { inner, topic })
+    }
+
+    /// The topic events go to.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Queues one event (librdkafka copies the bytes); waits while the local
+    /// queue is full. `tag` comes back with a failed delivery.
+    pub fn send(&self, tag: u64, key: Option<&str>, value: &[u8]) -> Result<(), ProduceError> {
+        loop {
+            let headers = OwnedHeaders::new().insert(Header {
+                key: "content-type",
+                value: Some(CONTENT_TYPE),
+            });
+            let mut record: BaseRecord<'_, str, [u8], usize> =
+                BaseRecord::with_opaque_to(&self.topic, tag as usize)
+                    .payload(value)
+                    .headers(headers);
+            if let Some(k) = key {
+                record = record.key(k);
+            }
+            match self.inner.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    // The background thread drains the queue; give it a moment.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((source, _)) => {
+                    return Err(ProduceError::Delivery {
+                        key: key.unwrap_or("").to_string(),
+                        topic: self.topic.clone(),
+                        source: Box::new(source),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Waits for every queued event's delivery report and returns the tally.
+    pub fn finish(self, timeout: Duration) -> Result<SendReport, KafkaError> {
+        self.inner.flush(timeout)?;
+        let tally = self.inner.context();
+        let mut report = tally.state.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(std::mem::take(&mut *report))
     }
 }

@@ -2,8 +2,10 @@
 //! a real Kafka broker lives in a module here, so CI links once.
 //! `common` starts what they need (see its docs).
 
+mod audit;
 mod common;
 mod ingest;
 mod produce;
 mod purity;
+mod replay;
 mod schemas;

@@ -162,3 +162,38 @@ fn field_errors_name_line_and_path() {
         "{stderr}"
     );
 }
+
+#[test]
+fn rust_producer_api_reports_where_each_event_went() {
+    use dealledger::kafka::KafkaSettings;
+    use dealledger::producer::DealProducer;
+
+    let topic = unique_topic("produce-api");
+    create_topic(&topic, 3);
+    let (_, events) = scenario();
+    let producer =
+        DealProducer::new(&KafkaSettings::new(crate::common::bootstrap()), &topic).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let deliveries: Vec<_> = rt.block_on(async {
+        let mut out = Vec::new();
+        for event in events.iter().take(10) {
+            out.push(producer.send(event).await.expect("delivered"));
+        }
+        out
+    });
+    let records = read_all(&topic);
+    assert_eq!(records.len(), 10);
+    for (event, delivery) in events.iter().zip(&deliveries) {
+        let record = records
+            .iter()
+            .find(|r| r.partition == delivery.partition && r.offset == delivery.offset)
+            .expect("a record where the delivery said");
+        assert_eq!(record.key_str(), Some(event.deal_id.as_str()));
+        let back = DealEvent::decode(record.value.as_deref().unwrap()).unwrap();
+        assert_eq!(back.id, event.id);
+        assert_eq!(back.payload, event.payload);
+    }
+}

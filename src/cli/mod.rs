@@ -70,14 +70,46 @@ pub enum Command {
     /// Example: dealledger serve --data ./ledger --listen 127.0.0.1:8080
     Serve(ingest::ServeArgs),
     /// Recompute every hash of every stream of a ledger or an export.
+    ///
+    /// Intact: prints each stream's head (entries, last seq, hash), exit 0.
+    /// Broken: prints the first broken place of each stream (stream, seq,
+    /// Kafka offset, expected vs found), exit 1. Unreadable or foreign
+    /// input: one line on stderr, exit 2. --expect-head pins heads you trust.
+    ///
+    /// Example: dealledger verify --data ./ledger --expect-head deal-events/3:1041:<64 hex>
     Verify(verify::VerifyArgs),
     /// Rebuild deal state by folding the ledger, as of any time.
+    ///
+    /// Folds the entries in ledger order, verifying the chain links, and
+    /// prints each deal: status, parties, terms, active locks, last event.
+    /// --as-of cuts at business time, --recorded-as-of at Kafka record time.
+    ///
+    /// Example: dealledger replay --data ./ledger --as-of 2025-01-15
     Replay(replay::ReplayArgs),
     /// Write every entry, with its hashes, to a versioned export file.
+    ///
+    /// Ledger order, batch records included (docs/FORMAT.md, "Export
+    /// format"); the ledger is verified on the way. --out FILE is written
+    /// as FILE.tmp, fsynced and renamed: never a partial file under FILE.
+    ///
+    /// Example: dealledger export --data ./ledger --out deal-events.dlx
     Export(export::ExportArgs),
     /// Build a ledger from an export file, verifying every link.
+    ///
+    /// Re-applies every batch (verdicts are recomputed), checks hashes,
+    /// fingerprints and heads against the export, builds in DIR.importing
+    /// and renames it to DIR at the end. A broken export is refused at its
+    /// exact place (exit 1); unreadable or foreign input exits 2.
+    ///
+    /// Example: dealledger import deal-events.dlx --data ./restored
     Import(export::ImportArgs),
     /// Re-read the topic into a fresh ledger and compare its heads.
+    ///
+    /// Ingests the topic from the beginning into DIR.rebuilding (renamed to
+    /// DIR at the end) and compares every stream's head with a ledger or an
+    /// export: exit 0 when they match, 1 naming each stream that differs.
+    ///
+    /// Example: dealledger rebuild --from-kafka --data ./rebuilt --compare-with ./ledger
     Rebuild(rebuild::RebuildArgs),
 }
 

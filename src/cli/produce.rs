@@ -11,6 +11,7 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, Seek, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
@@ -18,7 +19,7 @@ use serde::Serialize;
 
 use super::{EXIT_BAD_INPUT, KafkaArgs};
 use crate::event::{DealEvent, DecodeError, limits};
-use crate::producer::{DealProducer, Outgoing};
+use crate::producer::BulkProducer;
 
 /// Most invalid lines printed one by one; the rest are counted.
 const MAX_REPORTED_LINES: usize = 1_000;
@@ -147,7 +148,7 @@ impl<R: BufRead> BoundedLines<R> {
 }
 
 fn memchr_newline(b: &[u8]) -> Option<usize> {
-    b.iter().position(|&c| c == b'\n')
+    memchr::memchr(b'\n', b)
 }
 
 /// Opens the input; standard input is spooled to a temporary file so it can be read twice.
@@ -163,10 +164,77 @@ fn open_input(path: &PathBuf) -> anyhow::Result<File> {
     }
 }
 
+/// Bytes of input validated per chunk; chunks are decoded in parallel.
+const CHUNK_BYTES: usize = 4 * 1024 * 1024;
+
+/// Lines read for one parallel validation step.
+#[derive(Default)]
+struct Chunk {
+    first_line: u64,
+    bytes: Vec<u8>,
+    /// Per line: its byte range in `bytes`, or the length of an overlong line, or blank.
+    lines: Vec<ChunkLine>,
+}
+
+enum ChunkLine {
+    Blank,
+    Text(std::ops::Range<usize>),
+    TooLong(usize),
+}
+
+/// Reads about [`CHUNK_BYTES`] of whole lines; `None` at the end of input.
+fn read_chunk<R: BufRead>(
+    lines: &mut BoundedLines<R>,
+    buf: &mut Vec<u8>,
+) -> io::Result<Option<Chunk>> {
+    let mut chunk = Chunk::default();
+    while chunk.bytes.len() < CHUNK_BYTES {
+        let Some((n, line)) = lines.next(buf)? else {
+            break;
+        };
+        if chunk.lines.is_empty() {
+            chunk.first_line = n;
+        }
+        chunk.lines.push(match line {
+            Line::Blank => ChunkLine::Blank,
+            Line::TooLong(len) => ChunkLine::TooLong(len),
+            Line::Text(text) => {
+                let start = chunk.bytes.len();
+                chunk.bytes.extend_from_slice(text);
+                ChunkLine::Text(start..chunk.bytes.len())
+            }
+        });
+    }
+    Ok((!chunk.lines.is_empty()).then_some(chunk))
+}
+
+/// Decodes every line of a chunk: `None` for blank lines.
+fn decode_chunk(chunk: &Chunk) -> Vec<Option<Result<crate::event::Id, DecodeError>>> {
+    chunk
+        .lines
+        .iter()
+        .map(|line| match line {
+            ChunkLine::Blank => None,
+            ChunkLine::TooLong(size) => Some(Err(DecodeError::TooLarge {
+                size: *size,
+                limit: limits::MAX_EVENT_BYTES,
+            })),
+            ChunkLine::Text(range) => {
+                Some(DealEvent::decode(&chunk.bytes[range.clone()]).map(|e| e.deal_id))
+            }
+        })
+        .collect()
+}
+
+/// The first pass: validates every line, decoding chunks on all cores, and
+/// remembers each valid line's deal id.
 fn validate_file(file: &File) -> anyhow::Result<Validation> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
     let mut lines = BoundedLines::new(BufReader::with_capacity(1 << 20, file));
     let mut buf = Vec::with_capacity(4096);
-    let mut interned: HashMap<String, u32> = HashMap::new();
+    let mut interned: HashMap<crate::event::Id, u32> = HashMap::new();
     let mut v = Validation {
         line_keys: Vec::new(),
         keys: Vec::new(),
@@ -174,38 +242,59 @@ fn validate_file(file: &File) -> anyhow::Result<Validation> {
         invalid_total: 0,
         invalid: Vec::new(),
     };
-    while let Some((n, line)) = lines.next(&mut buf)? {
-        let outcome = match line {
-            Line::Blank => None,
-            Line::TooLong(size) => Some(Err(DecodeError::TooLarge {
-                size,
-                limit: limits::MAX_EVENT_BYTES,
-            })),
-            Line::Text(bytes) => Some(DealEvent::decode(bytes)),
-        };
-        let key = match outcome {
-            None => None,
-            Some(Ok(event)) => {
-                v.valid += 1;
-                let id = event.deal_id.as_str();
-                let next = u32::try_from(v.keys.len()).context("more than 2^32 distinct deals")?;
-                let k = *interned.entry(id.to_string()).or_insert_with(|| {
-                    v.keys.push(id.to_string());
-                    next
-                });
-                Some(k)
+    loop {
+        let mut chunks = Vec::with_capacity(threads);
+        while chunks.len() < threads {
+            match read_chunk(&mut lines, &mut buf)? {
+                Some(chunk) => chunks.push(chunk),
+                None => break,
             }
-            Some(Err(err)) => {
-                v.invalid_total += 1;
-                if v.invalid.len() < MAX_REPORTED_LINES {
-                    v.invalid.push(InvalidLine::new(n, &err));
-                }
-                None
+        }
+        if chunks.is_empty() {
+            return Ok(v);
+        }
+        let decoded: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = chunks
+                .iter()
+                .map(|chunk| scope.spawn(|| decode_chunk(chunk)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("decoding never panics"))
+                .collect()
+        });
+        for (chunk, results) in chunks.iter().zip(decoded) {
+            for (i, outcome) in results.into_iter().enumerate() {
+                let n = chunk.first_line + i as u64;
+                let key = match outcome {
+                    None => None,
+                    Some(Ok(deal_id)) => {
+                        v.valid += 1;
+                        let next =
+                            u32::try_from(v.keys.len()).context("more than 2^32 distinct deals")?;
+                        let k = *interned.entry(deal_id).or_insert_with_key(|id| {
+                            v.keys.push(id.to_string());
+                            next
+                        });
+                        Some(k)
+                    }
+                    Some(Err(err)) => {
+                        v.invalid_total += 1;
+                        if v.invalid.len() < MAX_REPORTED_LINES {
+                            v.invalid.push(InvalidLine::new(n, &err));
+                        }
+                        None
+                    }
+                };
+                debug_assert_eq!(
+                    v.line_keys.len() as u64,
+                    n - 1,
+                    "lines are numbered without gaps"
+                );
+                v.line_keys.push(key);
             }
-        };
-        v.line_keys.push(key);
+        }
     }
-    Ok(v)
 }
 
 fn print_invalid(v: &Validation) {
@@ -275,50 +364,39 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
         Some(v)
     };
 
-    let producer = DealProducer::new(&args.kafka.settings(), &args.kafka.topic)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let (report, read_error) = runtime.block_on(async {
-        let mut lines = BoundedLines::new(BufReader::with_capacity(1 << 20, &file));
-        let mut buf = Vec::with_capacity(4096);
-        let mut read_error = None;
-        let outgoing = std::iter::from_fn(|| {
-            loop {
-                let (n, line) = match lines.next(&mut buf) {
-                    Ok(Some(x)) => x,
-                    Ok(None) => return None,
-                    Err(e) => {
-                        read_error = Some(e);
-                        return None;
-                    }
-                };
-                let bytes = match line {
-                    Line::Text(b) => b,
-                    Line::Blank | Line::TooLong(_) => continue,
-                };
-                let key = match &validation {
-                    Some(v) => match v.line_keys[(n - 1) as usize] {
-                        Some(k) => Some(v.keys[k as usize].clone()),
-                        None => continue,
-                    },
-                    None => subject_of(bytes),
-                };
-                return Some(Outgoing {
-                    tag: n,
-                    key,
-                    value: bytes.to_vec(),
-                });
+    let producer = BulkProducer::new(&args.kafka.settings(), &args.kafka.topic)?;
+    let mut lines = BoundedLines::new(BufReader::with_capacity(1 << 20, &file));
+    let mut buf = Vec::with_capacity(4096);
+    let mut refused = Vec::new();
+    while let Some((n, line)) = lines
+        .next(&mut buf)
+        .context("reading the input again for sending failed; some events may have been sent")?
+    {
+        let bytes = match line {
+            Line::Text(b) => b,
+            Line::Blank | Line::TooLong(_) => continue,
+        };
+        let subject;
+        let key = match &validation {
+            Some(v) => match v.line_keys[(n - 1) as usize] {
+                Some(k) => Some(v.keys[k as usize].as_str()),
+                None => continue,
+            },
+            None => {
+                subject = subject_of(bytes);
+                subject.as_deref()
             }
-        });
-        let report = producer.send_all(outgoing).await;
-        (report, read_error)
-    });
-    if let Some(e) = read_error {
-        return Err(e)
-            .context("reading the input again for sending failed; some events may have been sent");
+        };
+        if let Err(e) = producer.send(n, key, bytes) {
+            refused.push((n, e));
+        }
     }
+    let topic = producer.topic().to_string();
+    let mut report = producer
+        .finish(Duration::from_secs(300))
+        .context("waiting for Kafka to acknowledge the events")?;
+    report.failed.extend(refused);
+    report.failed.sort_by_key(|(line, _)| *line);
 
     let per_partition: BTreeMap<String, u64> = report
         .per_partition
@@ -333,7 +411,7 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
             .map(|(line, e)| serde_json::json!({"line": line, "reason": e.to_string()}))
             .collect();
         print_json(&serde_json::json!({
-            "topic": producer.topic(),
+            "topic": topic,
             "sent": report.delivered(),
             "partitions": per_partition,
             "failed": failed,
@@ -355,7 +433,7 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
         println!(
             "sent {} events to topic {} (by partition: {})",
             report.delivered(),
-            producer.topic(),
+            topic,
             if parts.is_empty() {
                 "none".to_string()
             } else {
