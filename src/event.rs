@@ -941,6 +941,11 @@ impl Payload {
     /// Decodes `data` JSON as the payload of `event_type`.
     fn decode(event_type: EventType, data: &str) -> Result<Payload, DecodeError> {
         fn typed<'a, T: Deserialize<'a>>(data: &'a str) -> Result<T, DecodeError> {
+            // Fast path without path tracking; only a failure pays for the
+            // second, tracked parse that names the field.
+            if let Ok(value) = serde_json::from_str(data) {
+                return Ok(value);
+            }
             let mut de = serde_json::Deserializer::from_str(data);
             serde_path_to_error::deserialize(&mut de).map_err(|e| {
                 let path = join_path("data", &e.path().to_string());
@@ -1309,12 +1314,18 @@ struct RawEnvelope<'a> {
 }
 
 fn parse_envelope(text: &str) -> Result<RawEnvelope<'_>, DecodeError> {
-    // First make sure it is JSON at all, so "not JSON" and "not a CloudEvent"
-    // are told apart.
-    let value: &RawValue = serde_json::from_str(text).map_err(|e| DecodeError::NotJson {
-        reason: e.to_string(),
-    })?;
-    let mut de = serde_json::Deserializer::from_str(value.get());
+    // Fast path: one untracked parse. Only on failure do we work out whether
+    // the text is JSON at all ("not JSON" vs "not a CloudEvent") and, with a
+    // second, path-tracking parse, which attribute is at fault.
+    if let Ok(envelope) = serde_json::from_str(text) {
+        return Ok(envelope);
+    }
+    if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(text) {
+        return Err(DecodeError::NotJson {
+            reason: e.to_string(),
+        });
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         DecodeError::NotCloudEvent {

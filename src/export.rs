@@ -2694,12 +2694,20 @@ mod tests {
         {
             let db = sled::open(&dir).unwrap();
             let tree = db.open_tree(crate::store::TREE_NAME).unwrap();
-            let mut key = vec![b'E'];
-            key.extend_from_slice(&0u32.to_be_bytes());
-            key.extend_from_slice(&3u64.to_be_bytes());
-            let mut value = tree.get(&key).unwrap().unwrap().to_vec();
-            let n = value.len();
-            value[n - 1] ^= 1;
+            // The last byte (of the hash) of entry 3 of partition 0, in the
+            // page holding it (docs/FORMAT.md, "Entry pages").
+            let mut prefix = vec![b'E'];
+            prefix.extend_from_slice(&0u32.to_be_bytes());
+            let mut last = prefix.clone();
+            last.extend_from_slice(&3u64.to_be_bytes());
+            let (key, page) = tree.range(prefix..=last).next_back().unwrap().unwrap();
+            let first_seq = u64::from_be_bytes(key[5..].try_into().unwrap());
+            let mut at = 5;
+            for _ in first_seq..=3 {
+                at += 4 + u32::from_be_bytes(page[at..at + 4].try_into().unwrap()) as usize;
+            }
+            let mut value = page.to_vec();
+            value[at - 1] ^= 1;
             tree.insert(key, value).unwrap();
             db.flush().unwrap();
         }

@@ -7,6 +7,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc instead of glibc malloc: batches are built on the ingest thread
+/// and freed on the writer thread, and glibc's per-thread arenas then keep
+/// far more memory than is in use (measured: peak RSS of a 1M-event ingest).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(

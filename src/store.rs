@@ -17,9 +17,16 @@
 //!
 //! - `M` + name: metadata (`format` = u32 BE [`STORE_FORMAT_VERSION`],
 //!   `topic` = the topic's UTF-8). A ledger holds one topic.
-//! - `E` + partition u32 BE + seq u64 BE: the entry, as
-//!   [`chain::encode_entry`] bytes. Exactly one key per entry: sled's memory
-//!   use explodes with many small values per `apply_batch`, so there are no
+//! - `E` + partition u32 BE + first seq u64 BE: a page of up to
+//!   [`MAX_PAGE_ENTRIES`] consecutive entries of the partition (at most
+//!   [`MAX_PAGE_BYTES`] unless it holds one larger entry; writers fill
+//!   pages to [`PAGE_FILL_BYTES`]), each as [`chain::encode_entry`] bytes.
+//!   Pages, not one key per entry, because sled 0.34's cost is per key, not
+//!   per byte: every insert clones a tree node, so writing and memory grow
+//!   with the number of keys. Pages are append-only: a batch's entries of a
+//!   partition go into new pages, and a page is never rewritten (a stream's
+//!   last page may be short; the next batch starts a new one). Readers keep
+//!   an entry-level API ([`Store::entry`], [`Store::entries`]); there are no
 //!   per-entry index keys.
 //! - `H` + partition: the stream's head after the last batch (next seq, last
 //!   offset, head hash); the next offset to consume is last offset + 1.
@@ -89,16 +96,57 @@ use crate::ledger::{
     Outcome, Verdict,
 };
 
-/// Version of the storage layout (the `M format` key). Bump it, with a
-/// migration, whenever a key family or value encoding changes.
-pub const STORE_FORMAT_VERSION: u32 = 1;
+/// Version of the storage layout (the `M format` key). Bump it whenever a
+/// key family or value encoding changes. Version 2 stores entries in pages;
+/// version 1 (one key per entry) is refused, see
+/// [`StoreError::ObsoleteFormat`].
+pub const STORE_FORMAT_VERSION: u32 = 2;
 
 /// Name of the one sled tree holding the ledger.
 pub const TREE_NAME: &str = "ledger";
 
-/// sled page-cache size. Measured: with one ~450-byte key per entry, RSS stays
-/// about 210 MB flat from 1M to 2M entries with this cache.
-pub const CACHE_CAPACITY_BYTES: u64 = 64 * 1024 * 1024;
+/// sled page-cache size. Measured with entry pages (release, 2 cores): a
+/// 200,000-event ingest peaked at 215-247 MB RSS with 32 MiB and 234-261 MB
+/// with 64 MiB, at the same speed (about 3 s either way), and writing
+/// 5,000-entry batches is no slower.
+pub const CACHE_CAPACITY_BYTES: u64 = 32 * 1024 * 1024;
+
+/// Format byte at the start of every entry page (`E` value).
+pub const PAGE_FORMAT: u8 = 1;
+
+/// Most entries in one page.
+pub const MAX_PAGE_ENTRIES: usize = 32;
+
+/// Largest page holding more than one entry, in bytes (header included):
+/// the format's limit, which readers enforce. Writers fill pages only to
+/// [`PAGE_FILL_BYTES`].
+pub const MAX_PAGE_BYTES: usize = 64 * 1024;
+
+/// How full a writer makes a page, in bytes (header included): a page is
+/// closed before an entry that would take it over this size (or when it
+/// holds [`MAX_PAGE_ENTRIES`]); an entry too large for that gets a page of
+/// its own. Well below [`MAX_PAGE_BYTES`] because of how sled 0.34 stores
+/// tree nodes: a leaf holds up to 17 keys before it splits, and a leaf
+/// whose serialized size exceeds a quarter of sled's 512 KiB segment is
+/// written to a file of its own in `blobs/` every time sled rewrites it,
+/// which [`Store::write_batch`] must fsync. With 7 KiB pages 17 of them stay
+/// under that; with 64 KiB pages (about 32 entries of ~700 bytes) nearly
+/// every leaf became a blob. Measured (release, 2 cores, 5,000-entry
+/// batches of ~700-byte entries, `time_write_batch`): 64 KiB pages 110-123k
+/// entries/s, 20 ms of each batch's fsyncs; 7 KiB pages 205-225k entries/s,
+/// 1.5-2 ms; and a 200,000-event ingest peaked at 295-323 MB RSS with
+/// 64 KiB pages, 221 MB with 7 KiB (one key per entry: 257-288 MB).
+pub const PAGE_FILL_BYTES: usize = 7 * 1024;
+
+/// Bytes of a page's header: format byte, u32 entry count.
+const PAGE_HEADER_BYTES: usize = 1 + 4;
+
+/// Bytes before each entry in a page: its u32 length.
+const PAGE_LENGTH_BYTES: usize = 4;
+
+/// Largest page of one entry: header, length, the largest stored entry.
+const MAX_SINGLE_ENTRY_PAGE_BYTES: usize =
+    PAGE_HEADER_BYTES + PAGE_LENGTH_BYTES + chain::MAX_ENCODED_ENTRY_BYTES;
 
 /// Format byte at the start of every batch record (`B` value).
 pub const BATCH_RECORD_FORMAT: u8 = 1;
@@ -142,7 +190,7 @@ const META_FORMAT: &[u8] = b"format";
 /// Metadata name of the topic.
 const META_TOPIC: &[u8] = b"topic";
 
-/// Length of an `E` or `V` key: family, partition, seq.
+/// Length of an `E` or `V` key: family, partition, (first) seq.
 const LOCATION_KEY_LEN: usize = 1 + 4 + 8;
 /// Length of an `H` key: family, partition.
 const HEAD_KEY_LEN: usize = 1 + 4;
@@ -192,6 +240,20 @@ pub enum StoreError {
         expected: String,
         /// The topic stored in the ledger.
         found: String,
+    },
+    /// The ledger was written by an older dealledger in a storage format
+    /// this one does not read (and does not convert).
+    #[error(
+        "ledger {} has storage format version {found}, written by an older dealledger; this dealledger reads version {supported} only and does not convert ledgers: rebuild it with `dealledger rebuild --from-kafka` or import an export of it (`dealledger import`)",
+        .dir.display()
+    )]
+    ObsoleteFormat {
+        /// The ledger folder.
+        dir: PathBuf,
+        /// The stored format version.
+        found: u32,
+        /// The version this build reads.
+        supported: u32,
     },
     /// The ledger was written by a newer dealledger.
     #[error(
@@ -319,8 +381,15 @@ fn location_key(family: u8, partition: i32, seq: u64) -> [u8; LOCATION_KEY_LEN] 
     key
 }
 
-fn entry_key(partition: i32, seq: u64) -> [u8; LOCATION_KEY_LEN] {
-    location_key(FAMILY_ENTRY, partition, seq)
+/// The key of the entry page of `partition` whose first entry is `first_seq`.
+fn page_key(partition: i32, first_seq: u64) -> [u8; LOCATION_KEY_LEN] {
+    location_key(FAMILY_ENTRY, partition, first_seq)
+}
+
+/// Parses an `E` key into its page's first seq (the partition is the
+/// caller's prefix).
+fn parse_page_key(key: &[u8]) -> Option<u64> {
+    parse_location_key(FAMILY_ENTRY, key).map(|l| l.seq)
 }
 
 fn verdict_key(location: Location) -> [u8; LOCATION_KEY_LEN] {
@@ -576,6 +645,307 @@ fn decode_batch_record(batch_no: u64, bytes: &[u8]) -> Result<BatchRecord, Strin
         runs,
         fingerprints,
     })
+}
+
+// ---------------------------------------------------------------------------
+// Entry pages
+// ---------------------------------------------------------------------------
+
+/// Encodes one partition's new entries (consecutive seqs, ascending) as
+/// pages: `(first seq, page)`. Each page takes entries while it has fewer
+/// than [`MAX_PAGE_ENTRIES`] and the next one keeps it within
+/// [`PAGE_FILL_BYTES`]; its first entry always fits, so an entry too large
+/// for a shared page gets a page of its own.
+fn encode_pages(entries: &[&Entry]) -> Vec<(u64, Vec<u8>)> {
+    encode_pages_filled_to(entries, PAGE_FILL_BYTES)
+}
+
+/// [`encode_pages`] with another fill size (at most [`MAX_PAGE_BYTES`]).
+fn encode_pages_filled_to(entries: &[&Entry], fill_bytes: usize) -> Vec<(u64, Vec<u8>)> {
+    assert!(fill_bytes <= MAX_PAGE_BYTES);
+    let encoded: Vec<Vec<u8>> = entries.iter().map(|e| chain::encode_entry(e)).collect();
+    let mut pages = Vec::new();
+    let mut start = 0;
+    while start < encoded.len() {
+        let mut len = PAGE_HEADER_BYTES + PAGE_LENGTH_BYTES + encoded[start].len();
+        let mut end = start + 1;
+        while end < encoded.len()
+            && end - start < MAX_PAGE_ENTRIES
+            && len + PAGE_LENGTH_BYTES + encoded[end].len() <= fill_bytes
+        {
+            len += PAGE_LENGTH_BYTES + encoded[end].len();
+            end += 1;
+        }
+        let mut page = Vec::with_capacity(len);
+        page.push(PAGE_FORMAT);
+        page.extend_from_slice(&((end - start) as u32).to_be_bytes());
+        for bytes in &encoded[start..end] {
+            page.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+            page.extend_from_slice(bytes);
+        }
+        debug_assert_eq!(page.len(), len);
+        pages.push((entries[start].seq, page));
+        start = end;
+    }
+    pages
+}
+
+/// Damage to a page's framing, at the chain position it hides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PageDamage {
+    /// The page's first seq (its key).
+    page_seq: u64,
+    /// The seq the damage is reported at: the page's first seq for its
+    /// header, the entry's for an entry's length, the seq after the last
+    /// counted entry for bytes after it.
+    seq: u64,
+    /// What is wrong.
+    reason: String,
+}
+
+/// Reads one page's entries front to back, checking its framing exactly:
+/// the header, then each entry's length against the bytes left, and at the
+/// end that no bytes follow the last counted entry. Entries themselves are
+/// not decoded here.
+struct PageReader {
+    first_seq: u64,
+    count: u32,
+    value: sled::IVec,
+    /// Entries handed out so far.
+    index: u32,
+    /// Byte position of the next entry's length.
+    at: usize,
+    /// The end (or damage) was reported.
+    finished: bool,
+}
+
+impl PageReader {
+    /// Checks the header of the page stored under `first_seq`.
+    fn open(first_seq: u64, value: sled::IVec) -> Result<PageReader, PageDamage> {
+        let damage = |reason: String| PageDamage {
+            page_seq: first_seq,
+            seq: first_seq,
+            reason,
+        };
+        let len = value.len();
+        if len < PAGE_HEADER_BYTES {
+            return Err(damage(format!(
+                "it is {len} bytes, shorter than the {PAGE_HEADER_BYTES}-byte page header"
+            )));
+        }
+        if value[0] != PAGE_FORMAT {
+            return Err(damage(format!(
+                "it has page format {}, this build reads {PAGE_FORMAT}",
+                value[0]
+            )));
+        }
+        let count = u32::from_be_bytes(value[1..PAGE_HEADER_BYTES].try_into().expect("4 bytes"));
+        if count == 0 || count as usize > MAX_PAGE_ENTRIES {
+            return Err(damage(format!(
+                "its header says it holds {count} entries; a page holds 1 to {MAX_PAGE_ENTRIES}"
+            )));
+        }
+        let max = if count == 1 {
+            MAX_SINGLE_ENTRY_PAGE_BYTES
+        } else {
+            MAX_PAGE_BYTES
+        };
+        if len > max {
+            return Err(damage(format!(
+                "it holds {count} entries in {len} bytes, more than {max} (MAX_PAGE_BYTES is {MAX_PAGE_BYTES}; only a page of one entry may be larger)"
+            )));
+        }
+        if first_seq.checked_add(u64::from(count)).is_none() {
+            return Err(damage(format!(
+                "its {count} entries would run past seq u64::MAX"
+            )));
+        }
+        Ok(PageReader {
+            first_seq,
+            count,
+            value,
+            index: 0,
+            at: PAGE_HEADER_BYTES,
+            finished: false,
+        })
+    }
+
+    /// The seq after the page's last entry.
+    fn end_seq(&self) -> u64 {
+        self.first_seq + u64::from(self.count)
+    }
+
+    /// The next entry's seq and byte range in [`PageReader::value`]; after
+    /// the last entry, `None`, or damage if bytes follow it.
+    fn next_entry(&mut self) -> Option<Result<(u64, std::ops::Range<usize>), PageDamage>> {
+        if self.finished {
+            return None;
+        }
+        let seq = self.first_seq + u64::from(self.index);
+        let remain = self.value.len() - self.at;
+        let mut damage = |reason: String| {
+            self.finished = true;
+            Some(Err(PageDamage {
+                page_seq: self.first_seq,
+                seq,
+                reason,
+            }))
+        };
+        if self.index == self.count {
+            if remain > 0 {
+                let count = self.count;
+                return damage(format!(
+                    "{remain} bytes follow its last entry (its header counts {count} entries, the last is seq {}): the count or an entry's length is wrong, or bytes were added",
+                    seq - 1
+                ));
+            }
+            self.finished = true;
+            return None;
+        }
+        let index = self.index;
+        if remain < PAGE_LENGTH_BYTES {
+            return damage(format!(
+                "it ends inside the length of its entry {index} (seq {seq}): {remain} of {PAGE_LENGTH_BYTES} bytes are there, its header counts {} entries",
+                self.count
+            ));
+        }
+        let at = self.at;
+        let len = u32::from_be_bytes(
+            self.value[at..at + PAGE_LENGTH_BYTES]
+                .try_into()
+                .expect("4 bytes"),
+        ) as usize;
+        let left = remain - PAGE_LENGTH_BYTES;
+        if len > left {
+            return damage(format!(
+                "its entry {index} (seq {seq}) has length {len}, but only {left} bytes are left in the page"
+            ));
+        }
+        let start = at + PAGE_LENGTH_BYTES;
+        self.at = start + len;
+        self.index += 1;
+        Some(Ok((seq, start..self.at)))
+    }
+}
+
+/// What stopped a [`PageCursor`].
+enum CursorFault {
+    /// sled could not read.
+    Read(sled::Error),
+    /// A key under the partition's prefix that is no page key.
+    MalformedKey(Vec<u8>),
+    /// A page whose framing is damaged.
+    Page(PageDamage),
+}
+
+/// One partition's entries, read page by page in key order: yields each
+/// entry's seq (its page's first seq + its place in the page) and the
+/// entry as decoded from its bytes. Does not check that pages continue
+/// each other: callers compare the seqs with the ones they expect.
+struct PageCursor {
+    pages: sled::Iter,
+    page: Option<PageReader>,
+    /// A fault found while positioning, yielded first.
+    pending: Option<CursorFault>,
+}
+
+/// One item of a [`PageCursor`]: the entry's seq and its decoding.
+type RawEntry = (u64, Result<Entry, DecodeEntryError>);
+
+impl PageCursor {
+    /// All pages of `partition`, from the first.
+    fn from_start(tree: &sled::Tree, partition: i32) -> PageCursor {
+        PageCursor {
+            pages: tree.scan_prefix(entry_prefix(partition)),
+            page: None,
+            pending: None,
+        }
+    }
+
+    /// Positioned at entry `seq` of `partition`: in the page holding it
+    /// (found with one reverse seek when it starts before `seq`, its earlier
+    /// entries skipped by their lengths) or, when `seq` is the end of that
+    /// page, right after it (its end still checked for trailing bytes).
+    fn at(tree: &sled::Tree, partition: i32, seq: u64) -> PageCursor {
+        let mut cursor = PageCursor {
+            pages: tree.range(page_key(partition, seq)..=page_key(partition, u64::MAX)),
+            page: None,
+            pending: None,
+        };
+        let prefix = entry_prefix(partition);
+        let start = page_key(partition, seq);
+        let Some(before) = tree.range::<&[u8], _>(&prefix[..]..&start[..]).next_back() else {
+            return cursor;
+        };
+        let (key, value) = match before {
+            Ok(item) => item,
+            Err(e) => {
+                cursor.pending = Some(CursorFault::Read(e));
+                return cursor;
+            }
+        };
+        let Some(first_seq) = parse_page_key(&key) else {
+            cursor.pending = Some(CursorFault::MalformedKey(key.to_vec()));
+            return cursor;
+        };
+        let mut reader = match PageReader::open(first_seq, value) {
+            Ok(reader) => reader,
+            Err(damage) => {
+                cursor.pending = Some(CursorFault::Page(damage));
+                return cursor;
+            }
+        };
+        if reader.end_seq() < seq {
+            return cursor;
+        }
+        for _ in first_seq..seq {
+            match reader.next_entry() {
+                Some(Ok(_)) => {}
+                Some(Err(damage)) => {
+                    cursor.pending = Some(CursorFault::Page(damage));
+                    return cursor;
+                }
+                None => unreachable!("the page holds the entries before its end seq"),
+            }
+        }
+        cursor.page = Some(reader);
+        cursor
+    }
+}
+
+impl Iterator for PageCursor {
+    type Item = Result<RawEntry, CursorFault>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(fault) = self.pending.take() {
+            return Some(Err(fault));
+        }
+        loop {
+            if let Some(page) = &mut self.page {
+                match page.next_entry() {
+                    Some(Ok((seq, range))) => {
+                        return Some(Ok((seq, chain::decode_entry(&page.value[range]))));
+                    }
+                    Some(Err(damage)) => {
+                        self.page = None;
+                        return Some(Err(CursorFault::Page(damage)));
+                    }
+                    None => self.page = None,
+                }
+            }
+            let (key, value) = match self.pages.next()? {
+                Ok(item) => item,
+                Err(e) => return Some(Err(CursorFault::Read(e))),
+            };
+            let Some(first_seq) = parse_page_key(&key) else {
+                return Some(Err(CursorFault::MalformedKey(key.to_vec())));
+            };
+            match PageReader::open(first_seq, value) {
+                Ok(reader) => self.page = Some(reader),
+                Err(damage) => return Some(Err(CursorFault::Page(damage))),
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -922,14 +1292,25 @@ impl Store {
         let started = Instant::now();
         let mut writes = sled::Batch::default();
         let mut bytes = 0usize;
+        // Each partition's entries, in seq order (check_batch made sure they
+        // continue its stored head without gaps).
+        let mut by_partition: BTreeMap<i32, Vec<&Entry>> = BTreeMap::new();
         for (entry, outcome) in batch.entries.iter().zip(&batch.outcomes) {
-            let value = chain::encode_entry(entry);
-            bytes += LOCATION_KEY_LEN + value.len();
-            writes.insert(&entry_key(entry.record.partition, entry.seq), value);
+            by_partition
+                .entry(entry.record.partition)
+                .or_default()
+                .push(entry);
             if outcome.verdict != Verdict::Accepted {
                 let json = verdict_json(&outcome.verdict);
                 bytes += LOCATION_KEY_LEN + json.len();
                 writes.insert(&verdict_key(outcome.location), json);
+            }
+        }
+        for (&partition, entries) in &by_partition {
+            self.refuse_overwrite(partition, entries[0].seq)?;
+            for (first_seq, page) in encode_pages(entries) {
+                bytes += LOCATION_KEY_LEN + page.len();
+                writes.insert(&page_key(partition, first_seq), page);
             }
         }
         for head in &batch.heads {
@@ -968,6 +1349,38 @@ impl Store {
             apply,
             durable: started.elapsed(),
         })
+    }
+
+    /// Pages are append-only: refuses (as damage) to write a page of
+    /// `partition` at `first_seq` when a page is stored at or after it,
+    /// beyond the stored head, instead of overwriting it.
+    fn refuse_overwrite(&self, partition: i32, first_seq: u64) -> Result<(), StoreError> {
+        let Some(item) = self
+            .tree()
+            .range(page_key(partition, first_seq)..=page_key(partition, u64::MAX))
+            .next()
+        else {
+            return Ok(());
+        };
+        let (key, _) = item.map_err(|e| {
+            self.sled_error(
+                format!("reading the entry pages of partition {partition}"),
+                e,
+            )
+        })?;
+        let found = parse_page_key(&key).map_or_else(
+            || format!("under malformed key {:02x?}", &key[..]),
+            |seq| format!("at seq {seq}"),
+        );
+        Err(self.corrupt(
+            Some(Location {
+                partition,
+                seq: first_seq,
+            }),
+            format!(
+                "partition {partition} has an entry page stored {found}, at or beyond its stored head (next seq {first_seq}); pages are never rewritten, so this batch is not written"
+            ),
+        ))
     }
 
     /// Checks the write contract (panics on a violation) and returns the runs.
@@ -1164,10 +1577,14 @@ impl Store {
 
     // ---- reading ---------------------------------------------------------------
 
-    /// Decodes the entry stored under `location`, checking that it says it
-    /// is that entry.
-    fn decode_stored(&self, location: Location, bytes: &[u8]) -> Result<Entry, StoreError> {
-        let entry = chain::decode_entry(bytes).map_err(|e| {
+    /// Checks that the entry decoded from the bytes at `location` (its
+    /// page's first seq + its place in the page) says it is that entry.
+    fn stored_entry(
+        &self,
+        location: Location,
+        decoded: Result<Entry, DecodeEntryError>,
+    ) -> Result<Entry, StoreError> {
+        let entry = decoded.map_err(|e| {
             self.corrupt(
                 Some(location),
                 format!("entry at {location} does not decode: {e}"),
@@ -1177,7 +1594,7 @@ impl Store {
             return Err(self.corrupt(
                 Some(location),
                 format!(
-                    "entry stored at {location} (offset {}) says it is partition {} seq {} (entry moved or copied)",
+                    "entry stored at {location} (offset {}) says it is partition {} seq {} (entry or page moved, copied or swapped)",
                     entry.record.offset, entry.record.partition, entry.seq
                 ),
             ));
@@ -1185,34 +1602,98 @@ impl Store {
         Ok(entry)
     }
 
-    /// The entry at `location`, if stored.
-    pub fn entry(&self, location: Location) -> Result<Option<Entry>, StoreError> {
-        let value = self
-            .tree()
-            .get(entry_key(location.partition, location.seq))
-            .map_err(|e| self.sled_error(format!("reading the entry at {location}"), e))?;
-        value
-            .map(|bytes| self.decode_stored(location, &bytes))
-            .transpose()
+    /// A damaged page of `partition`, as an error at the seq it hides.
+    fn page_damaged(&self, partition: i32, damage: PageDamage) -> StoreError {
+        self.corrupt(
+            Some(Location {
+                partition,
+                seq: damage.seq,
+            }),
+            format!(
+                "the entry page stored at {} is damaged: {}",
+                Location {
+                    partition,
+                    seq: damage.page_seq
+                },
+                damage.reason
+            ),
+        )
     }
 
-    /// The entries of `partition` from `from_seq` on, in seq order.
+    /// A [`CursorFault`] of `partition` as an error; `at` is what was being
+    /// read.
+    fn cursor_fault(&self, partition: i32, at: &str, fault: CursorFault) -> StoreError {
+        match fault {
+            CursorFault::Read(e) => self.sled_error(format!("reading {at}"), e),
+            CursorFault::MalformedKey(key) => self.corrupt(
+                None,
+                format!("malformed entry key {key:02x?} among the pages of partition {partition}"),
+            ),
+            CursorFault::Page(damage) => self.page_damaged(partition, damage),
+        }
+    }
+
+    /// The entry at `location`, if stored: read from the page holding it
+    /// (the last page of the partition whose first seq is at most the
+    /// entry's).
+    pub fn entry(&self, location: Location) -> Result<Option<Entry>, StoreError> {
+        let Location { partition, seq } = location;
+        let prefix = entry_prefix(partition);
+        let key = page_key(partition, seq);
+        let Some(item) = self
+            .tree()
+            .range::<&[u8], _>(&prefix[..]..=&key[..])
+            .next_back()
+        else {
+            return Ok(None);
+        };
+        let (key, value) =
+            item.map_err(|e| self.sled_error(format!("reading the entry at {location}"), e))?;
+        let first_seq = parse_page_key(&key).ok_or_else(|| {
+            self.corrupt(
+                None,
+                format!(
+                    "malformed entry key {:02x?} among the pages of partition {partition}",
+                    &key[..]
+                ),
+            )
+        })?;
+        let mut page =
+            PageReader::open(first_seq, value).map_err(|d| self.page_damaged(partition, d))?;
+        if seq >= page.end_seq() {
+            return Ok(None);
+        }
+        loop {
+            match page.next_entry() {
+                Some(Ok((at, range))) if at == seq => {
+                    let decoded = chain::decode_entry(&page.value[range]);
+                    return self.stored_entry(location, decoded).map(Some);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(damage)) => return Err(self.page_damaged(partition, damage)),
+                None => unreachable!("the page holds the entries before its end seq"),
+            }
+        }
+    }
+
+    /// The entries of `partition` from `from_seq` on, in seq order, each
+    /// checked to be the entry its place says (a missing page shows as a
+    /// jump in the seqs, which callers check).
     pub fn entries(
         &self,
         partition: i32,
         from_seq: u64,
     ) -> impl Iterator<Item = Result<Entry, StoreError>> {
-        self.tree()
-            .range(entry_key(partition, from_seq)..=entry_key(partition, u64::MAX))
-            .map(move |item| {
-                let (key, value) = item.map_err(|e| {
-                    self.sled_error(format!("reading entries of partition {partition}"), e)
-                })?;
-                let location = parse_location_key(FAMILY_ENTRY, &key).ok_or_else(|| {
-                    self.corrupt(None, format!("malformed entry key {:02x?}", &key[..]))
-                })?;
-                self.decode_stored(location, &value)
-            })
+        PageCursor::at(self.tree(), partition, from_seq).map(move |item| {
+            let (seq, decoded) = item.map_err(|fault| {
+                self.cursor_fault(
+                    partition,
+                    &format!("entries of partition {partition}"),
+                    fault,
+                )
+            })?;
+            self.stored_entry(Location { partition, seq }, decoded)
+        })
     }
 
     /// The batch records from batch `from` on, in order.
@@ -1273,7 +1754,7 @@ impl Store {
     }
 
     /// Partitions that have at least one `E` key, ascending (one seek per
-    /// partition, not a scan of every entry).
+    /// partition, not a scan of every page).
     fn entry_partitions(&self) -> Result<Vec<i32>, StoreError> {
         let mut partitions = Vec::new();
         let mut from = entry_prefix(0).to_vec();
@@ -1285,7 +1766,7 @@ impl Store {
             let Some(item) = next else { break };
             let (key, _) = item.map_err(|e| self.sled_error("listing entry partitions", e))?;
             let location = parse_location_key(FAMILY_ENTRY, &key).ok_or_else(|| {
-                self.corrupt(None, format!("malformed entry key {:02x?}", &key[..]))
+                self.corrupt(None, format!("malformed entry page key {:02x?}", &key[..]))
             })?;
             partitions.push(location.partition);
             if location.partition == i32::MAX {
@@ -1442,7 +1923,7 @@ impl Store {
                     ));
                 }
                 let cursor = cursors.entry(partition).or_insert_with(|| Cursor {
-                    iter: self.tree().scan_prefix(entry_prefix(partition)),
+                    pages: PageCursor::from_start(self.tree(), partition),
                     verifier: Link::Genesis(ChainVerifier::new(self.stream(partition))),
                 });
                 if run.first_seq != cursor.verifier.next_seq() {
@@ -1473,28 +1954,34 @@ impl Store {
                             ),
                         )
                     };
-                    let (key, value) = match cursor.iter.next() {
+                    let (seq, decoded) = match cursor.pages.next() {
                         None => return Err(missing("no entry is stored there")),
-                        Some(item) => item.map_err(|e| {
-                            self.sled_error(format!("reading the entry at {location}"), e)
-                        })?,
-                    };
-                    match parse_location_key(FAMILY_ENTRY, &key) {
-                        Some(found) if found == location => {}
-                        Some(found) => {
+                        // A damaged page after a gap: the gap comes first.
+                        Some(Err(CursorFault::Page(damage))) if damage.seq > location.seq => {
                             return Err(missing(&format!(
-                                "the next stored entry is seq {}",
-                                found.seq
+                                "the next stored page is at seq {}",
+                                damage.page_seq
                             )));
                         }
-                        None => {
+                        Some(Err(CursorFault::MalformedKey(key))) => {
                             return Err(self.corrupt(
                                 Some(location),
-                                format!("malformed entry key {:02x?}", &key[..]),
+                                format!("malformed entry page key {key:02x?}"),
                             ));
                         }
+                        Some(Err(fault)) => {
+                            return Err(self.cursor_fault(
+                                partition,
+                                &format!("the entry at {location}"),
+                                fault,
+                            ));
+                        }
+                        Some(Ok(item)) => item,
+                    };
+                    if seq != location.seq {
+                        return Err(missing(&format!("the next stored entry is seq {seq}")));
                     }
-                    let entry = self.decode_stored(location, &value)?;
+                    let entry = self.stored_entry(location, decoded)?;
                     cursor
                         .verifier
                         .push(&entry)
@@ -1560,20 +2047,37 @@ impl Store {
                     ),
                 ));
             }
-            if let Some(item) = cursor.iter.next() {
-                let (key, _) = item.map_err(|e| self.sled_error("reading entries", e))?;
-                let extra = parse_location_key(FAMILY_ENTRY, &key);
-                let at = extra.map_or_else(
-                    || format!("under malformed key {:02x?}", &key[..]),
-                    |l| format!("at {l}"),
-                );
-                return Err(self.corrupt(
-                    extra,
-                    format!(
-                        "an entry is stored {at}, beyond its head (next seq {}), and no batch record lists it",
-                        cursor.verifier.next_seq()
-                    ),
-                ));
+            match cursor.pages.next() {
+                None => {}
+                Some(Ok((seq, _))) => {
+                    let extra = Location {
+                        partition: *partition,
+                        seq,
+                    };
+                    return Err(self.corrupt(
+                        Some(extra),
+                        format!(
+                            "an entry is stored at {extra}, beyond its head (next seq {}), and no batch record lists it",
+                            cursor.verifier.next_seq()
+                        ),
+                    ));
+                }
+                Some(Err(CursorFault::MalformedKey(key))) => {
+                    return Err(self.corrupt(
+                        None,
+                        format!(
+                            "an entry page is stored under malformed key {key:02x?}, beyond the head of partition {partition} (next seq {}), and no batch record lists it",
+                            cursor.verifier.next_seq()
+                        ),
+                    ));
+                }
+                Some(Err(fault)) => {
+                    return Err(self.cursor_fault(
+                        *partition,
+                        &format!("the entries of partition {partition}"),
+                        fault,
+                    ));
+                }
             }
         }
         for partition in self.entry_partitions()? {
@@ -1599,11 +2103,13 @@ impl Store {
 
     // ---- verification ----------------------------------------------------------
 
-    /// Verifies every stream: walks its entries in key order (a key's seq
-    /// must be the next one and equal the entry's seq), checks each link with
-    /// [`ChainVerifier`], then compares the end with the stored head. Damage
-    /// is reported per stream in the [`VerifyReport`]; the error is for
-    /// failures to read at all.
+    /// Verifies every stream: walks its pages in key order and their
+    /// entries in page order (a page's key must be the next seq, its
+    /// framing must add up exactly, and each entry must say it is the seq
+    /// its place gives), checks each link with [`ChainVerifier`], then
+    /// compares the end with the stored head. Damage is reported per stream
+    /// in the [`VerifyReport`], at the exact seq it hides (docs/FORMAT.md,
+    /// "Checks a reader makes"); the error is for failures to read at all.
     pub fn verify(&self) -> Result<VerifyReport, StoreError> {
         self.verify_with_progress(|_| {})
     }
@@ -1637,43 +2143,71 @@ impl Store {
                 kind,
             };
             let mut problem = None;
-            for item in self.tree().scan_prefix(entry_prefix(partition)) {
-                let (key, value) = item.map_err(|e| {
-                    self.sled_error(format!("reading entries of partition {partition}"), e)
-                })?;
+            for item in PageCursor::from_start(self.tree(), partition) {
                 let expected = verifier.next_seq();
-                let Some(location) = parse_location_key(FAMILY_ENTRY, &key) else {
-                    problem = Some(problem_at(
-                        expected,
-                        None,
-                        ProblemKind::MalformedKey { key: key.to_vec() },
-                    ));
-                    break;
+                let (seq, decoded) = match item {
+                    Ok(item) => item,
+                    Err(CursorFault::Read(e)) => {
+                        return Err(
+                            self.sled_error(format!("reading entries of partition {partition}"), e)
+                        );
+                    }
+                    Err(CursorFault::MalformedKey(key)) => {
+                        problem = Some(problem_at(
+                            expected,
+                            None,
+                            ProblemKind::MalformedKey { key },
+                        ));
+                        break;
+                    }
+                    // A damaged page after a gap: the gap comes first.
+                    Err(CursorFault::Page(damage)) if damage.seq != expected => {
+                        problem = Some(problem_at(
+                            expected,
+                            None,
+                            ProblemKind::Chain(BreakKind::SeqGap {
+                                expected,
+                                found: damage.page_seq,
+                            }),
+                        ));
+                        break;
+                    }
+                    Err(CursorFault::Page(damage)) => {
+                        problem = Some(problem_at(
+                            damage.seq,
+                            None,
+                            ProblemKind::DamagedPage {
+                                page_seq: damage.page_seq,
+                                reason: damage.reason,
+                            },
+                        ));
+                        break;
+                    }
                 };
-                if location.seq != expected {
+                if seq != expected {
                     problem = Some(problem_at(
                         expected,
                         None,
                         ProblemKind::Chain(BreakKind::SeqGap {
                             expected,
-                            found: location.seq,
+                            found: seq,
                         }),
                     ));
                     break;
                 }
-                let entry = match chain::decode_entry(&value) {
+                let entry = match decoded {
                     Ok(entry) => entry,
                     Err(error) => {
                         problem = Some(problem_at(expected, None, ProblemKind::Undecodable(error)));
                         break;
                     }
                 };
-                if entry.seq != location.seq {
+                if entry.seq != seq {
                     problem = Some(problem_at(
                         expected,
                         Some(entry.record.offset),
                         ProblemKind::MisplacedEntry {
-                            key_seq: location.seq,
+                            key_seq: seq,
                             entry_seq: entry.seq,
                         },
                     ));
@@ -1778,7 +2312,7 @@ type SnapshotStart = (LedgerState, BTreeMap<i32, Cursor>);
 
 /// One partition's read position and verifier during a walk.
 struct Cursor {
-    iter: sled::Iter,
+    pages: PageCursor,
     verifier: Link,
 }
 
@@ -2208,13 +2742,10 @@ impl Store {
                     )));
                 }
             }
-            let iter = self
-                .tree()
-                .range(entry_key(partition, head.next_seq())..=entry_key(partition, u64::MAX));
             cursors.insert(
                 partition,
                 Cursor {
-                    iter,
+                    pages: PageCursor::at(self.tree(), partition, head.next_seq()),
                     verifier: Link::Resumed(resumed),
                 },
             );
@@ -2424,18 +2955,29 @@ pub enum ProblemKind {
     /// The stored bytes are not a valid entry.
     #[error("stored entry does not decode: {0}")]
     Undecodable(DecodeEntryError),
-    /// The entry under key seq `key_seq` says it is seq `entry_seq`.
+    /// The entry stored at seq `key_seq` (its page's key + its place in the
+    /// page) says it is seq `entry_seq`.
     #[error(
-        "entry stored under seq {key_seq} says it is seq {entry_seq} (entry moved, copied or swapped)"
+        "entry stored at seq {key_seq} says it is seq {entry_seq} (entry or page moved, copied or swapped)"
     )]
     MisplacedEntry {
-        /// The seq in the key.
+        /// The seq its place gives: the page key's first seq + its index.
         key_seq: u64,
         /// The seq in the entry.
         entry_seq: u64,
     },
-    /// An entry key of the wrong shape.
-    #[error("malformed entry key {key:02x?}")]
+    /// The framing of an entry page is damaged: its header (reported at
+    /// the page's first seq), an entry's length (at that entry's seq), or
+    /// bytes after its last counted entry (at the seq after it).
+    #[error("the entry page stored at seq {page_seq} is damaged: {reason}")]
+    DamagedPage {
+        /// The page's first seq (its key).
+        page_seq: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An entry page key of the wrong shape.
+    #[error("malformed entry page key {key:02x?}")]
     MalformedKey {
         /// The key bytes.
         key: Vec<u8>,
@@ -2634,12 +3176,19 @@ fn read_contents(dir: &Path, db: &sled::Db, tree: &sled::Tree) -> Result<Content
             supported: STORE_FORMAT_VERSION,
         });
     }
-    if version != STORE_FORMAT_VERSION {
+    if version == 0 {
         return Err(corrupt(
             dir,
             None,
-            format!("the format version is {version}; versions start at 1"),
+            "the format version is 0; versions start at 1",
         ));
+    }
+    if version < STORE_FORMAT_VERSION {
+        return Err(StoreError::ObsoleteFormat {
+            dir: dir.to_path_buf(),
+            found: version,
+            supported: STORE_FORMAT_VERSION,
+        });
     }
     let topic = tree
         .get(meta_key(META_TOPIC))
@@ -2957,12 +3506,28 @@ mod tests {
         let batch = state.apply_batch(Feed::new(5).records(50), &store).unwrap();
         let stats = store.write_batch(&batch).unwrap();
         assert_eq!(stats.entries, 50);
-        let entry_bytes: usize = batch
-            .entries
-            .iter()
-            .map(|e| LOCATION_KEY_LEN + chain::encode_entry(e).len())
+        let mut by_partition: BTreeMap<i32, Vec<&Entry>> = BTreeMap::new();
+        for entry in &batch.entries {
+            by_partition
+                .entry(entry.record.partition)
+                .or_default()
+                .push(entry);
+        }
+        let pages: usize = by_partition
+            .values()
+            .flat_map(|entries| encode_pages(entries))
+            .map(|(_, page)| LOCATION_KEY_LEN + page.len())
             .sum();
-        assert!(stats.bytes > entry_bytes, "{stats:?}");
+        let verdicts: usize = batch
+            .outcomes
+            .iter()
+            .filter(|o| o.verdict != Verdict::Accepted)
+            .map(|o| LOCATION_KEY_LEN + verdict_json(&o.verdict).len())
+            .sum();
+        let heads = batch.heads.len() * (HEAD_KEY_LEN + HEAD_VALUE_LEN);
+        let record = BATCH_KEY_LEN
+            + encode_batch_record(&runs_of(&batch.entries), &batch.fingerprints).len();
+        assert_eq!(stats.bytes, pages + verdicts + heads + record, "{stats:?}");
     }
 
     // ---- the write contract ----------------------------------------------
@@ -3062,7 +3627,20 @@ mod tests {
     /// change the tree, flushes and closes it.
     fn edit_raw(path: &Path, edit: impl FnOnce(&sled::Tree)) {
         {
-            let db = sled::open(path).unwrap();
+            // sled's threads may still hold the lock of a database the
+            // caller just closed.
+            let started = Instant::now();
+            let db = loop {
+                match sled::open(path) {
+                    Err(sled::Error::Io(e))
+                        if e.to_string().contains("could not acquire lock")
+                            && started.elapsed() < MAX_LOCK_RELEASE_WAIT =>
+                    {
+                        std::thread::sleep(LOCK_RELEASE_POLL);
+                    }
+                    other => break other.unwrap(),
+                }
+            };
             let tree = db.open_tree(TREE_NAME).unwrap();
             edit(&tree);
             db.flush().unwrap();
@@ -3106,11 +3684,120 @@ mod tests {
         }
     }
 
+    /// An entry page as the tests see it, parsed independently of
+    /// [`PageReader`] by docs/FORMAT.md: its key's first seq, its bytes,
+    /// and the byte range of each entry (its u32 length is the 4 bytes
+    /// before the range).
+    struct RawPage {
+        first_seq: u64,
+        bytes: Vec<u8>,
+        entries: Vec<std::ops::Range<usize>>,
+    }
+
+    impl RawPage {
+        fn parse(first_seq: u64, bytes: Vec<u8>) -> RawPage {
+            assert_eq!(bytes[0], 1, "page format");
+            let count = u32::from_be_bytes(bytes[1..5].try_into().unwrap());
+            let mut at = 5;
+            let mut entries = Vec::new();
+            for _ in 0..count {
+                let len = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+                entries.push(at + 4..at + 4 + len);
+                at += 4 + len;
+            }
+            assert_eq!(at, bytes.len(), "the page adds up");
+            RawPage {
+                first_seq,
+                bytes,
+                entries,
+            }
+        }
+
+        /// The page holding entry `seq` of `partition`.
+        fn holding(tree: &sled::Tree, partition: i32, seq: u64) -> RawPage {
+            let (key, value) = tree
+                .range(page_key(partition, 0)..=page_key(partition, seq))
+                .next_back()
+                .unwrap()
+                .unwrap();
+            let page = RawPage::parse(parse_page_key(&key).unwrap(), value.to_vec());
+            assert!(seq < page.end_seq(), "no page holds seq {seq}");
+            page
+        }
+
+        /// Every page of `partition`, in key order.
+        fn all(tree: &sled::Tree, partition: i32) -> Vec<RawPage> {
+            tree.scan_prefix(entry_prefix(partition))
+                .map(|item| {
+                    let (key, value) = item.unwrap();
+                    RawPage::parse(parse_page_key(&key).unwrap(), value.to_vec())
+                })
+                .collect()
+        }
+
+        fn encode(entries: &[Vec<u8>]) -> Vec<u8> {
+            let mut out = vec![1];
+            out.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+            for entry in entries {
+                out.extend_from_slice(&(entry.len() as u32).to_be_bytes());
+                out.extend_from_slice(entry);
+            }
+            out
+        }
+
+        fn end_seq(&self) -> u64 {
+            self.first_seq + self.entries.len() as u64
+        }
+
+        fn key(&self, partition: i32) -> [u8; LOCATION_KEY_LEN] {
+            page_key(partition, self.first_seq)
+        }
+
+        fn entry_list(&self) -> Vec<Vec<u8>> {
+            self.entries
+                .iter()
+                .map(|r| self.bytes[r.clone()].to_vec())
+                .collect()
+        }
+
+        /// Where entry `seq`'s bytes start in the page.
+        fn entry_start(&self, seq: u64) -> usize {
+            self.entries[(seq - self.first_seq) as usize].start
+        }
+
+        /// The seq a flipped byte at `at` is reported at, when it belongs to
+        /// an entry (its length or its bytes); `None` in the header.
+        fn seq_of_byte(&self, at: usize) -> Option<u64> {
+            self.entries
+                .iter()
+                .position(|r| (r.start - 4..r.end).contains(&at))
+                .map(|i| self.first_seq + i as u64)
+        }
+    }
+
+    /// The stored bytes of entry `seq` of `partition`.
     fn raw_entry(tree: &sled::Tree, partition: i32, seq: u64) -> Vec<u8> {
-        tree.get(entry_key(partition, seq))
-            .unwrap()
-            .unwrap()
-            .to_vec()
+        let page = RawPage::holding(tree, partition, seq);
+        let start = page.entry_start(seq);
+        let range = page.entries.iter().find(|r| r.start == start).unwrap();
+        page.bytes[range.clone()].to_vec()
+    }
+
+    /// Rewrites the page holding entry `seq` of `partition` with that
+    /// entry's bytes changed by `edit` (its length follows them).
+    fn edit_entry(tree: &sled::Tree, partition: i32, seq: u64, edit: impl FnOnce(&mut Vec<u8>)) {
+        let page = RawPage::holding(tree, partition, seq);
+        let mut entries = page.entry_list();
+        edit(&mut entries[(seq - page.first_seq) as usize]);
+        tree.insert(page.key(partition), RawPage::encode(&entries))
+            .unwrap();
+    }
+
+    /// Flips `mask` into byte `at` of the page stored under `key`.
+    fn flip_page_byte(tree: &sled::Tree, key: &[u8], at: usize, mask: u8) {
+        let mut bytes = tree.get(key).unwrap().unwrap().to_vec();
+        bytes[at] ^= mask;
+        tree.insert(key, bytes).unwrap();
     }
 
     fn stream_len(written: &[BatchWrite], partition: i32) -> u64 {
@@ -3123,6 +3810,33 @@ mod tests {
         partition: 1,
         seq: 10,
     };
+
+    #[test]
+    fn the_small_ledger_has_several_pages_per_stream() {
+        // The page tests below rely on this shape: partition 1 has at least
+        // three pages, every batch starts a page, and TAMPERED lies inside
+        // the first page with entries before and after it.
+        let (_tmp, path) = ledger_dir();
+        let (_, written) = small_ledger(&path);
+        edit_raw(&path, |tree| {
+            let pages = RawPage::all(tree, 1);
+            assert!(pages.len() >= 3);
+            assert_eq!(pages[0].first_seq, 0);
+            for pair in pages.windows(2) {
+                assert_eq!(pair[1].first_seq, pair[0].end_seq(), "contiguous");
+            }
+            assert_eq!(pages.last().unwrap().end_seq(), stream_len(&written, 1));
+            for batch in &written {
+                let first = batch
+                    .entries
+                    .iter()
+                    .find(|e| e.record.partition == 1)
+                    .unwrap();
+                assert!(pages.iter().any(|p| p.first_seq == first.seq));
+            }
+            assert!(pages[0].end_seq() > TAMPERED.seq + 1);
+        });
+    }
 
     #[test]
     fn a_flipped_byte_anywhere_in_an_entry_is_found_at_that_entry() {
@@ -3151,11 +3865,10 @@ mod tests {
         for (region, at) in regions {
             for mask in [0x01u8, 0x80] {
                 let (report, loaded) = tamper(|tree, _| {
-                    let mut bytes = raw_entry(tree, TAMPERED.partition, TAMPERED.seq);
-                    let i = at(bytes.len());
-                    bytes[i] ^= mask;
-                    tree.insert(entry_key(TAMPERED.partition, TAMPERED.seq), bytes)
-                        .unwrap();
+                    edit_entry(tree, TAMPERED.partition, TAMPERED.seq, |bytes| {
+                        let i = at(bytes.len());
+                        bytes[i] ^= mask;
+                    });
                 });
                 let problem = only_problem(&report);
                 assert_eq!(
@@ -3172,6 +3885,167 @@ mod tests {
     }
 
     #[test]
+    fn a_flipped_byte_anywhere_in_a_page_is_found_at_the_entry_it_belongs_to() {
+        let (_tmp, path) = ledger_dir();
+        small_ledger(&path);
+        let mut page = None;
+        edit_raw(&path, |tree| {
+            page = Some(RawPage::holding(tree, TAMPERED.partition, TAMPERED.seq));
+        });
+        let page = page.unwrap();
+        let count = page.entries.len();
+        let first = page.first_seq;
+        // The header, every byte of the lengths of the first, a middle and
+        // the last entry, and bytes at the start, middle and end of them.
+        let mut positions: Vec<(usize, u8)> =
+            (0..5).flat_map(|at| [(at, 0x01), (at, 0x80)]).collect();
+        for i in [0, count / 2, count - 1] {
+            let range = page.entries[i].clone();
+            for at in range.start - 4..range.start {
+                positions.extend([(at, 0x01), (at, 0x80)]);
+            }
+            for at in [range.start, range.start + range.len() / 2, range.end - 1] {
+                positions.push((at, 0x10));
+            }
+        }
+        for (at, mask) in positions {
+            let expected = page.seq_of_byte(at).unwrap_or_else(|| {
+                // The header: a format or a count out of range is the
+                // page's first seq; another count stops at the first entry
+                // that it and the bytes disagree on.
+                if at == 0 {
+                    return first;
+                }
+                let mut bytes = page.bytes[1..5].to_vec();
+                bytes[at - 1] ^= mask;
+                let damaged = u32::from_be_bytes(bytes.try_into().unwrap()) as usize;
+                if damaged == 0 || damaged > MAX_PAGE_ENTRIES {
+                    first
+                } else {
+                    first + damaged.min(count) as u64
+                }
+            });
+            edit_raw(&path, |tree| flip_page_byte(tree, &page.key(1), at, mask));
+            {
+                let store = Store::open_existing(&path).unwrap();
+                let report = store.verify().unwrap();
+                let problem = only_problem(&report);
+                assert_eq!(
+                    problem.seq, expected,
+                    "byte {at} of the page at seq {first} ^ {mask:#04x}: {problem}"
+                );
+                let location = Location {
+                    partition: 1,
+                    seq: expected,
+                };
+                assert_corrupt_at(store.load_state(), location);
+                if at < 5 {
+                    assert!(
+                        matches!(problem.kind, ProblemKind::DamagedPage { page_seq, .. } if page_seq == first),
+                        "byte {at} ^ {mask:#04x}: {problem}"
+                    );
+                }
+            }
+            edit_raw(&path, |tree| flip_page_byte(tree, &page.key(1), at, mask));
+        }
+        let store = Store::open_existing(&path).unwrap();
+        assert!(store.verify().unwrap().is_intact(), "all restored");
+    }
+
+    /// A way to damage a page's framing: the damaged bytes, and the seq the
+    /// damage must be reported at.
+    type FramingDamage = fn(&RawPage) -> (Vec<u8>, u64);
+
+    #[test]
+    fn damaged_page_framing_is_reported_at_the_entry_it_hides() {
+        let cases: [(&str, FramingDamage); 5] = [
+            // Bytes appended after the last entry: at the seq after it.
+            ("trailing bytes", |p| {
+                ([&p.bytes[..], &[0, 0, 0, 1, 7]].concat(), p.end_seq())
+            }),
+            // The count one lower: the last entry's bytes are left over.
+            ("count too low", |p| {
+                let mut bytes = p.bytes.clone();
+                bytes[1..5].copy_from_slice(&(p.entries.len() as u32 - 1).to_be_bytes());
+                (bytes, p.end_seq() - 1)
+            }),
+            // Cut inside an entry: its length runs past the page.
+            ("cut in an entry", |p| {
+                (p.bytes[..p.entries[3].start + 10].to_vec(), p.first_seq + 3)
+            }),
+            // Cut inside a length: at the entry it belongs to.
+            ("cut in a length", |p| {
+                (p.bytes[..p.entries[4].start - 2].to_vec(), p.first_seq + 4)
+            }),
+            // Cut to the header: the page holds none of the entries it counts.
+            ("header only", |p| (p.bytes[..5].to_vec(), p.first_seq)),
+        ];
+        for (what, damage) in cases {
+            let mut expected = 0;
+            let mut page_seq = 0;
+            let (report, loaded) = tamper(|tree, _| {
+                let page = RawPage::holding(tree, TAMPERED.partition, TAMPERED.seq);
+                let (bytes, seq) = damage(&page);
+                (page_seq, expected) = (page.first_seq, seq);
+                tree.insert(page.key(1), bytes).unwrap();
+            });
+            let problem = only_problem(&report);
+            assert_eq!(problem.seq, expected, "{what}: {problem}");
+            assert!(
+                matches!(&problem.kind, ProblemKind::DamagedPage { page_seq: p, .. } if *p == page_seq),
+                "{what}: {problem}"
+            );
+            let message = assert_corrupt_at(
+                loaded,
+                Location {
+                    partition: 1,
+                    seq: expected,
+                },
+            );
+            assert!(
+                message.contains(&format!(
+                    "the entry page stored at partition 1 seq {page_seq} is damaged"
+                )),
+                "{what}: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unreadable_page_header_is_reported_at_the_pages_first_seq() {
+        type HeaderDamage = fn(&[u8]) -> Vec<u8>;
+        let headers: [(&str, HeaderDamage); 4] = [
+            ("format", |b| [&[2u8][..], &b[1..]].concat()),
+            ("count 0", |b| [&[1u8, 0, 0, 0, 0][..], &b[5..]].concat()),
+            ("count 33", |b| [&[1u8, 0, 0, 0, 33][..], &b[5..]].concat()),
+            ("short", |b| b[..3].to_vec()),
+        ];
+        for (what, damage) in headers {
+            let mut first = 0;
+            let (report, loaded) = tamper(|tree, written| {
+                // The second page of partition 1.
+                let page = RawPage::all(tree, 1).remove(1);
+                first = page.first_seq;
+                assert!(first > 0 && first < stream_len(written, 1));
+                tree.insert(page.key(1), damage(&page.bytes)).unwrap();
+            });
+            let problem = only_problem(&report);
+            assert_eq!(problem.seq, first, "{what}: {problem}");
+            assert!(
+                matches!(problem.kind, ProblemKind::DamagedPage { page_seq, .. } if page_seq == first),
+                "{what}: {problem}"
+            );
+            assert_corrupt_at(
+                loaded,
+                Location {
+                    partition: 1,
+                    seq: first,
+                },
+            );
+        }
+    }
+
+    #[test]
     fn a_hash_mismatch_names_partition_seq_and_offset() {
         let mut offset = 0;
         let (report, loaded) = tamper(|tree, written| {
@@ -3179,10 +4053,10 @@ mod tests {
                 .find(|e| e.record.partition == 1 && e.seq == TAMPERED.seq)
                 .unwrap();
             offset = entry.record.offset;
-            let mut bytes = raw_entry(tree, 1, TAMPERED.seq);
-            let len = bytes.len();
-            bytes[len - 34] ^= 0x20; // inside the header value "test"
-            tree.insert(entry_key(1, TAMPERED.seq), bytes).unwrap();
+            edit_entry(tree, 1, TAMPERED.seq, |bytes| {
+                let len = bytes.len();
+                bytes[len - 34] ^= 0x20; // inside the header value "test"
+            });
         });
         let problem = only_problem(&report);
         assert!(matches!(
@@ -3204,30 +4078,44 @@ mod tests {
     }
 
     #[test]
-    fn a_deleted_entry_in_the_middle_is_found_at_its_seq() {
+    fn a_deleted_page_in_the_middle_is_found_at_its_first_seq() {
+        let mut pages = (0, 0);
         let (report, loaded) = tamper(|tree, _| {
-            tree.remove(entry_key(1, TAMPERED.seq)).unwrap();
+            let all = RawPage::all(tree, 1);
+            pages = (all[1].first_seq, all[2].first_seq);
+            tree.remove(all[1].key(1)).unwrap();
         });
+        let (deleted, next) = pages;
         let problem = only_problem(&report);
-        assert_eq!(problem.seq, TAMPERED.seq);
+        assert_eq!(problem.seq, deleted);
         assert_eq!(
             problem.kind,
             ProblemKind::Chain(BreakKind::SeqGap {
-                expected: 10,
-                found: 11
+                expected: deleted,
+                found: next
             })
         );
-        let message = assert_corrupt_at(loaded, TAMPERED);
+        let message = assert_corrupt_at(
+            loaded,
+            Location {
+                partition: 1,
+                seq: deleted,
+            },
+        );
         assert!(message.contains("entry deleted"), "{message}");
+        assert!(
+            message.contains(&format!("the next stored entry is seq {next}")),
+            "{message}"
+        );
     }
 
     #[test]
-    fn swapped_entries_are_found_at_the_first_of_them() {
+    fn an_entry_cut_out_of_a_page_is_found_at_its_seq() {
         let (report, loaded) = tamper(|tree, _| {
-            let a = raw_entry(tree, 1, TAMPERED.seq);
-            let b = raw_entry(tree, 1, TAMPERED.seq + 1);
-            tree.insert(entry_key(1, TAMPERED.seq), b).unwrap();
-            tree.insert(entry_key(1, TAMPERED.seq + 1), a).unwrap();
+            let page = RawPage::holding(tree, 1, TAMPERED.seq);
+            let mut entries = page.entry_list();
+            entries.remove((TAMPERED.seq - page.first_seq) as usize);
+            tree.insert(page.key(1), RawPage::encode(&entries)).unwrap();
         });
         let problem = only_problem(&report);
         assert_eq!(problem.seq, TAMPERED.seq);
@@ -3242,11 +4130,129 @@ mod tests {
     }
 
     #[test]
+    fn swapped_entries_are_found_at_the_first_of_them() {
+        let (report, loaded) = tamper(|tree, _| {
+            let page = RawPage::holding(tree, 1, TAMPERED.seq);
+            let mut entries = page.entry_list();
+            let i = (TAMPERED.seq - page.first_seq) as usize;
+            entries.swap(i, i + 1);
+            tree.insert(page.key(1), RawPage::encode(&entries)).unwrap();
+        });
+        let problem = only_problem(&report);
+        assert_eq!(problem.seq, TAMPERED.seq);
+        assert_eq!(
+            problem.kind,
+            ProblemKind::MisplacedEntry {
+                key_seq: 10,
+                entry_seq: 11
+            }
+        );
+        assert_corrupt_at(loaded, TAMPERED);
+    }
+
+    #[test]
+    fn swapped_pages_are_found_at_the_first_of_them() {
+        let mut firsts = (0, 0);
+        let (report, loaded) = tamper(|tree, _| {
+            let all = RawPage::all(tree, 1);
+            firsts = (all[1].first_seq, all[2].first_seq);
+            tree.insert(all[1].key(1), all[2].bytes.clone()).unwrap();
+            tree.insert(all[2].key(1), all[1].bytes.clone()).unwrap();
+        });
+        let problem = only_problem(&report);
+        assert_eq!(problem.seq, firsts.0);
+        assert_eq!(
+            problem.kind,
+            ProblemKind::MisplacedEntry {
+                key_seq: firsts.0,
+                entry_seq: firsts.1
+            }
+        );
+        let message = assert_corrupt_at(
+            loaded,
+            Location {
+                partition: 1,
+                seq: firsts.0,
+            },
+        );
+        assert!(
+            message.contains(&format!("says it is partition 1 seq {}", firsts.1)),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_page_moved_to_another_partition_is_found() {
+        let (report, loaded) = tamper(|tree, _| {
+            // Partition 2's first page stored as partition 1's.
+            let page = RawPage::all(tree, 2).remove(0);
+            tree.insert(page_key(1, 0), page.bytes).unwrap();
+        });
+        let problem = only_problem(&report);
+        assert_eq!(problem.seq, 0);
+        assert!(
+            matches!(
+                problem.kind,
+                ProblemKind::Chain(BreakKind::WrongStream { .. })
+            ),
+            "{problem}"
+        );
+        let message = assert_corrupt_at(
+            loaded,
+            Location {
+                partition: 1,
+                seq: 0,
+            },
+        );
+        assert!(
+            message.contains("says it is partition 2 seq 0"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_deleted_last_page_is_found_at_its_first_seq() {
+        let mut len = 0;
+        let mut first = 0;
+        let (report, loaded) = tamper(|tree, written| {
+            len = stream_len(written, 1);
+            let last = RawPage::holding(tree, 1, len - 1);
+            first = last.first_seq;
+            tree.remove(last.key(1)).unwrap();
+        });
+        let problem = only_problem(&report);
+        assert_eq!(problem.seq, first);
+        assert_eq!(problem.offset, None);
+        assert_eq!(
+            problem.kind,
+            ProblemKind::Chain(BreakKind::HeadSeqMismatch {
+                expected_next_seq: len,
+                found_next_seq: first
+            })
+        );
+        assert!(
+            problem.to_string().contains("chain ends early"),
+            "{problem}"
+        );
+        let message = assert_corrupt_at(
+            loaded,
+            Location {
+                partition: 1,
+                seq: first,
+            },
+        );
+        assert!(message.contains("no entry is stored there"), "{message}");
+    }
+
+    #[test]
     fn a_deleted_last_entry_is_found_at_the_tail() {
         let mut len = 0;
         let (report, loaded) = tamper(|tree, written| {
             len = stream_len(written, 1);
-            tree.remove(entry_key(1, len - 1)).unwrap();
+            let last = RawPage::holding(tree, 1, len - 1);
+            let mut entries = last.entry_list();
+            entries.pop();
+            tree.insert(last.key(1), RawPage::encode(&entries)).unwrap();
         });
         let problem = only_problem(&report);
         assert_eq!(problem.seq, len - 1);
@@ -3257,10 +4263,6 @@ mod tests {
                 expected_next_seq: len,
                 found_next_seq: len - 1
             })
-        );
-        assert!(
-            problem.to_string().contains("chain ends early"),
-            "{problem}"
         );
         assert_corrupt_at(
             loaded,
@@ -3273,36 +4275,47 @@ mod tests {
 
     #[test]
     fn a_duplicated_last_entry_is_found() {
-        let mut len = 0;
-        let (report, loaded) = tamper(|tree, written| {
-            len = stream_len(written, 1);
-            let last = raw_entry(tree, 1, len - 1);
-            tree.insert(entry_key(1, len), last).unwrap();
-        });
-        let problem = only_problem(&report);
-        assert_eq!(problem.seq, len);
-        assert_eq!(
-            problem.kind,
-            ProblemKind::MisplacedEntry {
-                key_seq: len,
-                entry_seq: len - 1
-            }
-        );
-        let message = assert_corrupt_at(
-            loaded,
-            Location {
-                partition: 1,
-                seq: len,
-            },
-        );
-        assert!(message.contains("beyond its head"), "{message}");
+        // Appended to the last page, or as a page of its own.
+        for own_page in [false, true] {
+            let mut len = 0;
+            let (report, loaded) = tamper(|tree, written| {
+                len = stream_len(written, 1);
+                let last = RawPage::holding(tree, 1, len - 1);
+                let mut entries = last.entry_list();
+                let copy = entries.last().unwrap().clone();
+                if own_page {
+                    tree.insert(page_key(1, len), RawPage::encode(&[copy]))
+                        .unwrap();
+                } else {
+                    entries.push(copy);
+                    tree.insert(last.key(1), RawPage::encode(&entries)).unwrap();
+                }
+            });
+            let problem = only_problem(&report);
+            assert_eq!(problem.seq, len);
+            assert_eq!(
+                problem.kind,
+                ProblemKind::MisplacedEntry {
+                    key_seq: len,
+                    entry_seq: len - 1
+                }
+            );
+            let message = assert_corrupt_at(
+                loaded,
+                Location {
+                    partition: 1,
+                    seq: len,
+                },
+            );
+            assert!(message.contains("beyond its head"), "{message}");
+        }
     }
 
     #[test]
     fn a_duplicated_entry_over_the_next_one_is_found() {
         let (report, loaded) = tamper(|tree, _| {
             let entry = raw_entry(tree, 1, TAMPERED.seq);
-            tree.insert(entry_key(1, TAMPERED.seq + 1), entry).unwrap();
+            edit_entry(tree, 1, TAMPERED.seq + 1, |bytes| *bytes = entry);
         });
         let next = Location {
             partition: 1,
@@ -3317,11 +4330,12 @@ mod tests {
         let mut len = 0;
         let (report, loaded) = tamper(|tree, written| {
             len = stream_len(written, 1);
-            let mut entry = chain::decode_entry(&raw_entry(tree, 1, len - 1)).unwrap();
-            entry.record.value = Some(b"rewritten".to_vec());
-            entry.hash = chain::entry_hash(&entry.prev_hash, entry.seq, &entry.record);
-            tree.insert(entry_key(1, len - 1), chain::encode_entry(&entry))
-                .unwrap();
+            edit_entry(tree, 1, len - 1, |bytes| {
+                let mut entry = chain::decode_entry(bytes).unwrap();
+                entry.record.value = Some(b"rewritten".to_vec());
+                entry.hash = chain::entry_hash(&entry.prev_hash, entry.seq, &entry.record);
+                *bytes = chain::encode_entry(&entry);
+            });
         });
         let problem = only_problem(&report);
         assert_eq!(problem.seq, len);
@@ -3584,7 +4598,7 @@ mod tests {
         let (_tmp, path) = ledger_dir();
         small_ledger(&path);
         edit_raw(&path, |tree| {
-            tree.insert(meta_key(META_FORMAT), &2u32.to_be_bytes())
+            tree.insert(meta_key(META_FORMAT), &3u32.to_be_bytes())
                 .unwrap();
         });
         let error = open_error(&path, TOPIC);
@@ -3592,17 +4606,58 @@ mod tests {
             matches!(
                 error,
                 StoreError::UnsupportedFormat {
-                    found: 2,
-                    supported: 1,
+                    found: 3,
+                    supported: 2,
                     ..
                 }
             ),
             "{error}"
         );
         assert!(
-            error.to_string().contains("storage format version 2"),
+            error.to_string().contains("storage format version 3"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn a_format_1_ledger_is_refused_with_the_way_out() {
+        let (_tmp, path) = ledger_dir();
+        small_ledger(&path);
+        edit_raw(&path, |tree| {
+            tree.insert(meta_key(META_FORMAT), &1u32.to_be_bytes())
+                .unwrap();
+        });
+        for error in [
+            open_error(&path, TOPIC),
+            Store::open_existing(&path).unwrap_err(),
+        ] {
+            assert!(
+                matches!(
+                    error,
+                    StoreError::ObsoleteFormat {
+                        found: 1,
+                        supported: 2,
+                        ..
+                    }
+                ),
+                "{error}"
+            );
+            assert_eq!(
+                error.to_string(),
+                format!(
+                    "ledger {} has storage format version 1, written by an older dealledger; this dealledger reads version 2 only and does not convert ledgers: rebuild it with `dealledger rebuild --from-kafka` or import an export of it (`dealledger import`)",
+                    path.display()
+                )
+            );
+        }
+        edit_raw(&path, |tree| {
+            tree.insert(meta_key(META_FORMAT), &0u32.to_be_bytes())
+                .unwrap();
+        });
+        assert!(matches!(
+            open_error(&path, TOPIC),
+            StoreError::Corrupt { .. }
+        ));
     }
 
     #[test]
@@ -3736,15 +4791,27 @@ mod tests {
 
     #[test]
     fn keys_sort_in_sequence_order() {
-        assert!(entry_key(0, 255) < entry_key(0, 256));
-        assert!(entry_key(0, u64::MAX) < entry_key(1, 0));
+        assert!(page_key(0, 255) < page_key(0, 256));
+        assert!(page_key(0, u64::MAX) < page_key(1, 0));
+        assert_eq!(
+            page_key(0x0102, 0x0304)[..],
+            [b'E', 0, 0, 1, 2, 0, 0, 0, 0, 0, 0, 3, 4]
+        );
         assert!(batch_key(255) < batch_key(256));
         assert_eq!(
-            parse_location_key(FAMILY_ENTRY, &entry_key(7, 42)),
+            parse_location_key(FAMILY_ENTRY, &page_key(7, 42)),
             Some(Location {
                 partition: 7,
                 seq: 42
             })
+        );
+        assert_eq!(parse_page_key(&page_key(7, 42)), Some(42));
+        assert_eq!(
+            parse_page_key(&verdict_key(Location {
+                partition: 7,
+                seq: 42
+            })),
+            None
         );
         assert_eq!(parse_head_key(&head_key(i32::MAX)), Some(i32::MAX));
         assert_eq!(parse_batch_key(&batch_key(9)), Some(9));
@@ -3861,7 +4928,421 @@ mod tests {
         }
     }
 
+    // ---- pages -------------------------------------------------------------------
+
+    /// A chain of partition 0 whose entries carry values of these lengths.
+    fn chain_of(value_lens: &[usize]) -> Vec<Entry> {
+        let mut head = ChainHead::genesis(StreamId::new(TOPIC, 0));
+        value_lens
+            .iter()
+            .enumerate()
+            .map(|(i, len)| {
+                head.append(Record {
+                    topic: TOPIC.into(),
+                    partition: 0,
+                    offset: i as i64,
+                    timestamp_type: TimestampType::CreateTime,
+                    timestamp_ms: 1_795_000_000_000,
+                    key: None,
+                    value: Some(vec![b'x'; *len]),
+                    headers: vec![],
+                })
+                .unwrap()
+            })
+            .collect()
+    }
+
+    /// Reads a page back with [`PageReader`], decoding every entry.
+    fn read_page(first_seq: u64, page: &[u8]) -> Result<Vec<Entry>, PageDamage> {
+        let mut reader = PageReader::open(first_seq, sled::IVec::from(page))?;
+        let mut entries = Vec::new();
+        while let Some(item) = reader.next_entry() {
+            let (seq, range) = item?;
+            let entry = chain::decode_entry(&reader.value[range]).unwrap();
+            assert_eq!(entry.seq, seq);
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+
+    /// Reads a page's framing with [`PageReader`] (entries not decoded);
+    /// returns the number of entries.
+    fn frame_page(first_seq: u64, page: &[u8]) -> Result<usize, PageDamage> {
+        let mut reader = PageReader::open(first_seq, sled::IVec::from(page))?;
+        let mut count = 0;
+        while let Some(item) = reader.next_entry() {
+            item?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// Splits `entries` into pages filled to `fill` bytes and checks that
+    /// reading them back gives the same entries; returns the pages' first
+    /// seqs and entry counts.
+    fn page_shape(entries: &[Entry], fill: usize) -> Vec<(u64, usize)> {
+        let refs: Vec<&Entry> = entries.iter().collect();
+        let pages = encode_pages_filled_to(&refs, fill);
+        if fill == PAGE_FILL_BYTES {
+            assert_eq!(pages, encode_pages(&refs));
+        }
+        let mut read = Vec::new();
+        let mut shape = Vec::new();
+        for (first_seq, page) in &pages {
+            let back = read_page(*first_seq, page).unwrap();
+            assert!(
+                page.len() <= fill || back.len() == 1,
+                "only a page of one entry may be fuller than {fill} bytes"
+            );
+            assert!(back.len() <= MAX_PAGE_ENTRIES);
+            shape.push((*first_seq, back.len()));
+            read.extend(back);
+        }
+        assert_eq!(read, entries);
+        shape
+    }
+
+    #[test]
+    fn pages_hold_at_most_32_entries_and_their_fill_size() {
+        for fill in [PAGE_FILL_BYTES, MAX_PAGE_BYTES] {
+            let small = chain_of(&[100; 100]);
+            assert_eq!(
+                page_shape(&small, fill),
+                vec![(0, 32), (32, 32), (64, 32), (96, 4)]
+            );
+            assert_eq!(page_shape(&small[..1], fill), vec![(0, 1)]);
+            assert_eq!(page_shape(&[], fill), vec![]);
+
+            // The encoded size of an entry of this chain with an empty value.
+            let fixed = chain::encode_entry(&chain_of(&[0])[0]).len();
+            // Two entries that fill a page to exactly its fill size share
+            // it; one byte more and they do not.
+            let both = fill - PAGE_HEADER_BYTES - 2 * (PAGE_LENGTH_BYTES + fixed);
+            let (a, b) = (both / 2, both - both / 2);
+            let pair = chain_of(&[a, b]);
+            let pair: Vec<&Entry> = pair.iter().collect();
+            assert_eq!(encode_pages_filled_to(&pair, fill)[0].1.len(), fill);
+            assert_eq!(
+                page_shape(&chain_of(&[a, b, a]), fill),
+                vec![(0, 2), (2, 1)]
+            );
+            assert_eq!(
+                page_shape(&chain_of(&[a, b + 1, a - 1]), fill),
+                vec![(0, 1), (1, 2)]
+            );
+            // An entry larger than a page gets a page of its own; the pages
+            // around it are filled as usual.
+            let third = (fill - PAGE_HEADER_BYTES) / 3 - (PAGE_LENGTH_BYTES + fixed) - 10;
+            let mixed = chain_of(&[100, 100, fill * 2, 100, third, third, third, third]);
+            assert_eq!(
+                page_shape(&mixed, fill),
+                vec![(0, 2), (2, 1), (3, 3), (6, 2)]
+            );
+        }
+        // Entries of ~700 bytes (694 here), as generated events are: 10 to
+        // a page.
+        assert_eq!(
+            page_shape(&chain_of(&[575; 25]), PAGE_FILL_BYTES),
+            vec![(0, 10), (10, 10), (20, 5)]
+        );
+    }
+
+    #[test]
+    fn a_damaged_page_is_refused_at_the_seq_it_hides_never_a_panic() {
+        let entries = chain_of(&[50, 60, 70]);
+        let refs: Vec<&Entry> = entries.iter().collect();
+        let (_, page) = encode_pages(&refs).remove(0);
+        let lengths_at: Vec<usize> = {
+            let mut at = PAGE_HEADER_BYTES;
+            entries
+                .iter()
+                .map(|e| {
+                    let here = at;
+                    at += PAGE_LENGTH_BYTES + chain::encode_entry(e).len();
+                    here
+                })
+                .collect()
+        };
+        assert_eq!(frame_page(40, &page).unwrap(), 3);
+        let damage = |bytes: &[u8]| frame_page(40, bytes).unwrap_err();
+        // Every cut: at the page for the header, else at the entry cut into
+        // (an entry cut inside its bytes shows as its length running past
+        // the page), or after the last whole entry.
+        for cut in 0..page.len() {
+            let found = damage(&page[..cut]);
+            let expected = if cut < PAGE_HEADER_BYTES {
+                40
+            } else {
+                40 + lengths_at.iter().filter(|at| **at <= cut).count() as u64 - 1
+            };
+            assert_eq!(found.seq, expected, "cut at {cut}: {found:?}");
+            assert_eq!(found.page_seq, 40);
+        }
+        let mut long = page.clone();
+        long.push(0);
+        let found = damage(&long);
+        assert_eq!(found.seq, 43);
+        assert!(
+            found.reason.contains("1 bytes follow its last entry"),
+            "{found:?}"
+        );
+        for (header, why) in [
+            ([2u8, 0, 0, 0, 3], "page format 2"),
+            ([1, 0, 0, 0, 0], "holds 0 entries"),
+            ([1, 0, 0, 0, 33], "holds 33 entries"),
+        ] {
+            let bytes = [&header[..], &page[PAGE_HEADER_BYTES..]].concat();
+            let found = damage(&bytes);
+            assert_eq!(found.seq, 40);
+            assert!(found.reason.contains(why), "{found:?}");
+        }
+        // A count one too high: the page ends where the 4th length should be.
+        let mut more = page.clone();
+        more[1..5].copy_from_slice(&4u32.to_be_bytes());
+        let found = damage(&more);
+        assert_eq!(found.seq, 43);
+        assert!(
+            found
+                .reason
+                .contains("ends inside the length of its entry 3"),
+            "{found:?}"
+        );
+        // A length running past the page.
+        let mut past = page.clone();
+        past[lengths_at[1]..lengths_at[1] + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+        let found = damage(&past);
+        assert_eq!(found.seq, 41);
+        // More than one entry in more than MAX_PAGE_BYTES.
+        let big = chain_of(&[40_000, 40_000]);
+        let oversized = RawPage::encode(&big.iter().map(chain::encode_entry).collect::<Vec<_>>());
+        assert!(oversized.len() > MAX_PAGE_BYTES);
+        let found = damage(&oversized);
+        assert_eq!(found.seq, 40);
+        assert!(
+            found
+                .reason
+                .contains("only a page of one entry may be larger"),
+            "{found:?}"
+        );
+        // Seqs past u64::MAX.
+        let found = frame_page(u64::MAX - 1, &page).unwrap_err();
+        assert!(found.reason.contains("past seq u64::MAX"), "{found:?}");
+    }
+
+    /// Records of the feed, every 9th with a value of `big` bytes.
+    fn records_with_big_values(feed: &mut Feed, len: usize, big: usize) -> Vec<Record> {
+        let mut records = feed.records(len);
+        for record in records.iter_mut().step_by(9) {
+            record.value = Some(vec![b'{'; big]);
+        }
+        records
+    }
+
+    #[test]
+    fn batches_start_new_pages_and_readers_find_every_entry() {
+        for big in [None, Some(30_000), Some(100_000)] {
+            let (_tmp, path) = ledger_dir();
+            let store = Store::open(&path, TOPIC).unwrap();
+            let mut state = LedgerState::new(TOPIC);
+            let mut feed = Feed::new(6);
+            let mut written = Vec::new();
+            for len in [300, 1, 100, 250] {
+                let records = match big {
+                    None => feed.records(len),
+                    Some(big) => records_with_big_values(&mut feed, len, big),
+                };
+                let batch = state.apply_batch(records, &store).unwrap();
+                store.write_batch(&batch).unwrap();
+                written.push(batch);
+            }
+            drop(store);
+            // The raw pages: contiguous, within the limits, and every
+            // batch's run of a partition starts a page.
+            edit_raw(&path, |tree| {
+                for partition in 0..PARTITIONS as i32 {
+                    let pages = RawPage::all(tree, partition);
+                    let starts: BTreeSet<u64> = pages.iter().map(|p| p.first_seq).collect();
+                    let mut next = 0;
+                    for page in &pages {
+                        assert_eq!(page.first_seq, next);
+                        next = page.end_seq();
+                        assert!(page.entries.len() <= MAX_PAGE_ENTRIES);
+                        assert!(page.entries.len() == 1 || page.bytes.len() <= MAX_PAGE_BYTES);
+                    }
+                    assert_eq!(next, stream_len(&written, partition));
+                    for batch in &written {
+                        if let Some(first) = batch
+                            .entries
+                            .iter()
+                            .find(|e| e.record.partition == partition)
+                        {
+                            assert!(starts.contains(&first.seq), "batch {}", batch.batch_no);
+                        }
+                    }
+                    for page in &pages {
+                        assert!(page.entries.len() == 1 || page.bytes.len() <= PAGE_FILL_BYTES);
+                    }
+                    if big.is_none() {
+                        assert!(pages.iter().any(|p| p.entries.len() > 5));
+                    }
+                    if big == Some(100_000) {
+                        assert!(pages.iter().any(|p| p.bytes.len() > MAX_PAGE_BYTES));
+                    }
+                }
+            });
+            let store = Store::open_existing(&path).unwrap();
+            for partition in 0..PARTITIONS as i32 {
+                let expected: Vec<Entry> = all_entries(&written)
+                    .filter(|e| e.record.partition == partition)
+                    .cloned()
+                    .collect();
+                let len = expected.len() as u64;
+                for seq in 0..len {
+                    let location = Location { partition, seq };
+                    assert_eq!(
+                        store.entry(location).unwrap().as_ref(),
+                        Some(&expected[seq as usize])
+                    );
+                }
+                assert_eq!(
+                    store
+                        .entry(Location {
+                            partition,
+                            seq: len
+                        })
+                        .unwrap(),
+                    None
+                );
+                assert_eq!(
+                    store
+                        .entry(Location {
+                            partition,
+                            seq: u64::MAX
+                        })
+                        .unwrap(),
+                    None
+                );
+                for from in (0..=len + 1).step_by(7).chain([len - 1, len]) {
+                    let tail: Vec<Entry> =
+                        store.entries(partition, from).map(Result::unwrap).collect();
+                    assert_eq!(tail, expected[(from.min(len)) as usize..], "from {from}");
+                }
+            }
+            assert!(store.verify().unwrap().is_intact());
+            let loaded = store.load_state().unwrap();
+            assert_eq!(loaded.heads(), state.heads());
+            assert_eq!(book_json(&loaded), book_json(&state));
+        }
+    }
+
+    #[test]
+    fn a_page_beyond_the_head_is_never_overwritten() {
+        let (_tmp, path) = ledger_dir();
+        let (mut state, written) = small_ledger(&path);
+        let len = stream_len(&written, 1);
+        let stray = RawPage::encode(&[b"stray".to_vec()]);
+        edit_raw(&path, |tree| {
+            tree.insert(page_key(1, len + 3), stray.clone()).unwrap();
+        });
+        let mut feed = Feed::new(1);
+        feed.records(4 * 60);
+        let store = Store::open(&path, TOPIC).unwrap();
+        let batch = state.apply_batch(feed.records(60), &store).unwrap();
+        let error = store.write_batch(&batch).unwrap_err();
+        match &error {
+            StoreError::Corrupt {
+                location, detail, ..
+            } => {
+                assert_eq!(
+                    *location,
+                    Some(Location {
+                        partition: 1,
+                        seq: len
+                    })
+                );
+                assert!(
+                    detail.contains(&format!("entry page stored at seq {}", len + 3)),
+                    "{detail}"
+                );
+                assert!(detail.contains("pages are never rewritten"), "{detail}");
+            }
+            other => panic!("expected Corrupt, got {other}"),
+        }
+        assert_eq!(store.next_batch_no().unwrap(), 4, "nothing written");
+        drop(store);
+        edit_raw(&path, |tree| {
+            assert_eq!(tree.get(page_key(1, len + 3)).unwrap().unwrap(), stray);
+            assert!(tree.get(page_key(1, len)).unwrap().is_none());
+            tree.remove(page_key(1, len + 3)).unwrap();
+        });
+        // Not poisoned: with the stray page gone, the batch is written.
+        let store = Store::open(&path, TOPIC).unwrap();
+        store.write_batch(&batch).unwrap();
+        assert!(store.verify().unwrap().is_intact());
+    }
+
+    #[test]
+    fn format_md_documents_the_storage_layout() {
+        let doc = include_str!("../docs/FORMAT.md");
+        let section = doc
+            .split("\n## Storage layout")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .unwrap();
+        // Line breaks count as spaces.
+        let section = section.split_whitespace().collect::<Vec<_>>().join(" ");
+        for text in [
+            format!("u32: storage format version, `{STORE_FORMAT_VERSION}`"),
+            format!("| `MAX_PAGE_ENTRIES` | {MAX_PAGE_ENTRIES} |"),
+            format!(
+                "| `MAX_PAGE_BYTES` | 65,536 ({} KiB) |",
+                MAX_PAGE_BYTES / 1024
+            ),
+            format!(
+                "7,168 bytes ({} KiB, `PAGE_FILL_BYTES`)",
+                PAGE_FILL_BYTES / 1024
+            ),
+            format!("u8({PAGE_FORMAT})"),
+        ] {
+            assert!(
+                section.contains(&text),
+                "FORMAT.md Storage layout should say {text}"
+            );
+        }
+        assert_eq!((MAX_PAGE_BYTES, PAGE_FILL_BYTES), (65_536, 7_168));
+    }
+
     // ---- timing ------------------------------------------------------------------
+
+    /// `write_bytes` of /proc/self/io (Linux), if readable.
+    fn process_write_bytes() -> Option<u64> {
+        fs::read_to_string("/proc/self/io")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("write_bytes: "))?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Total size of the files in a folder and its subfolders (files sled
+    /// removes meanwhile are skipped).
+    fn folder_bytes(path: &Path) -> u64 {
+        let Ok(listing) = fs::read_dir(path) else {
+            return 0;
+        };
+        listing
+            .filter_map(Result::ok)
+            .filter_map(|e| Some((e.path(), e.metadata().ok()?)))
+            .map(|(path, meta)| {
+                if meta.is_dir() {
+                    folder_bytes(&path)
+                } else {
+                    meta.len()
+                }
+            })
+            .sum()
+    }
 
     /// Times 5,000-entry batches. Run with
     /// `cargo test --release --lib store::tests::time_write_batch -- --ignored --nocapture`.
@@ -3875,9 +5356,17 @@ mod tests {
         let mut state = LedgerState::new(TOPIC);
         let mut feed = Feed::new(11);
         let mut stats = Vec::new();
+        let written_before = process_write_bytes();
         for _ in 0..BATCHES {
             let batch = state.apply_batch(feed.records(LEN), &store).unwrap();
             stats.push(store.write_batch(&batch).unwrap());
+        }
+        if let (Some(before), Some(after)) = (written_before, process_write_bytes()) {
+            println!(
+                "bytes written to disk by this process: {:.1} MB; ledger folder: {:.1} MB",
+                (after - before) as f64 / 1e6,
+                folder_bytes(&path) as f64 / 1e6
+            );
         }
         let mut apply: Vec<Duration> = stats.iter().map(|s| s.apply).collect();
         let mut durable: Vec<Duration> = stats.iter().map(|s| s.durable).collect();
@@ -4189,11 +5678,10 @@ mod tests {
             let (at_head, after) = around_the_snapshot(&path);
             let target = [at_head, after][pick];
             edit_raw(&path, |tree| {
-                let mut bytes = raw_entry(tree, target.partition, target.seq);
-                let len = bytes.len();
-                bytes[len - 34] ^= 0x20; // inside the header value "test"
-                tree.insert(entry_key(target.partition, target.seq), bytes)
-                    .unwrap();
+                edit_entry(tree, target.partition, target.seq, |bytes| {
+                    let len = bytes.len();
+                    bytes[len - 34] ^= 0x20; // inside the header value "test"
+                });
             });
             let store = Store::open_existing(&path).unwrap();
             let message = assert_corrupt_at(store.load_state(), target);
@@ -4215,10 +5703,10 @@ mod tests {
             seq: 2,
         };
         edit_raw(&path, |tree| {
-            let mut bytes = raw_entry(tree, 1, 2);
-            let len = bytes.len();
-            bytes[len - 34] ^= 0x20;
-            tree.insert(entry_key(1, 2), bytes).unwrap();
+            edit_entry(tree, 1, 2, |bytes| {
+                let len = bytes.len();
+                bytes[len - 34] ^= 0x20;
+            });
         });
         let store = Store::open_existing(&path).unwrap();
         // The documented trade-off: links before a snapshot's heads are not

@@ -214,11 +214,51 @@ fn edit_raw(data: &Path, edit: impl FnOnce(&sled::Tree)) {
     file.unlock().unwrap();
 }
 
-fn entry_key(partition: i32, seq: u64) -> Vec<u8> {
-    let mut key = vec![b'E'];
-    key.extend_from_slice(&(partition as u32).to_be_bytes());
-    key.extend_from_slice(&seq.to_be_bytes());
-    key
+/// Rewrites the entry page holding entry `seq` of `partition` (storage
+/// format 2, docs/FORMAT.md "Entry pages": key `E` ‖ u32 partition ‖ u64
+/// first seq; value u8 1 ‖ u32 count ‖ (u32 length ‖ entry)*) after `edit`
+/// changed its entries (given with the index of `seq`); a page left empty is
+/// deleted.
+fn edit_page(
+    tree: &sled::Tree,
+    partition: i32,
+    seq: u64,
+    edit: impl FnOnce(&mut Vec<Vec<u8>>, usize),
+) {
+    let mut prefix = vec![b'E'];
+    prefix.extend_from_slice(&(partition as u32).to_be_bytes());
+    let mut last = prefix.clone();
+    last.extend_from_slice(&seq.to_be_bytes());
+    let (key, page) = tree
+        .range(prefix..=last)
+        .next_back()
+        .expect("a page holds the entry")
+        .unwrap();
+    let first_seq = u64::from_be_bytes(key[5..].try_into().unwrap());
+    assert_eq!(page[0], 1, "page format");
+    let count = u32::from_be_bytes(page[1..5].try_into().unwrap());
+    let mut entries = Vec::new();
+    let mut at = 5;
+    for _ in 0..count {
+        let len = u32::from_be_bytes(page[at..at + 4].try_into().unwrap()) as usize;
+        entries.push(page[at + 4..at + 4 + len].to_vec());
+        at += 4 + len;
+    }
+    assert_eq!(at, page.len());
+    let index = (seq - first_seq) as usize;
+    assert!(index < entries.len(), "the page holds the entry");
+    edit(&mut entries, index);
+    if entries.is_empty() {
+        tree.remove(key).unwrap();
+        return;
+    }
+    let mut value = vec![1];
+    value.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+    for entry in &entries {
+        value.extend_from_slice(&(entry.len() as u32).to_be_bytes());
+        value.extend_from_slice(entry);
+    }
+    tree.insert(key, value).unwrap();
 }
 
 fn head_key(partition: i32) -> Vec<u8> {
@@ -541,15 +581,15 @@ fn verify_catches_a_tampered_ledger_and_a_rewritten_tail() {
             .unwrap()
     };
     edit_raw(&tampered, |tree| {
-        let key = entry_key(1, 5);
-        let mut value = tree.get(&key).unwrap().unwrap().to_vec();
-        let value_bytes = entry.record.value.as_deref().unwrap();
-        let at = value
-            .windows(value_bytes.len())
-            .position(|w| w == value_bytes)
-            .unwrap();
-        value[at + 10] ^= 0x04;
-        tree.insert(key, value).unwrap();
+        edit_page(tree, 1, 5, |entries, i| {
+            let value = &mut entries[i];
+            let value_bytes = entry.record.value.as_deref().unwrap();
+            let at = value
+                .windows(value_bytes.len())
+                .position(|w| w == value_bytes)
+                .unwrap();
+            value[at + 10] ^= 0x04;
+        });
     });
     let out = verify_data(&tampered, &[]);
     expect_code(&out, 1);
@@ -601,7 +641,10 @@ fn verify_catches_a_tampered_ledger_and_a_rewritten_tail() {
         (n, at(n - 1), at(n - 2))
     };
     edit_raw(&truncated, |tree| {
-        tree.remove(entry_key(0, n - 1)).unwrap();
+        edit_page(tree, 0, n - 1, |entries, i| {
+            assert_eq!(i, entries.len() - 1, "the last entry of its page");
+            entries.pop();
+        });
         let mut head = Vec::new();
         head.extend_from_slice(&(n - 1).to_be_bytes());
         head.push(1);

@@ -275,6 +275,17 @@ fn next_rand(state: &mut u64) -> u64 {
     *state
 }
 
+/// Batches the daemon listening on `port` has written since it started.
+fn batches_written(port: u16) -> u64 {
+    http_get(port, "/metrics")
+        .and_then(|(_, body)| {
+            body.lines()
+                .find(|l| l.starts_with("dealledger_batches_total "))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        })
+        .map_or(0, |n| n as u64)
+}
+
 fn stored_entries(data: &Path) -> u64 {
     match Store::open_existing(data) {
         Ok(store) => store.heads().unwrap().iter().map(|h| h.next_seq()).sum(),
@@ -303,13 +314,13 @@ fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     let producer = std::thread::spawn(move || {
         let text = std::fs::read_to_string(&file).unwrap();
         let lines: Vec<&str> = text.lines().collect();
-        for chunk in lines.chunks(5_000) {
+        for chunk in lines.chunks(2_500) {
             let out = dealledger(
                 &["produce", "--topic", &producer_topic, "-"],
                 Some(chunk.join("\n").as_bytes()),
             );
             assert!(out.status.success(), "{}", describe(&out));
-            std::thread::sleep(Duration::from_millis(300));
+            std::thread::sleep(Duration::from_millis(1_000));
         }
     });
 
@@ -319,8 +330,13 @@ fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     while kills < 12 {
         let port = free_port();
         let mut child = spawn_serve(&topic, dir.path(), port);
-        let wait = Duration::from_millis(800 + next_rand(&mut rng) % 3_000);
-        std::thread::sleep(wait);
+        // Kill while it ingests: once this run has written a batch (or after
+        // 15 s, if there was nothing left to read), at a random moment.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline && batches_written(port) == 0 {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(next_rand(&mut rng) % 1_000));
         child.kill().expect("SIGKILL");
         child.wait().unwrap();
         kills += 1;
@@ -332,7 +348,7 @@ fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     eprintln!("entries in the ledger after each SIGKILL: {progress:?}");
     let grew = progress.windows(2).filter(|w| w[1] > w[0]).count();
     assert!(
-        grew >= 3,
+        grew >= 5,
         "the daemon made progress in only {grew} runs: {progress:?}"
     );
 

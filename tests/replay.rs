@@ -239,20 +239,41 @@ fn one_deal_known_or_unknown() {
 
 /// Flips the case of one letter of the event id inside the stored entry at
 /// (`partition`, `seq`): the entry still decodes, its hash no longer matches.
+/// Entries are stored in pages (storage format 2, docs/FORMAT.md "Entry
+/// pages": key `E` ‖ u32 partition ‖ u64 first seq; value u8 1 ‖ u32 count
+/// ‖ (u32 length ‖ entry)*), so the entry is found in the page holding it.
 fn tamper(data: &Path, partition: u32, seq: u64) {
     {
         let db = sled::open(data).unwrap();
         let tree = db.open_tree(TREE_NAME).unwrap();
-        let mut key = vec![b'E'];
-        key.extend_from_slice(&partition.to_be_bytes());
-        key.extend_from_slice(&seq.to_be_bytes());
-        let mut value = tree.get(&key).unwrap().expect("entry stored").to_vec();
-        let at = value
+        let mut prefix = vec![b'E'];
+        prefix.extend_from_slice(&partition.to_be_bytes());
+        let mut last = prefix.clone();
+        last.extend_from_slice(&seq.to_be_bytes());
+        let (key, page) = tree
+            .range(prefix..=last)
+            .next_back()
+            .expect("a page holds the entry")
+            .unwrap();
+        let first_seq = u64::from_be_bytes(key[5..].try_into().unwrap());
+        let count = u32::from_be_bytes(page[1..5].try_into().unwrap()) as u64;
+        assert!(
+            page[0] == 1 && seq < first_seq + count,
+            "the page holds the entry"
+        );
+        // Skip the entries before it by their lengths.
+        let mut at = 5;
+        for _ in first_seq..seq {
+            at += 4 + u32::from_be_bytes(page[at..at + 4].try_into().unwrap()) as usize;
+        }
+        let len = u32::from_be_bytes(page[at..at + 4].try_into().unwrap()) as usize;
+        let entry = at + 4..at + 4 + len;
+        let mut value = page.to_vec();
+        let id = value[entry.clone()]
             .windows(7)
             .position(|w| w == b"\"evt-00")
-            .expect("the event id in the value")
-            + 1;
-        value[at] = b'E';
+            .expect("the event id in the entry");
+        value[entry.start + id + 1] = b'E';
         tree.insert(&key, value).unwrap();
         db.flush().unwrap();
     }

@@ -415,6 +415,7 @@ fn store_problem(problem: &StreamProblem) -> Problem {
             Some(format!("seq {key_seq}")),
             Some(format!("seq {entry_seq}")),
         ),
+        ProblemKind::DamagedPage { .. } => ("damaged_page", None, None),
         ProblemKind::MalformedKey { .. } => ("malformed_key", None, None),
         ProblemKind::HeadMissing => ("head_missing", None, None),
         ProblemKind::HeadUnreadable { .. } => ("head_unreadable", None, None),
