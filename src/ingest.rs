@@ -692,7 +692,8 @@ fn ingest_loop(
         if let Some(written) = writer.submit(write)? {
             acknowledge(consumer, &config.topic, written, metrics, summary);
         }
-        if before / SNAPSHOT_EVERY_ENTRIES != state.entry_count() / SNAPSHOT_EVERY_ENTRIES {
+        let every = snapshot_every();
+        if every > 0 && before / every != state.entry_count() / every {
             // A snapshot is of the stored ledger: let the writer catch up first.
             while writer.in_flight.get() > 0 {
                 acknowledge(
@@ -712,6 +713,15 @@ fn ingest_loop(
 /// shutdown too): a restart folds at most this many entries again. Each
 /// snapshot pauses ingestion for about a second per million events held.
 pub const SNAPSHOT_EVERY_ENTRIES: u64 = 500_000;
+
+/// [`SNAPSHOT_EVERY_ENTRIES`], unless `DEALLEDGER_SNAPSHOT_EVERY` overrides it
+/// (0 turns periodic snapshots off; the one at clean shutdown stays).
+fn snapshot_every() -> u64 {
+    std::env::var("DEALLEDGER_SNAPSHOT_EVERY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(SNAPSHOT_EVERY_ENTRIES)
+}
 
 /// Snapshots the stored ledger's state, for faster restarts. A failure is
 /// only logged: a store it leaves unusable fails the next batch.
