@@ -5,7 +5,7 @@
 
 use std::path::Path;
 use std::process::Output;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dealledger::event::Timestamp;
 use dealledger::store::{Store, TREE_NAME};
@@ -243,50 +243,16 @@ fn one_deal_known_or_unknown() {
 /// pages": key `E` ‖ u32 partition ‖ u64 first seq; value u8 1 ‖ u32 count
 /// ‖ (u32 length ‖ entry)*), so the entry is found in the page holding it.
 fn tamper(data: &Path, partition: u32, seq: u64) {
-    {
-        let db = sled::open(data).unwrap();
-        let tree = db.open_tree(TREE_NAME).unwrap();
-        let mut prefix = vec![b'E'];
-        prefix.extend_from_slice(&partition.to_be_bytes());
-        let mut last = prefix.clone();
-        last.extend_from_slice(&seq.to_be_bytes());
-        let (key, page) = tree
-            .range(prefix..=last)
-            .next_back()
-            .expect("a page holds the entry")
-            .unwrap();
-        let first_seq = u64::from_be_bytes(key[5..].try_into().unwrap());
-        let count = u32::from_be_bytes(page[1..5].try_into().unwrap()) as u64;
-        assert!(
-            page[0] == 1 && seq < first_seq + count,
-            "the page holds the entry"
-        );
-        // Skip the entries before it by their lengths.
-        let mut at = 5;
-        for _ in first_seq..seq {
-            at += 4 + u32::from_be_bytes(page[at..at + 4].try_into().unwrap()) as usize;
-        }
-        let len = u32::from_be_bytes(page[at..at + 4].try_into().unwrap()) as usize;
-        let entry = at + 4..at + 4 + len;
-        let mut value = page.to_vec();
-        let id = value[entry.clone()]
-            .windows(7)
-            .position(|w| w == b"\"evt-00")
-            .expect("the event id in the entry");
-        value[entry.start + id + 1] = b'E';
-        tree.insert(&key, value).unwrap();
-        db.flush().unwrap();
-    }
-    // sled's threads let go of the database a moment after the last handle.
-    let file = std::fs::File::open(data.join("db")).unwrap();
-    let started = Instant::now();
-    while file.try_lock().is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "sled keeps its lock"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    crate::common::edit_raw(data, |tree| {
+        crate::common::edit_page(tree, partition as i32, seq, |entries, i| {
+            let entry = &mut entries[i];
+            let id = entry
+                .windows(7)
+                .position(|w| w == b"\"evt-00")
+                .expect("the event id in the entry");
+            entry[id + 1] = b'E';
+        });
+    });
 }
 
 fn assert_broken_at(out: &Output, stream: &str, seq: u64) {

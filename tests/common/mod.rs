@@ -242,3 +242,71 @@ pub fn describe(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// Edits the raw sled tree of a ledger (as an attacker with file access
+/// would), then waits until sled has released the folder.
+pub fn edit_raw(data: &Path, edit: impl FnOnce(&sled::Tree)) {
+    {
+        let db = sled::open(data).unwrap();
+        let tree = db.open_tree("ledger").unwrap();
+        edit(&tree);
+        db.flush().unwrap();
+    }
+    let file = std::fs::File::open(data.join("db")).unwrap();
+    let started = Instant::now();
+    while file.try_lock().is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "sled keeps its lock"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    file.unlock().unwrap();
+}
+
+/// Rewrites the entry page holding entry `seq` of `partition` (storage
+/// format 2, docs/FORMAT.md "Entry pages": key `E` ‖ u32 partition ‖ u64
+/// first seq; value u8 1 ‖ u32 count ‖ (u32 length ‖ entry)*) after `edit`
+/// changed its entries (given with the index of `seq`); a page left empty is
+/// deleted.
+pub fn edit_page(
+    tree: &sled::Tree,
+    partition: i32,
+    seq: u64,
+    edit: impl FnOnce(&mut Vec<Vec<u8>>, usize),
+) {
+    let mut prefix = vec![b'E'];
+    prefix.extend_from_slice(&(partition as u32).to_be_bytes());
+    let mut last = prefix.clone();
+    last.extend_from_slice(&seq.to_be_bytes());
+    let (key, page) = tree
+        .range(prefix..=last)
+        .next_back()
+        .expect("a page holds the entry")
+        .unwrap();
+    let first_seq = u64::from_be_bytes(key[5..].try_into().unwrap());
+    assert_eq!(page[0], 1, "page format");
+    let count = u32::from_be_bytes(page[1..5].try_into().unwrap());
+    let mut entries = Vec::new();
+    let mut at = 5;
+    for _ in 0..count {
+        let len = u32::from_be_bytes(page[at..at + 4].try_into().unwrap()) as usize;
+        entries.push(page[at + 4..at + 4 + len].to_vec());
+        at += 4 + len;
+    }
+    assert_eq!(at, page.len());
+    let index = (seq - first_seq) as usize;
+    assert!(index < entries.len(), "the page holds the entry");
+    edit(&mut entries, index);
+    if entries.is_empty() {
+        tree.remove(key).unwrap();
+        return;
+    }
+    let mut value = vec![1];
+    value.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+    for entry in &entries {
+        value.extend_from_slice(&(entry.len() as u32).to_be_bytes());
+        value.extend_from_slice(entry);
+    }
+    tree.insert(key, value).unwrap();
+}
