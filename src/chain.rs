@@ -560,9 +560,57 @@ pub fn genesis(stream: &StreamId) -> Hash {
 /// If any length (topic, key, value, header count, header name or value) does
 /// not fit a u32. Records that pass [`validate_record`] always fit.
 pub fn entry_hash(prev: &Hash, seq: u64, record: &Record) -> Hash {
-    let mut hasher = blake3::Hasher::new_derive_key(ENTRY_CONTEXT);
-    put_entry_body(&mut hasher, prev, seq, record);
-    Hash::from(hasher.finalize())
+    // Deriving the context key costs a hash of its own: do it once and
+    // clone the keyed hasher (a copy of its state) for every entry.
+    static ENTRY_HASHER: std::sync::OnceLock<blake3::Hasher> = std::sync::OnceLock::new();
+    let hasher = ENTRY_HASHER
+        .get_or_init(|| blake3::Hasher::new_derive_key(ENTRY_CONTEXT))
+        .clone();
+    let mut sink = BufferedHasher {
+        hasher,
+        buffer: [0; HASH_BUFFER_BYTES],
+        len: 0,
+    };
+    put_entry_body(&mut sink, prev, seq, record);
+    sink.flush();
+    Hash::from(sink.hasher.finalize())
+}
+
+/// Bytes gathered before they are fed to blake3 (whose per-call cost is
+/// large next to the 1- to 8-byte fields of an entry body).
+const HASH_BUFFER_BYTES: usize = 1024;
+
+/// A [`Sink`] that feeds a hasher in large pieces: small fields are
+/// gathered in a buffer, large ones (a record value) go straight through.
+/// The hash is that of the concatenation either way.
+struct BufferedHasher {
+    hasher: blake3::Hasher,
+    buffer: [u8; HASH_BUFFER_BYTES],
+    len: usize,
+}
+
+impl BufferedHasher {
+    fn flush(&mut self) {
+        self.hasher.update(&self.buffer[..self.len]);
+        self.len = 0;
+    }
+}
+
+impl Sink for BufferedHasher {
+    fn put(&mut self, bytes: &[u8]) {
+        if self.len + bytes.len() <= HASH_BUFFER_BYTES {
+            self.buffer[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+            self.len += bytes.len();
+        } else {
+            self.flush();
+            if bytes.len() < HASH_BUFFER_BYTES {
+                self.buffer[..bytes.len()].copy_from_slice(bytes);
+                self.len = bytes.len();
+            } else {
+                self.hasher.update(bytes);
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -777,6 +825,53 @@ impl ChainHead {
         self.head = hash;
         assert!(self.next_seq > 0 && self.last_offset.is_some());
         Ok(entry)
+    }
+
+    /// Moves the head over `entry`, an entry already appended once whose
+    /// hash the caller has just recomputed (a replay's [`ChainVerifier`]):
+    /// the same checks as [`ChainHead::append`], without hashing again.
+    ///
+    /// # Panics
+    /// If `entry` does not continue this chain (`seq`, `prev_hash`): the
+    /// caller's verifier would have refused it.
+    pub fn advance_verified(&mut self, entry: &Entry) -> Result<(), AppendError> {
+        let record = &entry.record;
+        let seq = self.next_seq;
+        let offset = record.offset;
+        if !record.belongs_to(&self.stream) {
+            return Err(AppendError::WrongStream {
+                stream: self.stream.clone(),
+                seq,
+                offset,
+                found: record.stream(),
+            });
+        }
+        if let Some(last_offset) = self.last_offset
+            && offset <= last_offset
+        {
+            return Err(AppendError::OffsetNotIncreasing {
+                stream: self.stream.clone(),
+                seq,
+                offset,
+                last_offset,
+            });
+        }
+        validate_record(record).map_err(|source| AppendError::InvalidRecord {
+            stream: self.stream.clone(),
+            seq,
+            offset,
+            source,
+        })?;
+        assert_eq!(entry.seq, seq, "{}: entry out of order", self.stream);
+        assert!(
+            entry.prev_hash == self.head,
+            "{} seq {seq}: entry does not link to the head",
+            self.stream
+        );
+        self.next_seq = seq + 1;
+        self.last_offset = Some(offset);
+        self.head = entry.hash;
+        Ok(())
     }
 
     /// The stream this chain covers.

@@ -8,12 +8,16 @@
 //!
 //! Decoding happens in three steps, each with its own error kind:
 //! 1. bytes → UTF-8 → JSON ([`DecodeError::TooLarge`], [`DecodeError::NotUtf8`],
-//!    [`DecodeError::NotJson`]);
+//!    [`DecodeError::NotJson`], and [`DecodeError::TooDeep`] for nesting past
+//!    [`limits::MAX_JSON_DEPTH`]);
 //! 2. JSON → CloudEvents envelope ([`DecodeError::NotCloudEvent`],
 //!    [`DecodeError::UnknownType`]);
 //! 3. `data` → the typed payload of that event type, then the rules a single
 //!    event must satisfy on its own, such as `end` after `start`
 //!    ([`DecodeError::Schema`], [`DecodeError::Invalid`]).
+//!
+//! Every reason is cut to [`limits::MAX_REASON_CHARS`], so what the ledger
+//! records about a refused event stays small whatever the producer sent.
 //!
 //! Rules that need the deal's history (who may accept what, and when) belong
 //! to the fold in [`crate::deal`], not here.
@@ -43,6 +47,17 @@ pub mod limits {
     /// Largest amount or quantity: 2^53 - 1, so producers in languages whose
     /// numbers are doubles (JavaScript) never lose precision.
     pub const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
+    /// Deepest nesting of JSON arrays and objects, counting the envelope as
+    /// level 1. The deepest valid event nests 4 levels (envelope, `data`,
+    /// `terms`, `capacity`; or `data`, `signatories`, a signatory), so any
+    /// deeper event is refused as `too_deep`, before the parser's own
+    /// recursion limit (128) is ever reached.
+    pub const MAX_JSON_DEPTH: usize = 8;
+    /// Longest field path or reason in a [`DecodeError`](super::DecodeError),
+    /// in characters. Reasons quote the offending value, which a producer
+    /// controls; a longer one is cut, so a rejection recorded in the ledger
+    /// never grows with hostile input.
+    pub const MAX_REASON_CHARS: usize = 512;
 }
 
 /// The only CloudEvents version accepted.
@@ -225,6 +240,18 @@ impl Timestamp {
     /// Milliseconds since the Unix epoch.
     pub fn unix_millis(&self) -> i64 {
         self.0.timestamp_millis()
+    }
+
+    /// Microseconds since the Unix epoch (exact to the microsecond; every
+    /// year 0000-9999 fits).
+    pub fn unix_micros(&self) -> i64 {
+        self.0.timestamp_micros()
+    }
+
+    /// The instant `us` microseconds after the Unix epoch, if its UTC year
+    /// is within [`Timestamp::MIN_YEAR`]..=[`Timestamp::MAX_YEAR`].
+    pub fn from_unix_micros(us: i64) -> Option<Self> {
+        DateTime::from_timestamp_micros(us).and_then(Timestamp::in_range)
     }
 
     /// The underlying chrono value.
@@ -1145,10 +1172,27 @@ impl DealEvent {
         let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::NotUtf8 {
             byte: e.valid_up_to(),
         })?;
-        let raw: RawEnvelope<'_> = parse_envelope(text)?;
-        let event = raw.into_event()?;
-        event.payload.validate()?;
-        Ok(event)
+        let decoded = parse_envelope(text).and_then(|raw| {
+            let event = raw.into_event()?;
+            event.payload.validate()?;
+            Ok(event)
+        });
+        match decoded {
+            Ok(event) => {
+                // No accepted event nests deeper than the limit (the schema is
+                // closed and 4 levels deep), so the depth is measured only for
+                // a refused one; tests and fuzzing check the claim here.
+                debug_assert!(too_deep(bytes, limits::MAX_JSON_DEPTH).is_none());
+                Ok(event)
+            }
+            Err(error) => Err(match too_deep(bytes, limits::MAX_JSON_DEPTH) {
+                Some(at) => DecodeError::TooDeep {
+                    at,
+                    limit: limits::MAX_JSON_DEPTH,
+                },
+                None => error.bounded(),
+            }),
+        }
     }
 
     /// Encodes as a CloudEvents JSON structured-mode document.
@@ -1204,6 +1248,16 @@ pub enum DecodeError {
         /// The limit.
         limit: usize,
     },
+    /// Arrays and objects nest deeper than [`limits::MAX_JSON_DEPTH`].
+    #[error(
+        "event nests arrays and objects more than {limit} levels deep (from byte {at}); no deal event nests more than 4"
+    )]
+    TooDeep {
+        /// Byte offset of the `[` or `{` that opens level `limit + 1`.
+        at: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// The bytes are not UTF-8.
     #[error("event is not UTF-8: invalid byte at offset {byte}")]
     NotUtf8 {
@@ -1253,6 +1307,7 @@ impl DecodeError {
     pub fn kind(&self) -> &'static str {
         match self {
             DecodeError::TooLarge { .. } => "too_large",
+            DecodeError::TooDeep { .. } => "too_deep",
             DecodeError::NotUtf8 { .. } => "not_utf8",
             DecodeError::NotJson { .. } => "not_json",
             DecodeError::NotCloudEvent { .. } => "not_cloudevent",
@@ -1272,6 +1327,82 @@ impl DecodeError {
             _ => None,
         }
     }
+}
+
+impl DecodeError {
+    /// The same error with every producer-controlled string (path, reason,
+    /// type) cut to [`limits::MAX_REASON_CHARS`].
+    fn bounded(self) -> Self {
+        match self {
+            DecodeError::NotJson { reason } => DecodeError::NotJson {
+                reason: cut(reason),
+            },
+            DecodeError::NotCloudEvent { path, reason } => DecodeError::NotCloudEvent {
+                path: cut(path),
+                reason: cut(reason),
+            },
+            DecodeError::UnknownType { event_type } => DecodeError::UnknownType {
+                event_type: cut(event_type),
+            },
+            DecodeError::Schema { path, reason } => DecodeError::Schema {
+                path: cut(path),
+                reason: cut(reason),
+            },
+            DecodeError::Invalid { path, reason } => DecodeError::Invalid {
+                path: cut(path),
+                reason: cut(reason),
+            },
+            other @ (DecodeError::TooLarge { .. }
+            | DecodeError::TooDeep { .. }
+            | DecodeError::NotUtf8 { .. }) => other,
+        }
+    }
+}
+
+/// `s` if it has at most [`limits::MAX_REASON_CHARS`] characters; otherwise
+/// its beginning and how long it was, within the limit.
+fn cut(s: String) -> String {
+    let Some((end, _)) = s.char_indices().nth(limits::MAX_REASON_CHARS) else {
+        return s;
+    };
+    let total = s.chars().count();
+    let note = format!("… (cut; {total} characters in all)");
+    let keep = limits::MAX_REASON_CHARS - note.chars().count();
+    let end = s.char_indices().nth(keep).map_or(end, |(i, _)| i);
+    format!("{}{note}", &s[..end])
+}
+
+/// Byte offset of the `[` or `{` that opens nesting level `limit + 1` in
+/// JSON text, if any (brackets inside strings do not count). A linear scan
+/// with no allocation; it also works on text that is not valid JSON.
+fn too_deep(bytes: &[u8], limit: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for (i, &b) in bytes.iter().enumerate() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return Some(i);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// `data` + `.` + `rest`, where serde_path_to_error writes the root as `.`.
@@ -1698,6 +1829,267 @@ mod tests {
         );
         let err = DealEvent::decode(json.as_bytes()).unwrap_err();
         assert_eq!(err.path(), Some("data.partners"), "{err}");
+    }
+
+    /// Every producer-controlled limit: a value at the limit is accepted, one
+    /// past it is refused with a stable kind, the field's path and a reason
+    /// naming the limit.
+    #[test]
+    fn every_limit_rejects_with_a_precise_reason() {
+        let opened = |data: String| event("deal.negotiation.opened", &data);
+        let with_id =
+            |id: &str| proposal(TERMS).replace("\"id\":\"e1\"", &format!("\"id\":\"{id}\""));
+        let with_ext =
+            |exts: &str| proposal(TERMS).replace("\"id\":\"e1\"", &format!("\"id\":\"e1\",{exts}"));
+        let exts = |n: usize| {
+            (0..n)
+                .map(|i| format!("\"x{i}\":1"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let signatories = |n: usize| {
+            let one = r#"{"party":"a","name":"N"}"#;
+            event(
+                "deal.finalized",
+                &format!(
+                    r#"{{"proposal_id":"p1","signatories":[{}],"effective_date":"2025-06-01"}}"#,
+                    vec![one; n].join(",")
+                ),
+            )
+        };
+        let id = |n: usize| "a".repeat(n);
+        let text = |n: usize| "é".repeat(n);
+        let amount = |n: u64| proposal(&TERMS.replace("250000", &n.to_string()));
+        // (name, at the limit, past it, kind, path, reason contains)
+        let cases: Vec<(&str, String, String, &str, &str, String)> = vec![
+            (
+                "MAX_ID_CHARS (subject)",
+                proposal(TERMS).replace("deal-1", &id(limits::MAX_ID_CHARS)),
+                proposal(TERMS).replace("deal-1", &id(limits::MAX_ID_CHARS + 1)),
+                "not_cloudevent",
+                "subject",
+                "an identifier of 1-128 characters".into(),
+            ),
+            (
+                "MAX_ID_CHARS (data)",
+                opened(format!(
+                    r#"{{"customer":"{}","provider":"b","scope":"s"}}"#,
+                    id(128)
+                )),
+                opened(format!(
+                    r#"{{"customer":"{}","provider":"b","scope":"s"}}"#,
+                    id(129)
+                )),
+                "schema",
+                "data.customer",
+                "an identifier of 1-128 characters".into(),
+            ),
+            (
+                "MAX_ATTRIBUTE_CHARS (id)",
+                with_id(&id(limits::MAX_ATTRIBUTE_CHARS)),
+                with_id(&id(limits::MAX_ATTRIBUTE_CHARS + 1)),
+                "not_cloudevent",
+                "id",
+                "must be 1-256 characters without spaces".into(),
+            ),
+            (
+                "MAX_TEXT_CHARS",
+                opened(format!(
+                    r#"{{"customer":"a","provider":"b","scope":"s","description":"{}"}}"#,
+                    text(limits::MAX_TEXT_CHARS)
+                )),
+                opened(format!(
+                    r#"{{"customer":"a","provider":"b","scope":"s","description":"{}"}}"#,
+                    text(limits::MAX_TEXT_CHARS + 1)
+                )),
+                "schema",
+                "data.description",
+                "is 1025 characters long, over the limit of 1024".into(),
+            ),
+            (
+                "MAX_LIST_LEN",
+                signatories(limits::MAX_LIST_LEN),
+                signatories(limits::MAX_LIST_LEN + 1),
+                "schema",
+                "data.signatories",
+                "has more than 16 items".into(),
+            ),
+            (
+                "MAX_EXTENSIONS",
+                with_ext(&exts(limits::MAX_EXTENSIONS)),
+                with_ext(&exts(limits::MAX_EXTENSIONS + 1)),
+                "not_cloudevent",
+                "(event)",
+                "more than 16 extension attributes".into(),
+            ),
+            (
+                "extension value length (MAX_ATTRIBUTE_CHARS)",
+                with_ext(&format!("\"ext\":\"{}\"", id(limits::MAX_ATTRIBUTE_CHARS))),
+                with_ext(&format!(
+                    "\"ext\":\"{}\"",
+                    id(limits::MAX_ATTRIBUTE_CHARS + 1)
+                )),
+                "not_cloudevent",
+                "ext",
+                "is over 256 characters".into(),
+            ),
+            (
+                "extension name length",
+                with_ext(&format!("\"{}\":1", id(20))),
+                with_ext(&format!("\"{}\":1", id(21))),
+                "not_cloudevent",
+                "(event)",
+                "extension names are 1-20 lower-case letters or digits".into(),
+            ),
+            (
+                "MAX_SAFE_INTEGER",
+                amount(limits::MAX_SAFE_INTEGER),
+                amount(limits::MAX_SAFE_INTEGER + 1),
+                "schema",
+                "data.terms.price.amount_minor",
+                "9007199254740992 is over the limit of 9007199254740991".into(),
+            ),
+        ];
+        for (name, at_limit, past_limit, kind, path, reason) in cases {
+            if let Err(e) = DealEvent::decode(at_limit.as_bytes()) {
+                panic!("{name}: at the limit refused: {e}");
+            }
+            let err = DealEvent::decode(past_limit.as_bytes()).expect_err(name);
+            assert_eq!(
+                (err.kind(), err.path()),
+                (kind, Some(path)),
+                "{name}: {err}"
+            );
+            assert!(err.to_string().contains(&reason), "{name}: {err}");
+        }
+        // The whole event: MAX_EVENT_BYTES, counted in bytes.
+        let pad = |n: usize| {
+            let base = opened(r#"{"customer":"a","provider":"b","scope":"s"}"#.into());
+            format!("{base}{}", " ".repeat(n - base.len()))
+        };
+        DealEvent::decode(pad(limits::MAX_EVENT_BYTES).as_bytes()).expect("at the limit");
+        let err = DealEvent::decode(pad(limits::MAX_EVENT_BYTES + 1).as_bytes()).unwrap_err();
+        assert_eq!(err.kind(), "too_large");
+        assert_eq!(
+            err.to_string(),
+            "event is 65537 bytes, over the limit of 65536 bytes"
+        );
+    }
+
+    #[test]
+    fn nesting_deeper_than_the_limit_is_refused_as_too_deep() {
+        // The deepest valid shapes nest 4 levels.
+        let deepest = event(
+            "deal.finalized",
+            &format!(
+                r#"{{"proposal_id":"p1","signatories":[{{"party":"a","name":"N"}}],"effective_date":"2025-06-01","terms":{TERMS}}}"#
+            ),
+        );
+        DealEvent::decode(deepest.as_bytes()).expect("valid");
+        assert_eq!(too_deep(deepest.as_bytes(), 4), None);
+        assert!(too_deep(deepest.as_bytes(), 3).is_some());
+        for line in include_str!("../schemas/examples/scenario.jsonl").lines() {
+            assert_eq!(too_deep(line.as_bytes(), 4), None, "{line}");
+        }
+
+        // Nested to exactly the limit: refused for its schema, not its depth.
+        let nest = |levels: usize| format!("{}1{}", "[".repeat(levels), "]".repeat(levels));
+        let at_limit = event(
+            "deal.terms.proposed",
+            &format!(r#"{{"proposer":{}}}"#, nest(6)),
+        );
+        let err = DealEvent::decode(at_limit.as_bytes()).unwrap_err();
+        assert_eq!((err.kind(), err.path()), ("schema", Some("data.proposer")));
+        // One level more: too deep, naming the byte where level 9 opens.
+        let past = event(
+            "deal.terms.proposed",
+            &format!(r#"{{"proposer":{}}}"#, nest(7)),
+        );
+        let err = DealEvent::decode(past.as_bytes()).unwrap_err();
+        let at = past.find("[[[[[[[").unwrap() + 6;
+        assert_eq!(err, DecodeError::TooDeep { at, limit: 8 });
+        assert_eq!((err.kind(), err.path()), ("too_deep", None));
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "event nests arrays and objects more than 8 levels deep (from byte {at}); no deal event nests more than 4"
+            )
+        );
+        // In an extension, and even when the text is not valid JSON.
+        let in_extension =
+            proposal(TERMS).replace("\"id\":\"e1\"", &format!("\"id\":\"e1\",\"x\":{}", nest(8)));
+        assert_eq!(
+            DealEvent::decode(in_extension.as_bytes())
+                .unwrap_err()
+                .kind(),
+            "too_deep"
+        );
+        assert_eq!(
+            DealEvent::decode("[".repeat(100).as_bytes()).unwrap_err(),
+            DecodeError::TooDeep { at: 8, limit: 8 }
+        );
+        // Brackets inside strings (escaped quotes too) do not count.
+        let bracketed = event(
+            "deal.negotiation.opened",
+            &format!(
+                r#"{{"customer":"a","provider":"b","scope":"s","description":"\"{}"}}"#,
+                "[{".repeat(100)
+            ),
+        );
+        DealEvent::decode(bracketed.as_bytes()).expect("brackets in text are text");
+    }
+
+    #[test]
+    fn hostile_depth_and_length_within_the_size_limit_stay_bounded() {
+        // As deep as 64 KiB allows: no stack overflow, no recursion-limit
+        // message, just too_deep.
+        for open in ["[", "{\"a\":"] {
+            let n = limits::MAX_EVENT_BYTES / open.len();
+            let err = DealEvent::decode(open.repeat(n).as_bytes()).unwrap_err();
+            assert_eq!(err.kind(), "too_deep", "{open}");
+            let data = format!(
+                r#"{{"proposer":{}}}"#,
+                open.repeat((limits::MAX_EVENT_BYTES - 500) / open.len())
+            );
+            let err =
+                DealEvent::decode(event("deal.terms.proposed", &data).as_bytes()).unwrap_err();
+            assert_eq!(err.kind(), "too_deep", "{open}");
+        }
+        // A long flat array: refused at the 17th item of a bounded list.
+        let items = vec!["1"; 30_000].join(",");
+        let json = event(
+            "deal.negotiation.opened",
+            &format!(r#"{{"customer":"a","provider":"b","scope":"s","partners":[{items}]}}"#),
+        );
+        assert!(json.len() <= limits::MAX_EVENT_BYTES);
+        let err = DealEvent::decode(json.as_bytes()).unwrap_err();
+        assert_eq!(err.path(), Some("data.partners[0]"), "{err}");
+        // Reasons quote producer values; they are cut, never 60 KB long.
+        let long = "x".repeat(60_000);
+        for json in [
+            proposal(TERMS).replace("deal.terms.proposed", &long),
+            proposal(TERMS).replace("deal-1", &long),
+            proposal(TERMS).replace("\"1.0\"", &format!("\"{long}\"")),
+            proposal(TERMS).replace("\"proposer\"", &format!("\"{long}\"")),
+            proposal(TERMS).replace("2025-01-15T10:00:00Z", &long),
+            proposal(TERMS).replace("USD", &long),
+        ] {
+            let err = DealEvent::decode(json.as_bytes()).unwrap_err();
+            let message = err.to_string();
+            assert!(
+                message.chars().count() <= 2 * limits::MAX_REASON_CHARS + 300,
+                "{} characters: {}",
+                message.len(),
+                &message[..200]
+            );
+            assert!(message.contains("… (cut; "), "{}", &message[..200]);
+        }
+        assert_eq!(cut("short".into()), "short");
+        let exactly = "é".repeat(limits::MAX_REASON_CHARS);
+        assert_eq!(cut(exactly.clone()), exactly);
+        let over = cut("é".repeat(limits::MAX_REASON_CHARS + 1));
+        assert_eq!(over.chars().count(), limits::MAX_REASON_CHARS);
+        assert!(over.ends_with("… (cut; 513 characters in all)"), "{over}");
     }
 
     #[test]

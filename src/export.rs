@@ -604,12 +604,22 @@ pub fn export_store<W: Write>(
         location,
         detail,
     };
-    let header = ExportHeader::new(store.topic(), store.heads()?, store.next_batch_no()?);
+    // A ledger being ingested grows while it is exported: take heads that
+    // belong to one batch count (a batch writes its record and heads in one
+    // atomic apply), and export only those batches.
+    let (heads, batches) = loop {
+        let before = store.next_batch_no()?;
+        let heads = store.heads()?;
+        if store.next_batch_no()? == before {
+            break (heads, before);
+        }
+    };
+    let header = ExportHeader::new(store.topic(), heads, batches);
     let mut writer = ExportWriter::new(out, &header)?;
     let mut verifiers: BTreeMap<i32, ChainVerifier> = BTreeMap::new();
     let mut cursors: BTreeMap<i32, EntryCursor<'_>> = BTreeMap::new();
     let mut written = 0u64;
-    for (expected_no, record) in (0u64..).zip(store.batches(0)) {
+    for (expected_no, record) in (0u64..).zip(store.batches(0).take(batches as usize)) {
         let record = record?;
         if record.batch_no != expected_no {
             return Err(inconsistent(

@@ -25,7 +25,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
@@ -39,7 +39,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::chain::{Header, Record, TimestampType};
-use crate::kafka::{KafkaSettings, SettingsError};
+use crate::kafka::{KafkaSettings, SecurityFailure, SettingsError};
 use crate::ledger::{
     BatchWrite, LedgerError, LedgerState, MAX_BATCH_BYTES, MAX_BATCH_RECORDS, Verdict,
 };
@@ -150,7 +150,7 @@ pub enum IngestError {
         brokers: String,
     },
     /// The ledger store failed; the batch in flight was not acknowledged.
-    #[error("ledger storage: {0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
     /// The state machine refused a record (see the message for partition and offset).
     #[error("ledger: {0}")]
@@ -161,6 +161,10 @@ pub enum IngestError {
     /// The rebalance callback could not read stored positions.
     #[error("could not read stored positions during a partition assignment: {0}")]
     Positions(String),
+    /// The broker refused the credentials or its certificate is not trusted
+    /// (librdkafka would retry forever; retrying cannot fix it).
+    #[error(transparent)]
+    Security(#[from] SecurityFailure),
 }
 
 /// Per-stream state at the end of a run.
@@ -257,6 +261,8 @@ struct LedgerContext {
     metrics: Arc<Metrics>,
     /// Set when a rebalance could not be served; the loop stops with it.
     fatal: Mutex<Option<String>>,
+    /// The first authentication or certificate failure; startup and the loop stop with it.
+    security: std::sync::OnceLock<SecurityFailure>,
 }
 
 impl LedgerContext {
@@ -272,7 +278,31 @@ impl LedgerContext {
 }
 
 impl ClientContext for LedgerContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        if let Some(failure) = SecurityFailure::from_log(fac, message) {
+            let _ = self.security.set(failure);
+        }
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", "librdkafka: {fac} {message}")
+            }
+            L::Warning => tracing::warn!(target: "librdkafka", "librdkafka: {fac} {message}"),
+            L::Notice | L::Info => {
+                tracing::info!(target: "librdkafka", "librdkafka: {fac} {message}")
+            }
+            L::Debug => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}"),
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(failure) = SecurityFailure::classify(&error, reason) {
+            // Logged once, by the check that stops ingestion.
+            self.metrics
+                .set_kafka_status(false, Some(failure.to_string()));
+            let _ = self.security.set(failure);
+            return;
+        }
         tracing::warn!(%error, reason, "Kafka client error");
         if matches!(
             error.rdkafka_error_code(),
@@ -511,12 +541,27 @@ fn ensure_topic(settings: &KafkaSettings, topic: &str, partitions: i32) -> Resul
     Ok(())
 }
 
+/// The ledger state shared by the ingester, its only writer, and the query
+/// API's readers. The ingester holds the write lock only while it applies a
+/// batch in memory (milliseconds), never while it waits for Kafka or disk.
+/// Readers may see a batch before it is durable; what they cite from the
+/// store is there once the writer catches up (see [`crate::api`]).
+pub type SharedState = Arc<RwLock<LedgerState>>;
+
+/// Reads the shared state. A writer that panicked leaves the state as it
+/// was before its batch, so reading on is safe.
+pub fn read_state(state: &RwLock<LedgerState>) -> RwLockReadGuard<'_, LedgerState> {
+    state
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Runs the ingester until caught up (or stopped), starting from `state`
 /// (loaded from `store`). Returns what it did.
 pub fn run(
     config: &IngestConfig,
     store: Arc<Store>,
-    mut state: LedgerState,
+    state: SharedState,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
 ) -> Result<IngestSummary, IngestError> {
@@ -543,6 +588,7 @@ pub fn run(
         epochs: Epochs::default(),
         metrics: Arc::clone(&metrics),
         fatal: Mutex::new(None),
+        security: std::sync::OnceLock::new(),
     };
     let consumer: BaseConsumer<LedgerContext> = client
         .create_with_context(context)
@@ -554,7 +600,7 @@ pub fn run(
     let Some(partitions) = partitions else {
         return Ok(finish(
             &config.topic,
-            &state,
+            &read_state(&state),
             IngestSummary::default(),
             started,
         ));
@@ -586,7 +632,7 @@ pub fn run(
                     )))?;
                 targets.insert(*p, high);
                 metrics.set_high_watermark(*p, high);
-                let next = state.next_offset(*p);
+                let next = read_state(&state).next_offset(*p);
                 let offset = if next == 0 {
                     Offset::Beginning
                 } else {
@@ -606,7 +652,7 @@ pub fn run(
                 .map_err(kafka_err(format!("subscribing to {}", config.topic)))?;
         }
     }
-    for (p, head) in state.heads() {
+    for (p, head) in read_state(&state).heads() {
         metrics.set_position(*p, head.last_offset().map_or(0, |o| o + 1));
     }
     metrics.set_ingest_state(IngestState::Running);
@@ -619,7 +665,7 @@ pub fn run(
     let outcome = ingest_loop(
         &consumer,
         config,
-        &mut state,
+        &state,
         &store,
         &writer,
         &metrics,
@@ -632,12 +678,13 @@ pub fn run(
         .finish(|written| acknowledge(&consumer, &config.topic, written, &metrics, &mut summary));
     outcome?;
     drained?;
-    snapshot(&store, &state);
+    snapshot(&store, &read_state(&state));
     metrics.set_ingest_state(IngestState::Stopping);
     if config.mode == Mode::Continuous {
         // Leave the group now rather than after the session timeout.
         consumer.unsubscribe();
     }
+    let state = read_state(&state);
     Ok(finish(&config.topic, &state, summary, started))
 }
 
@@ -646,7 +693,7 @@ pub fn run(
 fn ingest_loop(
     consumer: &BaseConsumer<LedgerContext>,
     config: &IngestConfig,
-    state: &mut LedgerState,
+    state: &RwLock<LedgerState>,
     store: &Store,
     writer: &Writer,
     metrics: &Metrics,
@@ -659,11 +706,12 @@ fn ingest_loop(
             metrics.set_ingest_state(IngestState::Failed(reason.clone()));
             return Err(IngestError::Positions(reason));
         }
+        security_check(consumer, metrics)?;
         // Acknowledge whatever the writer has made durable meanwhile.
         while let Some(written) = writer.try_done()? {
             acknowledge(consumer, &config.topic, written, metrics, summary);
         }
-        if config.mode == Mode::UntilCaughtUp && caught_up(state, targets) {
+        if config.mode == Mode::UntilCaughtUp && caught_up(&read_state(state), targets) {
             return Ok(());
         }
         if stop.load(Ordering::Relaxed) {
@@ -687,13 +735,19 @@ fn ingest_loop(
         }
         // The state now includes this batch. If the writer cannot make it
         // durable the ingester stops; a restart rebuilds the state from what is.
-        let before = state.entry_count();
-        let write = state.apply_batch(records, store)?;
+        let (before, write, after) = {
+            let mut state = state
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let before = state.entry_count();
+            let write = state.apply_batch(records, store)?;
+            (before, write, state.entry_count())
+        };
         if let Some(written) = writer.submit(write)? {
             acknowledge(consumer, &config.topic, written, metrics, summary);
         }
         let every = snapshot_every();
-        if every > 0 && before / every != state.entry_count() / every {
+        if every > 0 && before / every != after / every {
             // A snapshot is of the stored ledger: let the writer catch up first.
             while writer.in_flight.get() > 0 {
                 acknowledge(
@@ -704,7 +758,7 @@ fn ingest_loop(
                     summary,
                 );
             }
-            snapshot(store, state);
+            snapshot(store, &read_state(state));
         }
     }
 }
@@ -884,16 +938,27 @@ fn finish(
     summary
 }
 
-/// Waits until the topic's metadata can be read; `None` if stopped first.
+/// How long one attempt to reach Kafka at start waits for an answer: short,
+/// so that a broker that appears is noticed soon (the backoff comes on top).
+const CONNECT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause after the first failed attempt to reach Kafka at start; doubled
+/// after each further failure, up to [`CONNECT_BACKOFF_MAX`].
+const CONNECT_BACKOFF_FIRST: Duration = Duration::from_millis(500);
+/// Longest pause between two attempts to reach Kafka at start.
+const CONNECT_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Waits until the topic's metadata can be read, retrying with backoff
+/// while Kafka is unreachable (health: degraded, "kafka unreachable");
+/// `None` if stopped first.
 fn wait_for_partitions(
     consumer: &BaseConsumer<LedgerContext>,
     config: &IngestConfig,
     metrics: &Metrics,
     stop: &AtomicBool,
 ) -> Result<Option<Vec<i32>>, IngestError> {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = CONNECT_BACKOFF_FIRST;
     loop {
-        match consumer.fetch_metadata(Some(&config.topic), METADATA_TIMEOUT) {
+        match consumer.fetch_metadata(Some(&config.topic), CONNECT_ATTEMPT_TIMEOUT) {
             Ok(md) => {
                 let topic = md.topics().first();
                 let missing = topic.is_none_or(|t| {
@@ -918,6 +983,8 @@ fn wait_for_partitions(
                 return Ok(Some(ps));
             }
             Err(e) => {
+                serve_client_events(consumer);
+                security_check(consumer, metrics)?;
                 metrics.set_kafka_status(false, Some(format!("cannot read metadata: {e}")));
                 tracing::warn!(error = %e, brokers = %config.kafka.brokers, "Kafka unreachable; retrying in {backoff:?}");
                 let until = Instant::now() + backoff;
@@ -927,9 +994,39 @@ fn wait_for_partitions(
                     }
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                backoff = (backoff * 2).min(CONNECT_BACKOFF_MAX);
             }
         }
+    }
+}
+
+/// Most client events served by one [`serve_client_events`].
+const MAX_STARTUP_EVENTS: usize = 64;
+
+/// Before any assignment: lets the consumer serve its queued client events
+/// (errors reach [`LedgerContext`]'s `error` callback only when polled).
+/// No message can arrive yet.
+fn serve_client_events(consumer: &BaseConsumer<LedgerContext>) {
+    for _ in 0..MAX_STARTUP_EVENTS {
+        if consumer.poll(Duration::ZERO).is_none() {
+            break;
+        }
+    }
+}
+
+/// Fails with the authentication or certificate failure the client reported, if any.
+fn security_check(
+    consumer: &BaseConsumer<LedgerContext>,
+    metrics: &Metrics,
+) -> Result<(), IngestError> {
+    match consumer.context().security.get() {
+        Some(failure) => {
+            tracing::error!(%failure, "Kafka refused the connection; stopping");
+            metrics.set_kafka_status(false, Some(failure.to_string()));
+            metrics.set_ingest_state(IngestState::Failed(failure.to_string()));
+            Err(IngestError::Security(failure.clone()))
+        }
+        None => Ok(()),
     }
 }
 

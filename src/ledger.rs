@@ -26,9 +26,10 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use serde::{Deserialize, Serialize};
 
-use crate::chain::{AppendError, ChainHead, Entry, Record, StreamId};
+use crate::chain::{AppendError, ChainHead, Entry, Hash, Record, StreamId};
 use crate::deal::DealBook;
 use crate::event::{DealEvent, EventType, Id};
+use crate::index::{DealIndex, Judged};
 
 /// Context string of the event-identity fingerprint (blake3 derive_key mode).
 pub const IDENTITY_CONTEXT: &str = "dealledger 2026-11 event identity v1";
@@ -249,6 +250,8 @@ pub struct LedgerState {
     /// Identities whose fingerprint collided with an earlier, different one.
     collided: HashMap<(String, String), Location>,
     book: DealBook,
+    /// Which entries stand behind each deal: for queries.
+    index: DealIndex,
     next_batch: u64,
     entries: u64,
 }
@@ -262,6 +265,7 @@ impl LedgerState {
             seen: FingerprintMap::default(),
             collided: HashMap::new(),
             book: DealBook::new(),
+            index: DealIndex::new(),
             next_batch: 0,
             entries: 0,
         }
@@ -288,6 +292,11 @@ impl LedgerState {
     /// The derived deal state.
     pub fn book(&self) -> &DealBook {
         &self.book
+    }
+
+    /// The query index: the entries behind each deal.
+    pub fn index(&self) -> &DealIndex {
+        &self.index
     }
 
     /// Number of the next batch.
@@ -357,6 +366,7 @@ impl LedgerState {
             };
             let outcome = self.judge(
                 location,
+                entry.hash,
                 &entry.record,
                 originals,
                 &mut in_batch,
@@ -379,10 +389,8 @@ impl LedgerState {
             .heads
             .entry(partition)
             .or_insert_with(|| ChainHead::genesis(StreamId::new(self.topic.clone(), partition)));
-        let appended = head
-            .append(entry.record.clone())
+        head.advance_verified(entry)
             .expect("replayed entries were appended once already; the caller verifies them");
-        debug_assert_eq!(appended.hash, entry.hash);
         let location = Location {
             partition,
             seq: entry.seq,
@@ -398,6 +406,7 @@ impl LedgerState {
         let mut in_batch = HashMap::new();
         self.judge(
             location,
+            entry.hash,
             &entry.record,
             originals,
             &mut in_batch,
@@ -413,6 +422,7 @@ impl LedgerState {
     fn judge(
         &mut self,
         location: Location,
+        hash: Hash,
         record: &Record,
         originals: &dyn OriginalLookup,
         in_batch: &mut HashMap<u64, (Location, String, String)>,
@@ -427,6 +437,12 @@ impl LedgerState {
             verdict: Verdict::Accepted,
         };
         let Some(value) = record.value.as_deref() else {
+            self.index.record(
+                location,
+                hash,
+                record.timestamp_ms,
+                Judged::Undecodable("no_value"),
+            );
             outcome.verdict = Verdict::Rejected {
                 kind: "no_value".into(),
                 reason:
@@ -438,6 +454,12 @@ impl LedgerState {
         let event = match DealEvent::decode(value) {
             Ok(event) => event,
             Err(err) => {
+                self.index.record(
+                    location,
+                    hash,
+                    record.timestamp_ms,
+                    Judged::Undecodable(err.kind()),
+                );
                 outcome.verdict = Verdict::Rejected {
                     kind: err.kind().into(),
                     reason: err.to_string(),
@@ -450,6 +472,12 @@ impl LedgerState {
 
         let fp = identity_fingerprint(&event.source, &event.id);
         if let Some(of) = self.find_original(fp, &event, originals, in_batch) {
+            self.index.record(
+                location,
+                hash,
+                record.timestamp_ms,
+                Judged::Duplicate(&event),
+            );
             outcome.verdict = Verdict::Duplicate { of };
             return outcome;
         }
@@ -466,11 +494,25 @@ impl LedgerState {
         }
         write.fingerprints.push((fp, location));
 
-        if let Err(rejection) = self.book.apply(&event) {
-            outcome.verdict = Verdict::Rejected {
-                kind: rejection.kind().into(),
-                reason: rejection.to_string(),
-            };
+        match self.book.apply(&event) {
+            Ok(()) => self.index.record(
+                location,
+                hash,
+                record.timestamp_ms,
+                Judged::Accepted(&event),
+            ),
+            Err(rejection) => {
+                self.index.record(
+                    location,
+                    hash,
+                    record.timestamp_ms,
+                    Judged::Refused(&event, rejection.kind()),
+                );
+                outcome.verdict = Verdict::Rejected {
+                    kind: rejection.kind().into(),
+                    reason: rejection.to_string(),
+                };
+            }
         }
         outcome
     }
@@ -540,6 +582,7 @@ impl LedgerState {
         };
         self.judge(
             location,
+            entry.hash,
             &entry.record,
             originals,
             &mut HashMap::new(),
@@ -572,6 +615,7 @@ impl LedgerState {
             fingerprints,
             collided,
             book,
+            index,
             next_batch,
             entries,
         } = parts;
@@ -629,6 +673,7 @@ impl LedgerState {
             state.collided.insert(identity, location);
         }
         state.book = book;
+        state.index = index;
         state.next_batch = next_batch;
         state.entries = entries;
         Ok(state)
@@ -649,6 +694,8 @@ pub struct LedgerParts {
     pub collided: Vec<((String, String), Location)>,
     /// The deal book.
     pub book: DealBook,
+    /// The query index.
+    pub index: DealIndex,
     /// Number of the next batch.
     pub next_batch: u64,
     /// Entries applied so far (the sum of the heads' next seqs).

@@ -98,7 +98,8 @@ impl IngestState {
 pub enum HealthStatus {
     /// Ingest is running and Kafka is reachable.
     Ok,
-    /// Ingest is running but Kafka is not reachable, or ingest is stopping.
+    /// Ingest is running but Kafka is not reachable, ingest is starting and
+    /// Kafka has not answered yet (it keeps retrying), or ingest is stopping.
     Degraded,
     /// Ingest has not started consuming yet.
     Starting,
@@ -117,17 +118,53 @@ impl HealthStatus {
         }
     }
 
-    /// The status implied by the ingest state and Kafka connectivity. The
-    /// ingest state wins: Kafka being unreachable only matters while running.
-    pub fn from_parts(ingest: &IngestState, kafka_connected: bool) -> Self {
+    /// The status implied by the ingest state and Kafka connectivity. A
+    /// failure wins; Kafka being unreachable makes a running ingester
+    /// degraded, and a starting one too once a connection attempt has failed
+    /// (`kafka.detail` is set): the daemon is up and retrying, but it cannot
+    /// ingest.
+    pub fn from_parts(ingest: &IngestState, kafka: &KafkaHealth) -> Self {
         match ingest {
             IngestState::Failed(_) => HealthStatus::Failed,
+            IngestState::Starting if kafka_unreachable(kafka) => HealthStatus::Degraded,
             IngestState::Starting => HealthStatus::Starting,
             IngestState::Stopping => HealthStatus::Degraded,
-            IngestState::Running if kafka_connected => HealthStatus::Ok,
+            IngestState::Running if kafka.connected => HealthStatus::Ok,
             IngestState::Running => HealthStatus::Degraded,
         }
     }
+}
+
+/// Kafka is known to be unreachable: not connected, and a failure was reported.
+fn kafka_unreachable(kafka: &KafkaHealth) -> bool {
+    !kafka.connected && kafka.detail.is_some()
+}
+
+/// Why the status is not `ok`, one line per reason, most important first
+/// (empty when it is ok): `ingest failed: ...`, `kafka unreachable: ...`,
+/// `ingest stopping`, `ingest starting`.
+pub fn health_reasons(ingest: &IngestState, kafka: &KafkaHealth) -> Vec<String> {
+    let mut reasons = Vec::new();
+    if let IngestState::Failed(error) = ingest {
+        reasons.push(format!("ingest failed: {error}"));
+    }
+    if (!kafka.connected && *ingest != IngestState::Starting) || kafka_unreachable(kafka) {
+        reasons.push(format!(
+            "kafka unreachable: {}",
+            kafka
+                .detail
+                .as_deref()
+                .unwrap_or("no broker connection is up")
+        ));
+    }
+    match ingest {
+        IngestState::Stopping => reasons.push("ingest stopping".to_owned()),
+        IngestState::Starting if !kafka_unreachable(kafka) => {
+            reasons.push("ingest starting".to_owned())
+        }
+        _ => {}
+    }
+    reasons
 }
 
 /// Kafka connectivity, as last reported by librdkafka's callbacks.
@@ -171,6 +208,9 @@ pub struct Health {
     pub partitions: Vec<PartitionHealth>,
     /// When the last batch was made durable (Unix milliseconds), if any.
     pub last_batch_unix_ms: Option<u64>,
+    /// Why the status is not `ok` (see [`health_reasons`]); empty when ok.
+    #[serde(default)]
+    pub reasons: Vec<String>,
 }
 
 /// Consumer lag of a partition: records at or after `next_offset` and below
@@ -355,7 +395,8 @@ impl Metrics {
             .collect();
         let last_batch = self.last_batch_unix_ms.load(Ordering::Relaxed);
         Health {
-            status: HealthStatus::from_parts(&ingest, kafka.connected),
+            status: HealthStatus::from_parts(&ingest, &kafka),
+            reasons: health_reasons(&ingest, &kafka),
             kafka,
             ingest,
             partitions,
@@ -1040,13 +1081,24 @@ mod tests {
     fn health_status_transitions() {
         let metrics = Metrics::new();
         let status = || metrics.health().status;
+        let reasons = || metrics.health().reasons;
         assert_eq!(status(), HealthStatus::Starting);
+        assert_eq!(reasons(), ["ingest starting"]);
+        // A broker that does not answer at start: up, retrying, degraded.
+        metrics.set_kafka_status(false, Some("cannot read metadata: timed out".into()));
+        assert_eq!(status(), HealthStatus::Degraded);
+        assert_eq!(
+            reasons(),
+            ["kafka unreachable: cannot read metadata: timed out"]
+        );
         metrics.set_kafka_status(true, None);
         assert_eq!(status(), HealthStatus::Starting);
         metrics.set_ingest_state(IngestState::Running);
         assert_eq!(status(), HealthStatus::Ok);
+        assert!(reasons().is_empty());
         metrics.set_kafka_status(false, Some("all brokers down".into()));
         assert_eq!(status(), HealthStatus::Degraded);
+        assert_eq!(reasons(), ["kafka unreachable: all brokers down"]);
         assert_eq!(
             metrics.health().kafka.detail.as_deref(),
             Some("all brokers down")
@@ -1057,8 +1109,16 @@ mod tests {
         assert_eq!(status(), HealthStatus::Degraded);
         metrics.set_ingest_state(IngestState::Failed("disk full".into()));
         assert_eq!(status(), HealthStatus::Failed);
+        assert_eq!(reasons(), ["ingest failed: disk full"]);
         metrics.set_kafka_status(false, None);
         assert_eq!(status(), HealthStatus::Failed);
+        assert_eq!(
+            reasons(),
+            [
+                "ingest failed: disk full",
+                "kafka unreachable: no broker connection is up"
+            ]
+        );
         assert!(metrics.render_prometheus().contains("\ndealledger_up 0\n"));
     }
 
@@ -1081,7 +1141,8 @@ mod tests {
                     "partition": 2, "next_offset": 5, "high_watermark": 7, "lag": 2,
                     "accepted": 1, "rejected": 0, "duplicate": 0
                 }],
-                "last_batch_unix_ms": null
+                "last_batch_unix_ms": null,
+                "reasons": ["ingest failed: disk full", "kafka unreachable: broker down"]
             })
         );
         metrics.set_ingest_state(IngestState::Running);

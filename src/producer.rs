@@ -11,18 +11,20 @@
 //! `content-type: application/cloudevents+json`.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{
-    BaseRecord, FutureProducer, FutureRecord, Producer, ProducerContext, ThreadedProducer,
+    BaseRecord, FutureProducer, FutureRecord, Producer, ProducerContext, PurgeConfig,
+    ThreadedProducer,
 };
 
 use crate::event::DealEvent;
-use crate::kafka::{KafkaSettings, SettingsError};
+use crate::kafka::{KafkaSettings, SecurityFailure, SettingsError};
 
 /// The CloudEvents Kafka binding's content type for structured mode.
 pub const CONTENT_TYPE: &str = "application/cloudevents+json";
@@ -74,6 +76,13 @@ pub enum ProduceError {
         /// The record key (the deal id).
         key: String,
     },
+    /// The broker refused the credentials or its certificate is not trusted;
+    /// nothing more was sent (retrying cannot fix this).
+    #[error(transparent)]
+    Security(#[from] SecurityFailure),
+    /// Waiting for delivery reports failed or timed out.
+    #[error("not every delivery report arrived: {0}")]
+    Flush(KafkaError),
 }
 
 /// What [`BulkProducer`] delivered.
@@ -172,14 +181,30 @@ impl DealProducer {
 /// librdkafka's local queue bound for [`BulkProducer`] (messages).
 pub const BULK_QUEUE_MESSAGES: &str = "500000";
 
+/// How long [`BulkProducer::finish`] waits at a time before checking for a
+/// [`SecurityFailure`].
+const FLUSH_SLICE: Duration = Duration::from_millis(200);
+
 /// Counts deliveries reported by librdkafka's delivery callback.
 #[derive(Default)]
 pub struct DeliveryTally {
     state: std::sync::Mutex<SendReport>,
     topic: String,
+    /// The first authentication or certificate failure librdkafka reported.
+    security: OnceLock<SecurityFailure>,
 }
 
-impl ClientContext for DeliveryTally {}
+impl ClientContext for DeliveryTally {
+    fn error(&self, error: KafkaError, reason: &str) {
+        match SecurityFailure::classify(&error, reason) {
+            Some(failure) => {
+                tracing::error!(%failure, "Kafka refused the connection; stopping");
+                let _ = self.security.set(failure);
+            }
+            None => tracing::error!(%error, reason, "Kafka client error"),
+        }
+    }
+}
 
 impl ProducerContext for DeliveryTally {
     type DeliveryOpaque = usize;
@@ -226,6 +251,7 @@ impl BulkProducer {
             .create_with_context(DeliveryTally {
                 state: Default::default(),
                 topic: topic.clone(),
+                security: OnceLock::new(),
             })
             .map_err(|source| ProduceError::Create {
                 brokers: settings.brokers.clone(),
@@ -257,6 +283,10 @@ impl BulkProducer {
             match self.inner.send(record) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    // A refused login never drains the queue: stop waiting.
+                    if let Some(failure) = self.inner.context().security.get() {
+                        return Err(ProduceError::Security(failure.clone()));
+                    }
                     // The background thread drains the queue; give it a moment.
                     std::thread::sleep(Duration::from_millis(1));
                 }
@@ -272,8 +302,27 @@ impl BulkProducer {
     }
 
     /// Waits for every queued event's delivery report and returns the tally.
-    pub fn finish(self, timeout: Duration) -> Result<SendReport, KafkaError> {
-        self.inner.flush(timeout)?;
+    /// Stops early, dropping what is still queued, with
+    /// [`ProduceError::Security`] if the broker refuses the credentials or
+    /// its certificate is not trusted (librdkafka would retry until
+    /// `message.timeout.ms`).
+    pub fn finish(self, timeout: Duration) -> Result<SendReport, ProduceError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(failure) = self.inner.context().security.get() {
+                self.inner.purge(PurgeConfig::default().queue().inflight());
+                return Err(ProduceError::Security(failure.clone()));
+            }
+            match self
+                .inner
+                .flush(FLUSH_SLICE.min(deadline.saturating_duration_since(Instant::now())))
+            {
+                Ok(()) => break,
+                Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
+                    if Instant::now() < deadline => {}
+                Err(e) => return Err(ProduceError::Flush(e)),
+            }
+        }
         let tally = self.inner.context();
         let mut report = tally.state.lock().unwrap_or_else(|e| e.into_inner());
         Ok(std::mem::take(&mut *report))

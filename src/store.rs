@@ -91,6 +91,7 @@ use crate::chain::{
     self, BreakKind, ChainBreak, ChainHead, ChainVerifier, DecodeEntryError, Entry, HASH_LEN, Hash,
     StreamId,
 };
+use crate::index::DealIndex;
 use crate::ledger::{
     self, BatchWrite, LedgerParts, LedgerState, Location, MAX_BATCH_RECORDS, OriginalLookup,
     Outcome, Verdict,
@@ -288,6 +289,37 @@ pub enum StoreError {
         /// What is wrong, naming partition, seq and offset where known.
         detail: String,
     },
+    /// The ledger's files cannot be opened: sled refused them or panicked
+    /// reading them, or its database came back without the ledger's data.
+    /// A ledger that cannot be opened is never replaced by a fresh one.
+    #[error(
+        "ledger {} cannot be opened: {detail}. {UNREADABLE_HINT}",
+        .dir.display()
+    )]
+    Unreadable {
+        /// The ledger folder.
+        dir: PathBuf,
+        /// What sled reported, or what is missing.
+        detail: String,
+    },
+    /// The filesystem holding the ledger is full (or over quota).
+    #[error(
+        "ledger {}: the disk is full while {action} ({error}): free at least {} MiB on the filesystem holding {} (an estimate: twice the write that failed plus sled's working space), then start dealledger again; a batch whose write failed was not acknowledged and is read again from Kafka",
+        .dir.display(),
+        .needed_bytes.div_ceil(1024 * 1024),
+        .dir.display()
+    )]
+    DiskFull {
+        /// The ledger folder.
+        dir: PathBuf,
+        /// What was being done, e.g. `applying batch 11 (1000 entries)`.
+        action: String,
+        /// Free space needed to continue, estimated.
+        needed_bytes: u64,
+        /// The underlying error (`ENOSPC` or `EDQUOT`), quoted in the
+        /// message (not a `source`, so it is not printed twice).
+        error: io::Error,
+    },
     /// A file-system operation failed.
     #[error("ledger {}: {action}: {source}", .dir.display())]
     Io {
@@ -322,10 +354,62 @@ pub enum StoreError {
     },
 }
 
+/// A [`StoreError::DiskFull`] of a write of `bytes` bytes needs twice
+/// that (sled logs the batch, then rewrites the tree nodes it changed) plus
+/// [`DISK_FULL_HEADROOM_BYTES`]; other errors pass unchanged.
+fn needing(error: StoreError, bytes: usize) -> StoreError {
+    match error {
+        StoreError::DiskFull {
+            dir, action, error, ..
+        } => StoreError::DiskFull {
+            dir,
+            action,
+            needed_bytes: (bytes as u64)
+                .saturating_mul(2)
+                .saturating_add(DISK_FULL_HEADROOM_BYTES),
+            error,
+        },
+        other => other,
+    }
+}
+
+/// What an unopenable ledger's error says to do.
+const UNREADABLE_HINT: &str = "If the folder held a ledger, its files are damaged: rebuild the ledger from the topic into a new folder with `dealledger rebuild --from-kafka --data NEW_DIR` (or import an export with `dealledger import`) and use that folder instead; dealledger never starts a fresh ledger over one it cannot read";
+
+/// Free space a full disk must regain beyond twice the failed write: sled
+/// grows its `db` file by whole segments (512 KiB in sled 0.34) and needs a
+/// few of them to open, recover and write.
+pub const DISK_FULL_HEADROOM_BYTES: u64 = 4 * 512 * 1024;
+
+/// Whether `error` says the filesystem is full or over quota.
+fn is_disk_full(error: &io::Error) -> bool {
+    /// `ENOSPC` and `EDQUOT` on Linux.
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    matches!(
+        error.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    ) || matches!(error.raw_os_error(), Some(ENOSPC | EDQUOT))
+}
+
 /// Converts a sled error into a [`StoreError`] for `dir`.
 fn sled_error(dir: &Path, action: impl Into<String>, error: sled::Error) -> StoreError {
     let action = action.into();
     match error {
+        sled::Error::Io(error) if is_disk_full(&error) => StoreError::DiskFull {
+            dir: dir.to_path_buf(),
+            action,
+            needed_bytes: DISK_FULL_HEADROOM_BYTES,
+            error,
+        },
+        // sled keeps large values in `blobs/<lsn>`; one that is gone is damage.
+        sled::Error::Io(source) if source.kind() == io::ErrorKind::NotFound => {
+            StoreError::Corrupt {
+                dir: dir.to_path_buf(),
+                location: None,
+                detail: format!("a file of the sled database is missing while {action}: {source}"),
+            }
+        }
         sled::Error::Corruption { at, .. } => StoreError::Corrupt {
             dir: dir.to_path_buf(),
             location: None,
@@ -345,6 +429,14 @@ fn sled_error(dir: &Path, action: impl Into<String>, error: sled::Error) -> Stor
 }
 
 fn io_error(dir: &Path, action: impl Into<String>, source: io::Error) -> StoreError {
+    if is_disk_full(&source) {
+        return StoreError::DiskFull {
+            dir: dir.to_path_buf(),
+            action: action.into(),
+            needed_bytes: DISK_FULL_HEADROOM_BYTES,
+            error: source,
+        };
+    }
     StoreError::Io {
         dir: dir.to_path_buf(),
         action: action.into(),
@@ -1047,6 +1139,10 @@ enum Mode {
 const SLED_DB_FILE: &str = "db";
 const SLED_CONF_FILE: &str = "conf";
 const SLED_BLOBS_DIR: &str = "blobs";
+/// Start of the names of sled's snapshot files (`snap.<lsn hex>`).
+const SLED_SNAPSHOT_PREFIX: &str = "snap.";
+/// End of the name of a snapshot file sled has not finished writing.
+const SLED_UNFINISHED_SNAPSHOT_SUFFIX: &str = ".generating";
 
 impl Store {
     /// Opens the ledger of `topic` in `dir`, creating the folder and the
@@ -1054,6 +1150,8 @@ impl Store {
     ///
     /// Errors: [`StoreError::Locked`] if another process has it open,
     /// [`StoreError::NotALedger`] for a folder holding something else,
+    /// [`StoreError::Unreadable`] for damaged or missing sled files (never
+    /// a fresh ledger over them), [`StoreError::DiskFull`],
     /// [`StoreError::TopicMismatch`], [`StoreError::UnsupportedFormat`],
     /// [`StoreError::Corrupt`].
     pub fn open(dir: &Path, topic: &str) -> Result<Store, StoreError> {
@@ -1077,13 +1175,61 @@ impl Store {
         Store::open_mode(dir, None, Mode::ExistingOnly)
     }
 
+    /// Deletes `dir`, a ledger folder being built (an import's or rebuild's
+    /// staging folder) that was left behind by a killed run, unless a
+    /// process still has it open (sled's lock on `db` is held: then
+    /// [`StoreError::Locked`]). Returns whether there was one to delete.
+    /// Only for staging folders: a folder that held a finished ledger is
+    /// never deleted by dealledger.
+    pub fn remove_abandoned(dir: &Path) -> Result<bool, StoreError> {
+        if fs::symlink_metadata(dir).is_err() {
+            return Ok(false);
+        }
+        match File::open(dir.join(SLED_DB_FILE)) {
+            Ok(db) => match db.try_lock() {
+                Ok(()) => {
+                    let _ = db.unlock();
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(StoreError::Locked {
+                        dir: dir.to_path_buf(),
+                    });
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(io_error(dir, "checking whether the folder is in use", e));
+                }
+            },
+            // Killed before sled created `db`.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error(dir, "opening db to check its lock", e)),
+        }
+        fs::remove_dir_all(dir).map_err(|e| io_error(dir, "deleting the abandoned folder", e))?;
+        Ok(true)
+    }
+
     fn open_mode(dir: &Path, topic: Option<&str>, mode: Mode) -> Result<Store, StoreError> {
         let folder = prepare_folder(dir, mode)?;
         let db = open_sled(dir)?;
-        let tree = db
-            .open_tree(TREE_NAME)
-            .map_err(|e| sled_error(dir, format!("opening sled tree {TREE_NAME:?}"), e))?;
-        let contents = read_contents(dir, &db, &tree)?;
+        // sled reads lazily: damage may show only now, as an error (a
+        // missing blob is `NotFound`) or a panic. Either way the ledger
+        // cannot be opened.
+        let opened = quietly(|| {
+            let tree = db
+                .open_tree(TREE_NAME)
+                .map_err(|e| sled_error(dir, format!("opening sled tree {TREE_NAME:?}"), e))?;
+            let contents = read_contents(dir, &db, &tree)?;
+            Ok((tree, contents))
+        });
+        let (tree, contents) = match opened {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(e)) => return Err(unreadable_at_open(e)),
+            Err(panic) => {
+                return Err(StoreError::Unreadable {
+                    dir: dir.to_path_buf(),
+                    detail: format!("sled failed reading its files: {}", panic_message(&*panic)),
+                });
+            }
+        };
         let topic = match (contents, topic) {
             (Contents::Ledger { topic: found }, Some(expected)) if found != expected => {
                 return Err(StoreError::TopicMismatch {
@@ -1101,14 +1247,18 @@ impl Store {
                     .map_err(|e| sled_error(dir, "writing the ledger metadata", e))?;
                 db.flush()
                     .map_err(|e| sled_error(dir, "flushing the ledger metadata", e))?;
+                tracing::info!(dir = %dir.display(), topic, "created a new, empty ledger");
                 topic.to_owned()
             }
             (Contents::Blank, _) => {
                 // Never initialise over an existing `db`: it may be a damaged
                 // ledger that sled recovered as empty.
-                return Err(StoreError::NotALedger {
+                let size = fs::metadata(dir.join(SLED_DB_FILE)).map_or(0, |m| m.len());
+                return Err(StoreError::Unreadable {
                     dir: dir.to_path_buf(),
-                    reason: "its sled database holds no ledger metadata; if this is a ledger whose creation was interrupted, delete the folder and start again".into(),
+                    detail: format!(
+                        "its sled database (`db`, {size} bytes) holds no ledger data, not even the ledger's metadata: sled found nothing it could read (a folder whose ledger creation was interrupted before the first write looks the same; if it never held events, delete it and start again)"
+                    ),
                 });
             }
         };
@@ -1333,6 +1483,7 @@ impl Store {
         });
         if let Err(error) = result {
             // sled may have applied part of the batch in memory.
+            let error = needing(error, bytes);
             durability.poisoned = Some(error.to_string());
             return Err(error);
         }
@@ -1340,6 +1491,7 @@ impl Store {
 
         let started = Instant::now();
         if let Err(error) = self.make_durable(&mut durability, batch.batch_no) {
+            let error = needing(error, bytes);
             durability.poisoned = Some(error.to_string());
             return Err(error);
         }
@@ -1841,10 +1993,10 @@ impl Store {
                         continue;
                     }
                 };
-                self.walk(batch_no + 1, cursors, progress, |step| match step {
+                self.walk_pipelined(batch_no + 1, cursors, progress, |step| match step {
                     WalkStep::Entry(entry) => {
-                        let outcome = state.replay_entry(entry, self);
-                        visit(entry, &outcome);
+                        let outcome = state.replay_entry(&entry, self);
+                        visit(&entry, &outcome);
                     }
                     WalkStep::BatchEnd => state.replayed_batch(),
                 })?;
@@ -1856,10 +2008,10 @@ impl Store {
             }
         }
         let mut state = LedgerState::new(self.topic.clone());
-        self.walk(0, BTreeMap::new(), progress, |step| match step {
+        self.walk_pipelined(0, BTreeMap::new(), progress, |step| match step {
             WalkStep::Entry(entry) => {
-                let outcome = state.replay_entry(entry, self);
-                visit(entry, &outcome);
+                let outcome = state.replay_entry(&entry, self);
+                visit(&entry, &outcome);
             }
             WalkStep::BatchEnd => state.replayed_batch(),
         })?;
@@ -1880,10 +2032,50 @@ impl Store {
         progress: Option<&(dyn Fn(u64) + Sync)>,
         mut visit: impl FnMut(&Entry),
     ) -> Result<(), StoreError> {
-        self.walk(0, BTreeMap::new(), progress, |step| {
+        self.walk_pipelined(0, BTreeMap::new(), progress, |step| {
             if let WalkStep::Entry(entry) = step {
-                visit(entry);
+                visit(&entry);
             }
+        })
+    }
+
+    /// [`Store::walk`] on a second thread: reading pages and recomputing
+    /// hashes there overlaps with whatever `visit` does (decoding and
+    /// folding) on this one. Same steps, same order, same errors.
+    fn walk_pipelined(
+        &self,
+        from_batch: u64,
+        cursors: BTreeMap<i32, Cursor>,
+        progress: Option<&(dyn Fn(u64) + Sync)>,
+        mut visit: impl FnMut(WalkStep),
+    ) -> Result<(), StoreError> {
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<WalkStep>>(WALK_CHUNKS_IN_FLIGHT);
+            let walker = std::thread::Builder::new()
+                .name("ledger-walk".into())
+                .spawn_scoped(scope, move || {
+                    let mut chunk = Vec::with_capacity(WALK_CHUNK_STEPS);
+                    let walked = self.walk(from_batch, cursors, progress, |step| {
+                        chunk.push(step);
+                        if chunk.len() == WALK_CHUNK_STEPS {
+                            let full =
+                                std::mem::replace(&mut chunk, Vec::with_capacity(WALK_CHUNK_STEPS));
+                            // A closed channel means the folder stopped: nothing to do.
+                            let _ = tx.send(full);
+                        }
+                    });
+                    if !chunk.is_empty() {
+                        let _ = tx.send(chunk);
+                    }
+                    walked
+                })
+                .expect("can start the ledger walking thread");
+            for chunk in rx {
+                for step in chunk {
+                    visit(step);
+                }
+            }
+            walker.join().expect("the ledger walking thread panicked")
         })
     }
 
@@ -1897,7 +2089,7 @@ impl Store {
         from_batch: u64,
         mut cursors: BTreeMap<i32, Cursor>,
         progress: Option<&(dyn Fn(u64) + Sync)>,
-        mut visit: impl FnMut(WalkStep<'_>),
+        mut visit: impl FnMut(WalkStep),
     ) -> Result<(), StoreError> {
         let mut unreported = 0u64;
         for (expected_no, record) in (from_batch..).zip(self.batches(from_batch)) {
@@ -1986,7 +2178,7 @@ impl Store {
                         .verifier
                         .push(&entry)
                         .map_err(|brk| self.chain_broken(&brk))?;
-                    visit(WalkStep::Entry(&entry));
+                    visit(WalkStep::Entry(entry));
                     unreported += 1;
                     if unreported == PROGRESS_STEP {
                         if let Some(progress) = progress {
@@ -2299,12 +2491,19 @@ pub struct SnapshotStats {
 }
 
 /// One step of a walk over the ledger in ledger order.
-enum WalkStep<'a> {
+enum WalkStep {
     /// The next entry, its link verified.
-    Entry(&'a Entry),
+    Entry(Entry),
     /// The end of a batch record.
     BatchEnd,
 }
+
+/// Steps handed from the walking thread to the folding thread at a time.
+const WALK_CHUNK_STEPS: usize = 256;
+
+/// Chunks in flight between the two threads: bounds the memory of a
+/// pipelined walk to about 16 × 256 entries.
+const WALK_CHUNKS_IN_FLIGHT: usize = 16;
 
 /// A replay's start at a snapshot: the restored state and a cursor per
 /// stream, resuming at the snapshot's heads.
@@ -2323,7 +2522,7 @@ const PROGRESS_STEP: u64 = 4096;
 const FAMILY_SNAPSHOT: u8 = b'S';
 
 /// Format byte at the start of every snapshot (`S` value).
-pub const SNAPSHOT_FORMAT: u8 = 1;
+pub const SNAPSHOT_FORMAT: u8 = 2;
 
 /// Snapshots kept: the newest, and the one before it as a fallback.
 pub const SNAPSHOTS_KEPT: usize = 2;
@@ -2368,7 +2567,6 @@ fn encode_snapshot(state: &LedgerState) -> Vec<u8> {
     fingerprints.sort_unstable();
     let mut collided: Vec<(&(String, String), Location)> = state.collided().collect();
     collided.sort_unstable();
-    let book = serde_json::to_vec(state.book()).expect("a deal book serializes");
 
     let mut out = Vec::with_capacity(
         1 + 8
@@ -2378,7 +2576,6 @@ fn encode_snapshot(state: &LedgerState) -> Vec<u8> {
             + fingerprints.len() * FINGERPRINT_BYTES
             + 4
             + 8
-            + book.len()
             + HASH_LEN,
     );
     out.push(SNAPSHOT_FORMAT);
@@ -2403,8 +2600,18 @@ fn encode_snapshot(state: &LedgerState) -> Vec<u8> {
         out.extend_from_slice(&partition_bytes(location.partition));
         out.extend_from_slice(&location.seq.to_be_bytes());
     }
-    out.extend_from_slice(&(book.len() as u64).to_be_bytes());
-    out.extend_from_slice(&book);
+    // The book and the index are written in place, each after a length
+    // patched in afterwards: no second copy of the state's largest parts.
+    let at = out.len();
+    out.extend_from_slice(&[0; 8]);
+    serde_json::to_writer(&mut out, state.book()).expect("a deal book serializes");
+    let len = (out.len() - at - 8) as u64;
+    out[at..at + 8].copy_from_slice(&len.to_be_bytes());
+    let at = out.len();
+    out.extend_from_slice(&[0; 8]);
+    state.index().encode(&mut out);
+    let len = (out.len() - at - 8) as u64;
+    out[at..at + 8].copy_from_slice(&len.to_be_bytes());
     let checksum = snapshot_checksum(&out);
     out.extend_from_slice(checksum.as_bytes());
     out
@@ -2548,9 +2755,18 @@ impl<'a> SnapshotReader<'a> {
         let len = self.count(true, 1, "deal book byte")?;
         let book = serde_json::from_slice(self.take(len, "the deal book")?)
             .map_err(|e| format!("its deal book does not decode: {e}"))?;
+        let len = self.count(true, 1, "query index byte")?;
+        let (index, used) = DealIndex::decode(self.take(len, "the query index")?)
+            .map_err(|e| format!("its query index does not decode: {e}"))?;
+        if used != len {
+            return Err(format!(
+                "its query index has {} bytes after its end",
+                len - used
+            ));
+        }
         if self.at != self.bytes.len() {
             return Err(format!(
-                "it has {} bytes after the deal book",
+                "it has {} bytes after the query index",
                 self.bytes.len() - self.at
             ));
         }
@@ -2560,6 +2776,7 @@ impl<'a> SnapshotReader<'a> {
             fingerprints,
             collided,
             book,
+            index,
             next_batch: batch_no + 1,
             entries,
         })
@@ -2894,6 +3111,24 @@ impl OriginalLookup for Store {
     }
 }
 
+impl crate::query::Evidence for Store {
+    fn entry_at(&self, location: Location) -> Result<Entry, String> {
+        match self.entry(location) {
+            Ok(Some(entry)) => Ok(entry),
+            Ok(None) => Err(format!(
+                "ledger {}: entry {location} is not stored (yet); retry, or run `dealledger verify --data {}`",
+                self.dir.display(),
+                self.dir.display()
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn verdict_at(&self, location: Location) -> Result<Verdict, String> {
+        self.verdict(location).map_err(|e| e.to_string())
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Verification report
 // ---------------------------------------------------------------------------
@@ -3018,8 +3253,9 @@ struct Folder {
 }
 
 /// Checks the folder before sled touches it, creating it when allowed.
-/// Never lets sled write into a folder that holds anything but a (possibly
-/// half-created) sled database.
+/// Never lets sled write into a folder that holds anything but a sled
+/// database with its `db` file, and creates a ledger only in a new or
+/// empty folder: sled's files without `db` are a damaged ledger.
 fn prepare_folder(dir: &Path, mode: Mode) -> Result<Folder, StoreError> {
     let not_a_ledger = |reason: String| StoreError::NotALedger {
         dir: dir.to_path_buf(),
@@ -3049,12 +3285,13 @@ fn prepare_folder(dir: &Path, mode: Mode) -> Result<Folder, StoreError> {
             let has = |name: &str| names.iter().any(|n| n == name);
             if has(SLED_DB_FILE) {
                 // sled writes `conf` before it creates `db`: a `db` without
-                // `conf` was not made by sled, and sled would overwrite it.
+                // `conf` lost its `conf`, or was not made by sled; either
+                // way sled would start afresh over it.
                 if !has(SLED_CONF_FILE) {
-                    return Err(not_a_ledger(
-                        "it holds a `db` file but no sled `conf` file, so it is no sled database"
-                            .into(),
-                    ));
+                    return Err(StoreError::Unreadable {
+                        dir: dir.to_path_buf(),
+                        detail: "it holds a `db` file but no sled `conf` file (sled's configuration is missing, or this is no sled database)".into(),
+                    });
                 }
                 return match fs::metadata(dir.join(SLED_DB_FILE)) {
                     Ok(meta) if meta.is_file() => Ok(Folder {
@@ -3064,20 +3301,37 @@ fn prepare_folder(dir: &Path, mode: Mode) -> Result<Folder, StoreError> {
                     _ => Err(not_a_ledger("its `db` is not a file".into())),
                 };
             }
-            let half_created = names
+            // sled's files without `db`: a ledger that lost its main file
+            // (or, far less likely, one whose creation was interrupted
+            // inside sled's open, between `conf` and `db`). Never made a
+            // fresh ledger: that would silently start over.
+            let sled_files: Vec<String> = names
                 .iter()
-                .all(|n| n == SLED_CONF_FILE || n == SLED_BLOBS_DIR);
+                .map(|n| n.to_string_lossy().into_owned())
+                .filter(|n| {
+                    n == SLED_CONF_FILE
+                        || n == SLED_BLOBS_DIR
+                        || n.starts_with(SLED_SNAPSHOT_PREFIX)
+                })
+                .collect();
+            if !sled_files.is_empty() {
+                let blobs = fs::read_dir(dir.join(SLED_BLOBS_DIR)).map_or(0, |items| items.count());
+                return Err(StoreError::Unreadable {
+                    dir: dir.to_path_buf(),
+                    detail: format!(
+                        "it holds sled's files ({}; {blobs} files in `blobs/`) but no `db` file: the ledger's main file is missing (if this folder never held events, its creation was interrupted: delete it and start again)",
+                        sled_files.join(", ")
+                    ),
+                });
+            }
             match mode {
-                Mode::CreateIfNew if half_created => Ok(Folder {
+                Mode::CreateIfNew if names.is_empty() => Ok(Folder {
                     created: false,
                     had_db: false,
                 }),
                 Mode::CreateIfNew => Err(not_a_ledger(format!(
                     "the folder holds other files (such as {:?}) and no ledger database; dealledger creates a ledger only in a new or empty folder",
-                    names
-                        .iter()
-                        .find(|n| *n != SLED_CONF_FILE && *n != SLED_BLOBS_DIR)
-                        .expect("not half-created")
+                    names[0]
                 ))),
                 Mode::ExistingOnly if names.is_empty() => {
                     Err(not_a_ledger("the folder is empty".into()))
@@ -3094,12 +3348,23 @@ fn prepare_folder(dir: &Path, mode: Mode) -> Result<Folder, StoreError> {
 fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
     let config = sled::Config::new()
         .path(dir)
-        .cache_capacity(CACHE_CAPACITY_BYTES)
+        .cache_capacity(
+            std::env::var("DEALLEDGER_SLED_CACHE_BYTES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(CACHE_CAPACITY_BYTES),
+        )
         .use_compression(false)
         .flush_every_ms(None);
-    // sled 0.34 panics on some damaged files instead of returning an error;
-    // a bad folder must never crash the caller.
-    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+    remove_unfinished_sled_snapshots(dir)?;
+    // sled 0.34 panics on some damaged files (a missing or cut blob: "tried
+    // to serialize Uninitialized") instead of returning an error; a bad
+    // folder must never crash the caller, nor print a panic.
+    let opened = quietly(|| config.open());
+    let unreadable = |detail: String| StoreError::Unreadable {
+        dir: dir.to_path_buf(),
+        detail,
+    };
     match opened {
         Ok(Ok(db)) => Ok(db),
         // sled 0.34 `Config::try_lock`: fs2's try_lock_exclusive (flock) failed.
@@ -3108,24 +3373,108 @@ fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
                 dir: dir.to_path_buf(),
             })
         }
-        Ok(Err(sled::Error::Unsupported(why))) => Err(StoreError::NotALedger {
-            dir: dir.to_path_buf(),
-            reason: format!("sled cannot open its database with dealledger's settings: {why}"),
-        }),
+        Ok(Err(sled::Error::Unsupported(why))) => Err(unreadable(format!(
+            "sled cannot use its configuration file `conf` with dealledger's settings: {why}"
+        ))),
+        Ok(Err(sled::Error::Corruption { at, .. })) => Err(unreadable(match at {
+            Some(at) => format!("sled reports corruption while reading its files (at {at:?})"),
+            None => "sled reports corruption while reading its files".to_owned(),
+        })),
         Ok(Err(e)) => Err(sled_error(dir, "opening the sled database", e)),
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("(no message)");
-            Err(corrupt(
-                dir,
-                None,
-                format!("sled panicked while opening the database: {message}"),
-            ))
+        Err(panic) => Err(unreadable(format!(
+            "sled failed reading its files: {}",
+            panic_message(&*panic)
+        ))),
+    }
+}
+
+/// Deletes `snap.<lsn>.generating` files: sled 0.34 writes a snapshot of
+/// its page table there, then renames it to `snap.<lsn>`, so one left
+/// behind is unfinished (an open that failed on a full disk leaves an empty
+/// one; so does a kill at the wrong moment). sled itself does not skip
+/// them: it reads the name that sorts last, which is the unfinished file,
+/// and reports corruption of a healthy ledger. Without them sled recovers
+/// from the last finished snapshot and its log, as after any crash.
+fn remove_unfinished_sled_snapshots(dir: &Path) -> Result<(), StoreError> {
+    let Ok(listing) = fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for item in listing {
+        let item = item.map_err(|e| io_error(dir, "listing the ledger folder", e))?;
+        let name = item.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(SLED_SNAPSHOT_PREFIX) && name.ends_with(SLED_UNFINISHED_SNAPSHOT_SUFFIX)
+        {
+            fs::remove_file(item.path()).map_err(|e| {
+                io_error(
+                    dir,
+                    format!("deleting sled's unfinished snapshot file {name}"),
+                    e,
+                )
+            })?;
+            tracing::warn!(dir = %dir.display(), file = %name, "deleted an unfinished sled snapshot file left by an interrupted open");
         }
     }
+    Ok(())
+}
+
+/// The message of a caught panic.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("(no message)")
+}
+
+/// An error while reading a just-opened ledger's metadata: damage, I/O or
+/// sled failing mean the ledger cannot be opened ([`StoreError::Unreadable`]);
+/// a full disk, a foreign database or a newer format keep their own error.
+fn unreadable_at_open(error: StoreError) -> StoreError {
+    match error {
+        StoreError::Corrupt { dir, detail, .. } => StoreError::Unreadable { dir, detail },
+        StoreError::Io {
+            dir,
+            action,
+            source,
+        } => StoreError::Unreadable {
+            detail: format!("{action}: {source}"),
+            dir,
+        },
+        StoreError::Sled {
+            dir,
+            action,
+            source,
+        } => StoreError::Unreadable {
+            detail: format!("{action}: sled error: {source}"),
+            dir,
+        },
+        other => other,
+    }
+}
+
+thread_local! {
+    /// Set while [`quietly`] runs on this thread.
+    static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, catching a panic, with the panic hook silenced on this thread
+/// only (other threads' panics are still reported). The hook is wrapped
+/// once per process.
+fn quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    static WRAP_HOOK: std::sync::Once = std::sync::Once::new();
+    WRAP_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET_PANICS.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    QUIET_PANICS.with(|quiet| quiet.set(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET_PANICS.with(|quiet| quiet.set(false));
+    result
 }
 
 /// Reads what an opened database holds.
@@ -4526,15 +4875,83 @@ mod tests {
             }
         }
         let error = open_error(&path, TOPIC);
+        assert!(matches!(error, StoreError::Unreadable { .. }), "{error}");
         assert!(
-            matches!(
-                error,
-                StoreError::NotALedger { .. } | StoreError::Corrupt { .. }
-            ),
+            error
+                .to_string()
+                .contains("dealledger rebuild --from-kafka --data NEW_DIR"),
             "{error}"
         );
         // Still no ledger: the failed open did not initialise one.
         assert!(Store::open(&path, TOPIC).is_err());
+    }
+
+    #[test]
+    fn sled_files_without_db_never_become_a_new_ledger() {
+        let (_tmp, path) = ledger_dir();
+        small_ledger(&path);
+        fs::remove_file(path.join("db")).unwrap();
+        for error in [
+            open_error(&path, TOPIC),
+            Store::open_existing(&path).unwrap_err(),
+        ] {
+            assert!(matches!(error, StoreError::Unreadable { .. }), "{error}");
+            assert!(error.to_string().contains("no `db` file"), "{error}");
+            assert!(
+                error.to_string().contains("rebuild --from-kafka"),
+                "{error}"
+            );
+        }
+        assert!(!path.join("db").exists(), "nothing was created");
+    }
+
+    #[test]
+    fn an_unfinished_sled_snapshot_file_is_deleted_not_read() {
+        let (_tmp, path) = ledger_dir();
+        let (state, _) = small_ledger(&path);
+        // What an open that failed on a full disk leaves behind; sled would
+        // read it (it sorts last) and report corruption.
+        let unfinished = path.join("snap.FFFFFFFFFFFFFFFF.generating");
+        fs::write(&unfinished, b"").unwrap();
+        let store = Store::open_existing(&path).unwrap();
+        assert!(!unfinished.exists());
+        assert!(store.verify().unwrap().is_intact());
+        assert_eq!(store.heads().unwrap().len(), state.heads().len());
+    }
+
+    #[test]
+    fn a_full_disk_is_named_with_the_space_needed() {
+        let dir = Path::new("/data/ledger");
+        assert!(is_disk_full(&io::Error::from_raw_os_error(28)));
+        assert!(is_disk_full(&io::Error::from(io::ErrorKind::StorageFull)));
+        assert!(!is_disk_full(&io::Error::from(io::ErrorKind::NotFound)));
+        let error = sled_error(
+            dir,
+            "applying batch 3 (1000 entries)",
+            sled::Error::Io(io::Error::from_raw_os_error(28)),
+        );
+        let error = needing(error, 3 * 1024 * 1024);
+        assert!(
+            matches!(error, StoreError::DiskFull { needed_bytes, .. } if needed_bytes == 8 * 1024 * 1024),
+            "{error}"
+        );
+        let message = error.to_string();
+        assert!(
+            message.starts_with("ledger /data/ledger: the disk is full while applying batch 3 (1000 entries) (No space left on device"),
+            "{message}"
+        );
+        assert!(
+            message.contains("free at least 8 MiB on the filesystem holding /data/ledger"),
+            "{message}"
+        );
+        // Our own fsyncs hitting ENOSPC say the same.
+        let error = io_error(dir, "fsync of db", io::Error::from_raw_os_error(28));
+        assert!(
+            error
+                .to_string()
+                .contains("the disk is full while fsync of db"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -4654,10 +5071,10 @@ mod tests {
             tree.insert(meta_key(META_FORMAT), &0u32.to_be_bytes())
                 .unwrap();
         });
-        assert!(matches!(
-            open_error(&path, TOPIC),
-            StoreError::Corrupt { .. }
-        ));
+        // Damaged metadata: the ledger cannot be opened (never re-created).
+        let error = open_error(&path, TOPIC);
+        assert!(matches!(error, StoreError::Unreadable { .. }), "{error}");
+        assert!(error.to_string().contains("format version is 0"), "{error}");
     }
 
     #[test]

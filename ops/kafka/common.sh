@@ -8,13 +8,26 @@
 #                          the state dir is $DEALLEDGER_RUN_DIR/kafka-$KAFKA_PORT
 #   KAFKA_JAVA             java binary to use (default: $JAVA_HOME/bin/java,
 #                          then `java`, then any /usr/lib/jvm/*/bin/java >= 17)
+#   KAFKA_SECURITY         unset or `plaintext` (default): a PLAINTEXT client
+#                          listener, state dir kafka-$KAFKA_PORT.
+#                          `sasl_ssl`: a SASL_SSL (TLS + SCRAM-SHA-512) client
+#                          listener; KAFKA_PORT defaults to 9094, the state dir
+#                          is kafka-sasl_ssl-$KAFKA_PORT, and a PLAINTEXT
+#                          listener for the broker itself and the ops tools
+#                          runs on 127.0.0.1:KAFKA_INTERNAL_PORT
+#                          (default KAFKA_PORT+2000)
 # shellcheck shell=bash
 
 KAFKA_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 REPO_ROOT="$(cd "$KAFKA_DIR/../.." && pwd -P)"
 KAFKA_LIB="$KAFKA_DIR/lib"
 
-KAFKA_PORT="${KAFKA_PORT:-9092}"
+KAFKA_SECURITY="${KAFKA_SECURITY:-plaintext}"
+case "$KAFKA_SECURITY" in
+  plaintext) KAFKA_PORT="${KAFKA_PORT:-9092}" ;;
+  sasl_ssl) KAFKA_PORT="${KAFKA_PORT:-9094}" ;;
+  *) echo "KAFKA_SECURITY must be plaintext or sasl_ssl, got '$KAFKA_SECURITY'" >&2; exit 2 ;;
+esac
 case "$KAFKA_PORT" in
   '' | *[!0-9]*) echo "KAFKA_PORT must be a number, got '$KAFKA_PORT'" >&2; exit 2 ;;
 esac
@@ -32,11 +45,39 @@ fi
 
 KAFKA_HOST=127.0.0.1
 RUN_DIR="${DEALLEDGER_RUN_DIR:-$REPO_ROOT/.run}"
-STATE_DIR="$RUN_DIR/kafka-$KAFKA_PORT"
-PID_FILE="$STATE_DIR/kafka.pid"
-SERVER_PROPS="$STATE_DIR/server.properties"
 # shellcheck disable=SC2034 # used by the scripts that source this file
 LOCAL_BOOTSTRAP="$KAFKA_HOST:$KAFKA_PORT"
+# Where the ops tools (TopicCommand) talk to the local broker, and with which
+# client settings: the client port itself in plaintext mode, the loopback
+# PLAINTEXT listener in sasl_ssl mode.
+TOOLS_BOOTSTRAP="$LOCAL_BOOTSTRAP"
+if [ "$KAFKA_SECURITY" = sasl_ssl ]; then
+  STATE_DIR="$RUN_DIR/kafka-sasl_ssl-$KAFKA_PORT"
+  KAFKA_INTERNAL_PORT="${KAFKA_INTERNAL_PORT:-$((KAFKA_PORT + 2000))}"
+  case "$KAFKA_INTERNAL_PORT" in
+    '' | *[!0-9]*) echo "KAFKA_INTERNAL_PORT must be a number, got '$KAFKA_INTERNAL_PORT'" >&2; exit 2 ;;
+  esac
+  if [ "$KAFKA_INTERNAL_PORT" -lt 1 ] || [ "$KAFKA_INTERNAL_PORT" -gt 65535 ] \
+    || [ "$KAFKA_INTERNAL_PORT" -eq "$KAFKA_PORT" ] || [ "$KAFKA_INTERNAL_PORT" -eq "$KAFKA_CONTROLLER_PORT" ]; then
+    echo "bad KAFKA_INTERNAL_PORT: $KAFKA_INTERNAL_PORT" >&2; exit 2
+  fi
+  TOOLS_BOOTSTRAP="$KAFKA_HOST:$KAFKA_INTERNAL_PORT"
+  # TLS material and client settings (0700 dir; see ops/kafka/README.md).
+  TLS_DIR="$STATE_DIR/tls"
+  # shellcheck disable=SC2034
+  CLIENT_DIR="$STATE_DIR/client"
+  # shellcheck disable=SC2034
+  SCRAM_MECHANISM=SCRAM-SHA-512
+  # shellcheck disable=SC2034
+  SCRAM_USER="${KAFKA_SCRAM_USER:-dealledger}"
+  case "$SCRAM_USER" in
+    '' | *[!A-Za-z0-9._-]*) echo "KAFKA_SCRAM_USER may hold only letters, digits, . _ -; got '$SCRAM_USER'" >&2; exit 2 ;;
+  esac
+else
+  STATE_DIR="$RUN_DIR/kafka-$KAFKA_PORT"
+fi
+PID_FILE="$STATE_DIR/kafka.pid"
+SERVER_PROPS="$STATE_DIR/server.properties"
 
 log() { printf '%s\n' "kafka: $*" >&2; }
 die() { printf '%s\n' "kafka: error: $*" >&2; exit 1; }

@@ -8,7 +8,9 @@
 //! writes `FILE.tmp`, fsyncs it and renames it; `import FILE --data DIR`
 //! builds `DIR.importing` and renames it when every link, batch and head
 //! checked out. A killed run leaves at most the `.tmp` / `.importing`
-//! leftover, never a partial file or ledger under the real name.
+//! leftover, never a partial file or ledger under the real name; the next
+//! run overwrites the `.tmp` file and deletes an `.importing` folder no
+//! process has open.
 //!
 //! Exit codes: 0 done; 1 broken (a ledger or export that fails a check) or
 //! a failed write; 2 unreadable or foreign input, or bad arguments.
@@ -24,12 +26,12 @@ use serde::Serialize;
 
 use super::verify::{
     EXIT_BROKEN, fail, open_export, prepare_new_ledger, progress_bar, progress_fn, publish_ledger,
-    read_exit_code, store_exit_code, sync_parent,
+    read_exit_code, staging_path, store_exit_code, sync_parent,
 };
 use super::{DEFAULT_DATA_DIR, EXIT_BAD_INPUT};
 use crate::chain::ChainHead;
 use crate::export::{ExportSummary, ImportError, WriteError, export_store, import_export};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// Output buffer of an export.
 const WRITE_BUFFER: usize = 1 << 20;
@@ -269,6 +271,31 @@ fn export_to_file(
     result
 }
 
+/// Deletes `DIR<suffix>` when a killed import or rebuild left it behind
+/// (no process has it open); it is never a result, only a half-built
+/// ledger. Refuses while another run is building it.
+pub(super) fn remove_abandoned_staging(dir: &Path, suffix: &str) -> Result<(), String> {
+    let staging = staging_path(dir, suffix)?;
+    match Store::remove_abandoned(&staging) {
+        Ok(true) => {
+            tracing::warn!(
+                staging = %staging.display(),
+                "deleted a half-built ledger left by an interrupted run"
+            );
+            Ok(())
+        }
+        Ok(false) => Ok(()),
+        Err(StoreError::Locked { .. }) => Err(format!(
+            "{} is being built by another dealledger process; wait for it to finish",
+            staging.display()
+        )),
+        Err(e) => Err(format!(
+            "cannot delete {}, left by an interrupted run: {e}",
+            staging.display()
+        )),
+    }
+}
+
 /// What `import` reports.
 #[derive(Debug, Serialize)]
 struct ImportOut {
@@ -289,6 +316,9 @@ pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
         Ok(reader) => reader,
         Err(message) => return Ok(fail(EXIT_BAD_INPUT, message)),
     };
+    if let Err(message) = remove_abandoned_staging(&args.data, IMPORTING_SUFFIX) {
+        return Ok(fail(EXIT_BAD_INPUT, format!("import: {message}")));
+    }
     let staging = match prepare_new_ledger(&args.data, IMPORTING_SUFFIX) {
         Ok(staging) => staging,
         Err(message) => return Ok(fail(EXIT_BAD_INPUT, format!("import: {message}"))),

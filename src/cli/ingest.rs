@@ -54,10 +54,10 @@ impl LedgerArgs {
         config
     }
 
-    fn open(&self) -> anyhow::Result<(Arc<Store>, crate::ledger::LedgerState)> {
+    fn open(&self) -> anyhow::Result<(Arc<Store>, crate::ingest::SharedState)> {
         let store = Store::open(&self.data, &self.kafka.topic)?;
         let state = store.load_state()?;
-        Ok((Arc::new(store), state))
+        Ok((Arc::new(store), Arc::new(std::sync::RwLock::new(state))))
     }
 }
 
@@ -80,13 +80,79 @@ pub struct IngestArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     ledger: LedgerArgs,
-    /// Address of the HTTP listener (/health, /metrics).
+    /// Address of the HTTP listener (/health, /metrics, the /v1 query API).
     #[arg(long, env = "DEALLEDGER_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// API tokens file: one token per line, optionally followed by
+    /// `allow=deals,history,locks,findings,stats,export`; `#` comments.
+    /// Tokens in the environment variable DEALLEDGER_API_TOKENS
+    /// (comma-separated) are allowed every route. Without any token every
+    /// /v1 request is answered 401.
+    #[arg(long, env = "DEALLEDGER_TOKENS_FILE", value_name = "FILE")]
+    tokens_file: Option<PathBuf>,
+    /// Require a valid API token for /health and /metrics too (default: open).
+    #[arg(long)]
+    protect_health: bool,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
+    #[arg(
+        long,
+        env = "DEALLEDGER_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "DEALLEDGER_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
     /// Static consumer-group membership id, so a restarted daemon gets its
     /// partitions back at once. Default: derived from the ledger folder.
     #[arg(long)]
     instance_id: Option<String>,
+}
+
+impl ServeArgs {
+    /// The API tokens from --tokens-file and DEALLEDGER_API_TOKENS.
+    fn auth(&self) -> anyhow::Result<api::Auth> {
+        let mut auth = api::Auth::new(self.protect_health);
+        if let Some(path) = &self.tokens_file {
+            auth.add_file(path)?;
+        }
+        match std::env::var(api::auth::TOKENS_ENV) {
+            Ok(list) => auth.add_env_list(&list)?,
+            Err(std::env::VarError::NotPresent) => {}
+            Err(std::env::VarError::NotUnicode(_)) => {
+                anyhow::bail!("{} is not valid UTF-8", api::auth::TOKENS_ENV)
+            }
+        }
+        if auth.is_empty() {
+            tracing::warn!(
+                "no API tokens configured (--tokens-file, {}): every /v1 request will be answered 401",
+                api::auth::TOKENS_ENV
+            );
+        } else {
+            tracing::info!(tokens = auth.len(), "API tokens loaded");
+        }
+        Ok(auth)
+    }
+
+    /// The TLS configuration, if --tls-cert and --tls-key are given.
+    fn tls(&self) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(
+                api::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }
+                .load()?,
+            )),
+            _ => Ok(None),
+        }
+    }
 }
 
 /// A flag set by SIGTERM and SIGINT (Ctrl-C).
@@ -148,6 +214,8 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
 /// `dealledger serve`.
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let stop = stop_flag()?;
+    let auth = Arc::new(args.auth()?);
+    let tls = args.tls()?;
     let (store, state) = args.ledger.open()?;
     let mut config = args.ledger.config(Mode::Continuous);
     config.instance_id = Some(args.instance_id.clone().unwrap_or_else(|| {
@@ -169,13 +237,22 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     tracing::info!(listen = %args.listen, "HTTP listener up");
     let api_state = ApiState {
         metrics: Arc::clone(&metrics),
+        ledger: Some(api::LedgerHandle {
+            state: Arc::clone(&state),
+            store: Arc::clone(&store),
+        }),
+        auth,
     };
     let http_stop = Arc::clone(&stop);
-    let http = runtime.spawn(api::serve(listener, api_state, async move {
+    let shutdown = async move {
         while !http_stop.load(Ordering::Relaxed) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    }));
+    };
+    let http = match tls {
+        Some(tls) => runtime.spawn(api::serve_tls(listener, tls, api_state, shutdown)),
+        None => runtime.spawn(api::serve(listener, api_state, shutdown)),
+    };
 
     let ingest_stop = Arc::clone(&stop);
     let ingest_metrics = Arc::clone(&metrics);

@@ -17,6 +17,7 @@ mod export;
 mod generate;
 mod ingest;
 mod produce;
+mod query;
 mod rebuild;
 mod replay;
 mod verify;
@@ -111,6 +112,36 @@ pub enum Command {
     ///
     /// Example: dealledger rebuild --from-kafka --data ./rebuilt --compare-with ./ledger
     Rebuild(rebuild::RebuildArgs),
+    /// Ask about one deal: `deal show ID`, `deal history ID`.
+    ///
+    /// Every answer cites the stream, seq and hash of the entries behind it.
+    /// Offline with --data DIR (stopped ledger) or from the daemon with
+    /// --server URL (token in DEALLEDGER_TOKEN); --json for one document.
+    ///
+    /// Example: dealledger deal show google-openai-2025 --data ./ledger
+    #[command(subcommand)]
+    Deal(query::DealCommand),
+    /// List deals: `deals list [--party P] [--status S] [--from T] [--to T]`.
+    ///
+    /// Example: dealledger deals list --party openai --json
+    #[command(subcommand)]
+    Deals(query::DealsCommand),
+    /// Exclusivity locks: `locks active --at TIME`.
+    ///
+    /// Example: dealledger locks active --at 2025-01-15
+    #[command(subcommand)]
+    Locks(query::LocksCommand),
+    /// Compliance findings: deals finalized under another's exclusive lock,
+    /// time going backwards, backdating, terms mismatches, activity after
+    /// termination, refused and duplicate events per producer.
+    ///
+    /// Example: dealledger findings --data ./ledger --from 2025-01-01 --json
+    Findings(query::FindingsArgs),
+    /// Per-deal and overall statistics: time to finalization, proposal
+    /// rounds, events by type and verdict.
+    ///
+    /// Example: dealledger stats --data ./ledger
+    Stats(query::StatsArgs),
 }
 
 /// How to reach Kafka; shared by every command that talks to it.
@@ -159,5 +190,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Export(args) => export::export(args),
         Command::Import(args) => export::import(args),
         Command::Rebuild(args) => rebuild::rebuild(args),
+        Command::Deal(command) => query::deal(command),
+        Command::Deals(command) => query::deals(command),
+        Command::Locks(command) => query::locks(command),
+        Command::Findings(args) => query::findings(args),
+        Command::Stats(args) => query::stats(args),
     }
 }

@@ -12,7 +12,8 @@
 //!
 //! The new ledger is built in `DIR.rebuilding` and renamed to `DIR` at the
 //! end, so an interrupted rebuild never leaves a half-built ledger under
-//! the real name. Exit codes: 0 rebuilt (and heads match, when compared);
+//! the real name (a `DIR.rebuilding` left by a killed run is deleted by the
+//! next one). Exit codes: 0 rebuilt (and heads match, when compared);
 //! 1 heads differ, or the rebuild failed (Kafka unreachable, I/O); 2 bad
 //! arguments (DIR not new, a comparison target that is unreadable or of
 //! another topic, a topic that does not exist).
@@ -29,6 +30,7 @@ use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
 
+use super::export::remove_abandoned_staging;
 use super::verify::{EXIT_BROKEN, fail, open_export, prepare_new_ledger, publish_ledger};
 use super::{EXIT_BAD_INPUT, KafkaArgs};
 use crate::chain::ChainHead;
@@ -185,6 +187,9 @@ pub fn rebuild(args: RebuildArgs) -> anyhow::Result<ExitCode> {
             }
         },
     };
+    if let Err(message) = remove_abandoned_staging(&args.data, REBUILDING_SUFFIX) {
+        return Ok(fail(EXIT_BAD_INPUT, format!("rebuild: {message}")));
+    }
     let staging = match prepare_new_ledger(&args.data, REBUILDING_SUFFIX) {
         Ok(staging) => staging,
         Err(message) => return Ok(fail(EXIT_BAD_INPUT, format!("rebuild: {message}"))),
@@ -208,7 +213,7 @@ pub fn rebuild(args: RebuildArgs) -> anyhow::Result<ExitCode> {
     let result = ingest::run(
         &config,
         Arc::clone(&store),
-        LedgerState::new(topic.clone()),
+        Arc::new(std::sync::RwLock::new(LedgerState::new(topic.clone()))),
         Arc::new(Metrics::new()),
         Arc::clone(&stop),
     );

@@ -3,8 +3,9 @@
 //! Why it exists: the daemon runs unattended, so it must answer the two
 //! questions operators and orchestrators ask of it over HTTP: "are you well?"
 //! (`GET /health`, for probes and humans) and "what are you doing?"
-//! (`GET /metrics`, for Prometheus). The query API (`/v1/...`) will be served
-//! from the same listener; see [`router`] for where its routes go.
+//! (`GET /metrics`, for Prometheus); and it serves the read-only query API
+//! (`GET /v1/...`, [`routes`], described by `docs/openapi.json`) behind
+//! bearer tokens ([`auth`]), over plain HTTP or TLS ([`TlsFiles`]).
 //!
 //! Every request is bounded: its body by [`MAX_REQUEST_BODY_BYTES`] (answered
 //! with 413) and its handling time by [`REQUEST_TIMEOUT`] (answered with
@@ -13,6 +14,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +29,11 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::metrics::{HealthStatus, Metrics};
+
+pub mod auth;
+pub mod routes;
+
+pub use auth::Auth;
 
 /// Largest request body accepted, in bytes. Every route so far is a `GET`;
 /// this only leaves room for small query documents later.
@@ -59,6 +66,28 @@ impl ApiConfig {
 pub struct ApiState {
     /// The daemon's metrics, written by the ingest loop.
     pub metrics: Arc<Metrics>,
+    /// The ledger the queries read; `None` serves only `/health` and `/metrics`.
+    pub ledger: Option<LedgerHandle>,
+    /// The accepted bearer tokens.
+    pub auth: Arc<Auth>,
+}
+
+/// The live ledger: the state the ingester keeps current, and the store
+/// the cited entries are read from.
+#[derive(Clone)]
+pub struct LedgerHandle {
+    /// The shared state (deal book and query index).
+    pub state: crate::ingest::SharedState,
+    /// The store, for the entries behind answers.
+    pub store: Arc<crate::store::Store>,
+}
+
+impl std::fmt::Debug for LedgerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LedgerHandle")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The body of every error answer.
@@ -66,6 +95,9 @@ pub struct ApiState {
 pub struct ErrorBody {
     /// What was wrong, in one line.
     pub error: String,
+    /// For a 400: the query or path parameter that was wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameter: Option<String>,
 }
 
 /// An error answer: a status code and a JSON [`ErrorBody`].
@@ -76,6 +108,8 @@ pub struct ApiError {
     pub status: StatusCode,
     /// What was wrong, in one line.
     pub message: String,
+    /// For a 400: the parameter that was wrong.
+    pub parameter: Option<String>,
 }
 
 impl ApiError {
@@ -84,19 +118,39 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            parameter: None,
+        }
+    }
+
+    /// A 400 naming the parameter that was wrong.
+    pub fn bad_parameter(name: impl Into<String>, reason: impl Into<String>) -> Self {
+        let name = name.into();
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: format!("parameter {name}: {}", reason.into()),
+            parameter: Some(name),
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let unauthorized = self.status == StatusCode::UNAUTHORIZED;
+        let mut response = (
             self.status,
             axum::Json(ErrorBody {
                 error: self.message,
+                parameter: self.parameter,
             }),
         )
-            .into_response()
+            .into_response();
+        if unauthorized {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"dealledger\""),
+            );
+        }
+        response
     }
 }
 
@@ -104,10 +158,13 @@ impl IntoResponse for ApiError {
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .merge(operational_routes())
-        // The query API's `/v1/...` routes are merged here, e.g.
-        // `.merge(query_routes())`, each a `Router<ApiState>`.
+        .merge(routes::v1_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ))
         .layer(RequestBodyLimitLayer::new(MAX_REQUEST_BODY_BYTES))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -136,6 +193,157 @@ pub async fn serve(
     }
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Longest time the TLS listener waits for requests in flight at shutdown.
+pub const TLS_SHUTDOWN_GRACE: Duration = REQUEST_TIMEOUT;
+
+/// Longest time a client may take for its TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest certificate or key file read, in bytes.
+pub const MAX_TLS_FILE_BYTES: u64 = 1 << 20;
+
+/// The certificate chain and private key of the HTTPS listener, as PEM files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM file with the certificate chain, the server's certificate first.
+    pub cert: PathBuf,
+    /// PEM file with its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// Why the TLS certificate or key cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("cannot read the TLS {what} file {}: {source}", path.display())]
+    Read {
+        /// `certificate` or `key`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// A file is larger than [`MAX_TLS_FILE_BYTES`].
+    #[error("the TLS {what} file {} is larger than {MAX_TLS_FILE_BYTES} bytes; is it the right file?", path.display())]
+    TooLarge {
+        /// `certificate` or `key`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+    },
+    /// A file holds no usable PEM item of the kind expected.
+    #[error("the TLS {what} file {} {reason}", path.display())]
+    Pem {
+        /// `certificate` or `key`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// rustls refused the pair, e.g. a key that does not match the certificate.
+    #[error("the TLS certificate {} and key {} cannot be used together: {reason}", cert.display(), key.display())]
+    Refused {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// rustls's reason.
+        reason: String,
+    },
+}
+
+impl TlsFiles {
+    fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+        let io = |source| TlsError::Read {
+            what,
+            path: path.to_path_buf(),
+            source,
+        };
+        if std::fs::metadata(path).map_err(io)?.len() > MAX_TLS_FILE_BYTES {
+            return Err(TlsError::TooLarge {
+                what,
+                path: path.to_path_buf(),
+            });
+        }
+        std::fs::read(path).map_err(io)
+    }
+
+    /// Reads both files and builds the TLS server configuration (TLS 1.2
+    /// and 1.3, HTTP/1.1), checking that the key matches the certificate.
+    pub fn load(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let cert_pem = Self::read("certificate", &self.cert)?;
+        let key_pem = Self::read("key", &self.key)?;
+        let pem_error = |what, path: &Path, reason: String| TlsError::Pem {
+            what,
+            path: path.to_path_buf(),
+            reason,
+        };
+        let certs = CertificateDer::pem_slice_iter(&cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_error("certificate", &self.cert, format!("is not valid PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(pem_error(
+                "certificate",
+                &self.cert,
+                "holds no CERTIFICATE block".into(),
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+            pem_error(
+                "key",
+                &self.key,
+                format!("holds no usable private key (PKCS#8, PKCS#1 or SEC1 PEM): {e}"),
+            )
+        })?;
+        let refused = |reason: String| TlsError::Refused {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            reason,
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| refused(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| refused(e.to_string()))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+/// Like [`serve`], over TLS with `tls` (see [`TlsFiles::load`]): plain HTTP
+/// to this listener fails the handshake.
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    state: ApiState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "HTTPS API listening");
+    }
+    let handle = axum_server::Handle::new();
+    let stopper = handle.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        stopper.graceful_shutdown(Some(TLS_SHUTDOWN_GRACE));
+    });
+    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(
+        axum_server::tls_rustls::RustlsConfig::from_config(tls),
+    )
+    .handshake_timeout(TLS_HANDSHAKE_TIMEOUT);
+    axum_server::from_tcp(listener.into_std()?)?
+        .acceptor(acceptor)
+        .handle(handle)
+        .serve(router(state).into_make_service())
         .await
 }
 
@@ -205,6 +413,8 @@ mod tests {
         let (stop, stopped) = oneshot::channel::<()>();
         let state = ApiState {
             metrics: metrics.clone(),
+            ledger: None,
+            auth: Arc::new(Auth::new(false)),
         };
         let task = tokio::spawn(serve(listener, state, async {
             let _ = stopped.await;

@@ -1,0 +1,735 @@
+//! The query index: which ledger entries stand behind each deal.
+//!
+//! Why this module exists: the [`DealBook`](crate::deal::DealBook) holds each
+//! deal's *current state*, which is all the fold needs. Compliance officers
+//! also ask *where that state came from*: every query answer cites the
+//! stream, sequence and hash of the entries behind it, `deal history` lists
+//! every entry of a deal (accepted, rejected or duplicate), and findings look
+//! at business and record times across a deal's events and at what each
+//! producer sent. This index keeps exactly that, compactly: one fixed-size
+//! [`HistoryItem`] per entry, plus the entries that opened, agreed, finalized
+//! and terminated each deal and granted or ended each lock.
+//!
+//! It is derived data like the deal book: [`LedgerState`](crate::ledger::LedgerState)
+//! updates it for every entry it judges (ingest and replay run the same
+//! code), snapshots store it ([`DealIndex::encode`]), and a replay from
+//! genesis rebuilds it. Part of the pure core: no I/O, no clock.
+//!
+//! Memory: 32 bytes per entry plus a small record per deal and per lock; the
+//! strings of producers (`source`) and rejection kinds are interned once.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::chain::{HASH_LEN, Hash};
+use crate::event::{DealEvent, EventType, Id, Payload, Timestamp};
+use crate::ledger::Location;
+
+/// Largest number of distinct producers (`source` values) kept by name;
+/// events of further sources are counted under [`OTHER_SOURCES`].
+pub const MAX_SOURCES: usize = 65_536;
+
+/// Largest number of distinct rejection kinds kept by name (the real number
+/// is about thirty; the bound only guards the encoding).
+pub const MAX_KINDS: usize = 250;
+
+/// The name events of sources beyond [`MAX_SOURCES`] are counted under.
+pub const OTHER_SOURCES: &str = "(other sources)";
+
+/// The source of entries whose event did not decode.
+pub const UNKNOWN_SOURCE: &str = "(not decodable)";
+
+/// Bytes of one [`HistoryItem`] in the encoding.
+const ITEM_BYTES: usize = 8 + 8 + 8 + 4 + 1 + 1;
+
+/// Format byte of [`DealIndex::encode`].
+const INDEX_FORMAT: u8 = 1;
+
+/// What became of one entry, compactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ItemVerdict {
+    /// Folded into its deal.
+    Accepted,
+    /// The same `source` + `id` was recorded before.
+    Duplicate,
+    /// Refused; the kind is an index into [`DealIndex::kind_name`].
+    Rejected(u8),
+}
+
+impl ItemVerdict {
+    fn code(self) -> u8 {
+        match self {
+            ItemVerdict::Accepted => 0,
+            ItemVerdict::Duplicate => 1,
+            ItemVerdict::Rejected(k) => 2 + k,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<ItemVerdict> {
+        match code {
+            0 => Some(ItemVerdict::Accepted),
+            1 => Some(ItemVerdict::Duplicate),
+            2..=255 => Some(ItemVerdict::Rejected(code - 2)),
+        }
+    }
+}
+
+/// One entry as the index keeps it (32 bytes in memory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HistoryItem {
+    /// Where the entry is, packed: partition in the top 16 bits, seq below.
+    packed: u64,
+    /// The event's business `time` in microseconds since the Unix epoch
+    /// ([`HistoryItem::NO_TIME`] when it did not decode).
+    pub time_micros: i64,
+    /// Kafka's record timestamp in milliseconds.
+    pub record_ms: i64,
+    /// Index of the producer into [`DealIndex::source_name`].
+    pub source: u32,
+    /// The event type's position in [`EventType::ALL`], or `u8::MAX`.
+    event_type: u8,
+    /// What became of it.
+    verdict: u8,
+}
+
+impl HistoryItem {
+    /// `time_micros` of an entry whose event did not decode.
+    pub const NO_TIME: i64 = i64::MIN;
+
+    /// Where the entry is.
+    pub fn location(&self) -> Location {
+        unpack(self.packed)
+    }
+
+    /// The event type, when the event decoded.
+    pub fn event_type(&self) -> Option<EventType> {
+        EventType::ALL.get(usize::from(self.event_type)).copied()
+    }
+
+    /// What became of the entry.
+    pub fn verdict(&self) -> ItemVerdict {
+        ItemVerdict::from_code(self.verdict).expect("every code is a verdict")
+    }
+
+    /// The business time, when the event decoded.
+    pub fn time(&self) -> Option<Timestamp> {
+        (self.time_micros != Self::NO_TIME)
+            .then(|| Timestamp::from_unix_micros(self.time_micros))
+            .flatten()
+    }
+}
+
+/// An entry cited as evidence: where it is and its chain hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cited {
+    /// Where the entry is.
+    pub location: Location,
+    /// Its entry hash.
+    pub hash: Hash,
+}
+
+/// The entries that granted and ended one lock.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LockRefs {
+    /// The `deal.exclusivity.granted` entry.
+    pub granted: Option<Cited>,
+    /// The `deal.exclusivity.released` or `deal.terminated` entry that ended it.
+    pub ended: Option<Cited>,
+}
+
+/// Everything the index keeps about one deal id.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DealEntries {
+    /// Every entry naming the deal, in ledger order.
+    pub items: Vec<HistoryItem>,
+    /// The accepted `deal.negotiation.opened`.
+    pub opened: Option<Cited>,
+    /// The accepted `deal.terms.accepted`.
+    pub agreed: Option<Cited>,
+    /// The accepted `deal.finalized`.
+    pub finalized: Option<Cited>,
+    /// The accepted event that set the current terms (acceptance,
+    /// finalization or the latest amendment).
+    pub terms_from: Option<Cited>,
+    /// The accepted `deal.terminated`.
+    pub terminated: Option<Cited>,
+    /// The last accepted event.
+    pub last: Option<Cited>,
+    /// Each lock granted by the deal.
+    pub locks: BTreeMap<Id, LockRefs>,
+}
+
+/// A string table: each distinct string once, referred to by position.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Interner {
+    names: Vec<String>,
+    positions: HashMap<String, u32>,
+}
+
+impl Interner {
+    /// The position of `name`, adding it while fewer than `limit` are kept;
+    /// beyond, the position of `overflow`.
+    fn intern(&mut self, name: &str, limit: usize, overflow: &str) -> u32 {
+        if let Some(p) = self.positions.get(name) {
+            return *p;
+        }
+        let name = if self.names.len() + 1 >= limit {
+            overflow
+        } else {
+            name
+        };
+        if let Some(p) = self.positions.get(name) {
+            return *p;
+        }
+        let p = u32::try_from(self.names.len()).expect("bounded by the limit");
+        self.names.push(name.to_string());
+        self.positions.insert(name.to_string(), p);
+        p
+    }
+
+    fn name(&self, p: u32) -> &str {
+        self.names.get(p as usize).map_or("", String::as_str)
+    }
+
+    fn from_names(names: Vec<String>) -> Result<Interner, String> {
+        let mut positions = HashMap::with_capacity(names.len());
+        for (i, n) in names.iter().enumerate() {
+            if positions.insert(n.clone(), i as u32).is_some() {
+                return Err(format!("name {n:?} is listed twice"));
+            }
+        }
+        Ok(Interner { names, positions })
+    }
+}
+
+/// The query index of a whole ledger. See the module docs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DealIndex {
+    deals: HashMap<Id, DealEntries>,
+    /// Entries whose event did not decode, so name no deal.
+    unattributed: Vec<HistoryItem>,
+    sources: Interner,
+    kinds: Interner,
+}
+
+/// How one judged entry is described to [`DealIndex::record`].
+#[derive(Clone, Copy, Debug)]
+pub enum Judged<'a> {
+    /// The event decoded and the fold accepted it.
+    Accepted(&'a DealEvent),
+    /// The event decoded; the same identity was recorded before.
+    Duplicate(&'a DealEvent),
+    /// The event decoded and the fold refused it with this kind.
+    Refused(&'a DealEvent, &'a str),
+    /// The record is not a deal event at all; the decoding error's kind.
+    Undecodable(&'a str),
+}
+
+impl DealIndex {
+    /// An empty index.
+    pub fn new() -> DealIndex {
+        DealIndex::default()
+    }
+
+    /// Records one judged entry. Entries come in ledger order.
+    pub fn record(&mut self, location: Location, hash: Hash, record_ms: i64, judged: Judged<'_>) {
+        let (event, verdict) = match judged {
+            Judged::Accepted(e) => (Some(e), ItemVerdict::Accepted),
+            Judged::Duplicate(e) => (Some(e), ItemVerdict::Duplicate),
+            Judged::Refused(e, kind) => (Some(e), ItemVerdict::Rejected(self.kind(kind))),
+            Judged::Undecodable(kind) => (None, ItemVerdict::Rejected(self.kind(kind))),
+        };
+        let Some(event) = event else {
+            let source = self
+                .sources
+                .intern(UNKNOWN_SOURCE, MAX_SOURCES, OTHER_SOURCES);
+            self.unattributed.push(HistoryItem {
+                packed: pack(location),
+                time_micros: HistoryItem::NO_TIME,
+                record_ms,
+                source,
+                event_type: u8::MAX,
+                verdict: verdict.code(),
+            });
+            return;
+        };
+        let source = self
+            .sources
+            .intern(&event.source, MAX_SOURCES, OTHER_SOURCES);
+        let event_type = event.event_type();
+        let position = EventType::ALL
+            .iter()
+            .position(|t| *t == event_type)
+            .expect("every type is in ALL") as u8;
+        let item = HistoryItem {
+            packed: pack(location),
+            time_micros: event.time.unix_micros(),
+            record_ms,
+            source,
+            event_type: position,
+            verdict: verdict.code(),
+        };
+        let deal = self.deals.entry(event.deal_id.clone()).or_default();
+        deal.items.push(item);
+        if verdict != ItemVerdict::Accepted {
+            return;
+        }
+        let cited = Some(Cited { location, hash });
+        deal.last = cited;
+        match &event.payload {
+            Payload::NegotiationOpened(_) => deal.opened = cited,
+            Payload::TermsAccepted(_) => {
+                deal.agreed = cited;
+                deal.terms_from = cited;
+            }
+            Payload::Finalized(_) => {
+                deal.finalized = cited;
+                deal.terms_from = cited;
+            }
+            Payload::Amended(_) => deal.terms_from = cited,
+            Payload::ExclusivityGranted(g) => {
+                deal.locks.insert(
+                    g.lock_id.clone(),
+                    LockRefs {
+                        granted: cited,
+                        ended: None,
+                    },
+                );
+            }
+            Payload::ExclusivityReleased(r) => {
+                if let Some(refs) = deal.locks.get_mut(&r.lock_id) {
+                    refs.ended = cited;
+                }
+            }
+            Payload::Terminated(_) => {
+                deal.terminated = cited;
+                for refs in deal.locks.values_mut() {
+                    if refs.ended.is_none() {
+                        refs.ended = cited;
+                    }
+                }
+            }
+            Payload::TermsProposed(_) | Payload::TermsCountered(_) | Payload::TermsRejected(_) => {}
+        }
+    }
+
+    fn kind(&mut self, kind: &str) -> u8 {
+        let p = self.kinds.intern(kind, MAX_KINDS, "other");
+        u8::try_from(p).expect("MAX_KINDS fits a byte")
+    }
+
+    /// What the index holds about deal `id` (also for ids never opened,
+    /// when events named them).
+    pub fn deal(&self, id: &Id) -> Option<&DealEntries> {
+        self.deals.get(id)
+    }
+
+    /// Every deal id with its entries, in no particular order.
+    pub fn deals(&self) -> impl Iterator<Item = (&Id, &DealEntries)> {
+        self.deals.iter()
+    }
+
+    /// Entries whose event did not decode, in ledger order.
+    pub fn unattributed(&self) -> &[HistoryItem] {
+        &self.unattributed
+    }
+
+    /// The producer (`source`) an item's position names.
+    pub fn source_name(&self, p: u32) -> &str {
+        self.sources.name(p)
+    }
+
+    /// The rejection kind a [`ItemVerdict::Rejected`] position names.
+    pub fn kind_name(&self, p: u8) -> &str {
+        self.kinds.name(u32::from(p))
+    }
+
+    /// Entries indexed.
+    pub fn len(&self) -> usize {
+        self.unattributed.len() + self.deals.values().map(|d| d.items.len()).sum::<usize>()
+    }
+
+    /// Whether no entry was indexed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    // ---- encoding (for snapshots) -----------------------------------------
+
+    /// Appends the index to `out`, deterministically (deals in id order).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.push(INDEX_FORMAT);
+        for table in [&self.sources, &self.kinds] {
+            put_u32(out, table.names.len() as u32);
+            for name in &table.names {
+                put_bytes(out, name.as_bytes());
+            }
+        }
+        put_items(out, &self.unattributed);
+        let mut ids: Vec<&Id> = self.deals.keys().collect();
+        ids.sort_unstable();
+        put_u64(out, ids.len() as u64);
+        for id in ids {
+            let deal = &self.deals[id];
+            put_bytes(out, id.as_str().as_bytes());
+            for cited in [
+                deal.opened,
+                deal.agreed,
+                deal.finalized,
+                deal.terms_from,
+                deal.terminated,
+                deal.last,
+            ] {
+                put_cited(out, cited);
+            }
+            put_u32(out, deal.locks.len() as u32);
+            for (lock, refs) in &deal.locks {
+                put_bytes(out, lock.as_str().as_bytes());
+                put_cited(out, refs.granted);
+                put_cited(out, refs.ended);
+            }
+            put_items(out, &deal.items);
+        }
+    }
+
+    /// Reads an index written by [`DealIndex::encode`] from the front of
+    /// `bytes`; returns it and the bytes it took. Never panics on bad input;
+    /// never allocates more than `bytes` can describe.
+    pub fn decode(bytes: &[u8]) -> Result<(DealIndex, usize), String> {
+        let mut r = Reader { bytes, at: 0 };
+        let format = r.u8("the index format")?;
+        if format != INDEX_FORMAT {
+            return Err(format!(
+                "index format {format} is not supported (expected {INDEX_FORMAT})"
+            ));
+        }
+        let mut tables = Vec::with_capacity(2);
+        for (what, limit) in [("sources", MAX_SOURCES), ("kinds", MAX_KINDS)] {
+            let n = r.u32(what)? as usize;
+            if n > limit {
+                return Err(format!("{n} {what}, more than the limit {limit}"));
+            }
+            let mut names = Vec::with_capacity(n.min(r.remaining()));
+            for _ in 0..n {
+                names.push(r.string(what)?);
+            }
+            tables.push(Interner::from_names(names).map_err(|e| format!("{what}: {e}"))?);
+        }
+        let kinds = tables.pop().expect("two tables");
+        let sources = tables.pop().expect("two tables");
+        let unattributed = r.items("unattributed entries")?;
+        let n = r.u64("the deal count")?;
+        let mut deals = HashMap::with_capacity((n as usize).min(r.remaining() / 8));
+        for _ in 0..n {
+            let id = Id::new(r.string("a deal id")?).map_err(|e| format!("deal id: {e}"))?;
+            let mut deal = DealEntries {
+                opened: r.cited()?,
+                agreed: r.cited()?,
+                finalized: r.cited()?,
+                terms_from: r.cited()?,
+                terminated: r.cited()?,
+                last: r.cited()?,
+                ..DealEntries::default()
+            };
+            let locks = r.u32("the lock count")?;
+            for _ in 0..locks {
+                let lock = Id::new(r.string("a lock id")?).map_err(|e| format!("lock id: {e}"))?;
+                let refs = LockRefs {
+                    granted: r.cited()?,
+                    ended: r.cited()?,
+                };
+                deal.locks.insert(lock, refs);
+            }
+            deal.items = r.items("deal entries")?;
+            if deals.insert(id.clone(), deal).is_some() {
+                return Err(format!("deal {id} is listed twice"));
+            }
+        }
+        Ok((
+            DealIndex {
+                deals,
+                unattributed,
+                sources,
+                kinds,
+            },
+            r.at,
+        ))
+    }
+}
+
+fn pack(location: Location) -> u64 {
+    debug_assert!((0..=i32::from(u16::MAX)).contains(&location.partition));
+    debug_assert!(location.seq < 1 << 48);
+    ((location.partition as u64) << 48) | location.seq
+}
+
+fn unpack(packed: u64) -> Location {
+    Location {
+        partition: i32::from((packed >> 48) as u16),
+        seq: packed & ((1 << 48) - 1),
+    }
+}
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    put_u32(out, b.len() as u32);
+    out.extend_from_slice(b);
+}
+
+/// `0` for none, else `1 + packed` and the hash: a packed location is
+/// below 2^64 - 1.
+fn put_cited(out: &mut Vec<u8>, cited: Option<Cited>) {
+    match cited {
+        None => put_u64(out, 0),
+        Some(c) => {
+            put_u64(out, pack(c.location) + 1);
+            out.extend_from_slice(c.hash.as_bytes());
+        }
+    }
+}
+
+fn put_items(out: &mut Vec<u8>, items: &[HistoryItem]) {
+    put_u64(out, items.len() as u64);
+    for item in items {
+        put_u64(out, item.packed);
+        out.extend_from_slice(&item.time_micros.to_be_bytes());
+        out.extend_from_slice(&item.record_ms.to_be_bytes());
+        put_u32(out, item.source);
+        out.push(item.event_type);
+        out.push(item.verdict);
+    }
+}
+
+/// Reads the encoding front to back; every error names what it was reading.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn remaining(&self) -> usize {
+        self.bytes.len() - self.at
+    }
+
+    fn take(&mut self, n: usize, what: &str) -> Result<&[u8], String> {
+        if self.remaining() < n {
+            return Err(format!(
+                "the index ends at byte {} while reading {what}",
+                self.bytes.len()
+            ));
+        }
+        let s = &self.bytes[self.at..self.at + n];
+        self.at += n;
+        Ok(s)
+    }
+
+    fn u8(&mut self, what: &str) -> Result<u8, String> {
+        Ok(self.take(1, what)?[0])
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32, String> {
+        Ok(u32::from_be_bytes(
+            self.take(4, what)?.try_into().expect("4"),
+        ))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64, String> {
+        Ok(u64::from_be_bytes(
+            self.take(8, what)?.try_into().expect("8"),
+        ))
+    }
+
+    fn string(&mut self, what: &str) -> Result<String, String> {
+        let n = self.u32(what)? as usize;
+        let b = self.take(n, what)?;
+        String::from_utf8(b.to_vec()).map_err(|_| format!("{what} is not UTF-8"))
+    }
+
+    fn cited(&mut self) -> Result<Option<Cited>, String> {
+        let v = self.u64("a cited entry")?;
+        let Some(packed) = v.checked_sub(1) else {
+            return Ok(None);
+        };
+        let hash: [u8; HASH_LEN] = self
+            .take(HASH_LEN, "a cited entry's hash")?
+            .try_into()
+            .expect("HASH_LEN bytes");
+        Ok(Some(Cited {
+            location: unpack(packed),
+            hash: Hash(hash),
+        }))
+    }
+
+    fn items(&mut self, what: &str) -> Result<Vec<HistoryItem>, String> {
+        let n = self.u64(what)?;
+        let n = usize::try_from(n).map_err(|_| format!("{what}: count {n} too large"))?;
+        if n.checked_mul(ITEM_BYTES)
+            .is_none_or(|b| b > self.remaining())
+        {
+            return Err(format!(
+                "{what}: {n} items do not fit in the {} bytes left",
+                self.remaining()
+            ));
+        }
+        let mut items = Vec::with_capacity(n);
+        for _ in 0..n {
+            let packed = self.u64(what)?;
+            let time_micros = self.u64(what)? as i64;
+            let record_ms = self.u64(what)? as i64;
+            let source = self.u32(what)?;
+            let event_type = self.u8(what)?;
+            let verdict = self.u8(what)?;
+            if event_type != u8::MAX && usize::from(event_type) >= EventType::ALL.len() {
+                return Err(format!("{what}: event type code {event_type} is unknown"));
+            }
+            items.push(HistoryItem {
+                packed,
+                time_micros,
+                record_ms,
+                source,
+                event_type,
+                verdict,
+            });
+        }
+        Ok(items)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(json: &str) -> DealEvent {
+        DealEvent::decode(json.as_bytes()).expect("a valid event")
+    }
+
+    fn opened(deal: &str, id: &str) -> DealEvent {
+        event(&format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"urn:p","type":"deal.negotiation.opened","subject":"{deal}","time":"2025-01-01T00:00:00Z","data":{{"customer":"a","provider":"b","scope":"cloud-compute"}}}}"#
+        ))
+    }
+
+    fn granted(deal: &str, id: &str, lock: &str) -> DealEvent {
+        event(&format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"urn:q","type":"deal.exclusivity.granted","subject":"{deal}","time":"2025-01-02T00:00:00Z","data":{{"lock_id":"{lock}","holder":"b","bound_party":"a","scope":"cloud-compute","kind":"exclusive","valid_from":"2025-01-02T00:00:00Z"}}}}"#
+        ))
+    }
+
+    fn loc(partition: i32, seq: u64) -> Location {
+        Location { partition, seq }
+    }
+
+    impl DealIndex {
+        /// `record` with a hash made from the location, for tests.
+        fn record_at(&mut self, location: Location, record_ms: i64, judged: Judged<'_>) {
+            let mut hash = [0u8; HASH_LEN];
+            hash[..8].copy_from_slice(&location.seq.to_be_bytes());
+            hash[8..12].copy_from_slice(&location.partition.to_be_bytes());
+            self.record(location, Hash(hash), record_ms, judged);
+        }
+    }
+
+    #[test]
+    fn records_items_in_order_with_verdicts_and_references() {
+        let mut index = DealIndex::new();
+        let o = opened("d1", "e1");
+        let g = granted("d1", "e2", "l1");
+        index.record_at(loc(0, 0), 10, Judged::Accepted(&o));
+        index.record_at(loc(1, 0), 11, Judged::Undecodable("not_json"));
+        index.record_at(loc(0, 1), 12, Judged::Duplicate(&o));
+        index.record_at(loc(2, 5), 13, Judged::Accepted(&g));
+        index.record_at(loc(2, 6), 14, Judged::Refused(&g, "lock_exists"));
+
+        let d1 = index.deal(&Id::new("d1").unwrap()).unwrap();
+        let locations: Vec<Location> = d1.items.iter().map(HistoryItem::location).collect();
+        assert_eq!(locations, [loc(0, 0), loc(0, 1), loc(2, 5), loc(2, 6)]);
+        assert_eq!(d1.items[0].verdict(), ItemVerdict::Accepted);
+        assert_eq!(d1.items[1].verdict(), ItemVerdict::Duplicate);
+        let ItemVerdict::Rejected(k) = d1.items[3].verdict() else {
+            panic!("refused")
+        };
+        assert_eq!(index.kind_name(k), "lock_exists");
+        assert_eq!(d1.opened.unwrap().location, loc(0, 0));
+        assert_eq!(d1.last.unwrap().location, loc(2, 5));
+        assert_eq!(
+            d1.locks[&Id::new("l1").unwrap()].granted.unwrap().location,
+            loc(2, 5),
+            "the refused second grant does not replace the first"
+        );
+        assert_eq!(index.source_name(d1.items[2].source), "urn:q");
+        assert_eq!(d1.items[0].event_type(), Some(EventType::NegotiationOpened));
+        assert_eq!(d1.items[0].record_ms, 10);
+        assert_eq!(
+            d1.items[0].time().unwrap(),
+            Timestamp::parse("2025-01-01T00:00:00Z").unwrap()
+        );
+        assert_eq!(index.unattributed().len(), 1);
+        assert_eq!(
+            index.source_name(index.unattributed()[0].source),
+            UNKNOWN_SOURCE
+        );
+        assert_eq!(index.unattributed()[0].time(), None);
+        assert_eq!(index.len(), 5);
+    }
+
+    #[test]
+    fn encoding_round_trips_and_is_deterministic() {
+        let mut index = DealIndex::new();
+        for d in 0..20 {
+            let deal = format!("d{d}");
+            index.record_at(
+                loc(d % 3, d as u64),
+                1,
+                Judged::Accepted(&opened(&deal, "x")),
+            );
+            index.record_at(
+                loc(d % 3, 100 + d as u64),
+                2,
+                Judged::Accepted(&granted(&deal, "y", "l")),
+            );
+        }
+        index.record_at(loc(4, 0), 3, Judged::Undecodable("not_utf8"));
+        let mut a = Vec::new();
+        index.encode(&mut a);
+        let (back, used) = DealIndex::decode(&a).unwrap();
+        assert_eq!(used, a.len());
+        assert_eq!(back, index);
+        let mut b = Vec::new();
+        back.encode(&mut b);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn decoding_damaged_bytes_fails_cleanly() {
+        let mut index = DealIndex::new();
+        index.record_at(loc(0, 0), 1, Judged::Accepted(&opened("d1", "x")));
+        let mut bytes = Vec::new();
+        index.encode(&mut bytes);
+        for cut in 0..bytes.len() {
+            assert!(DealIndex::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut huge = bytes.clone();
+        // The unattributed count (after the two tables) claims 2^60 items.
+        let at = 1 + 4 + (4 + "urn:p".len()) + 4;
+        huge[at..at + 8].copy_from_slice(&(1u64 << 60).to_be_bytes());
+        assert!(DealIndex::decode(&huge).unwrap_err().contains("do not fit"));
+    }
+
+    #[test]
+    fn sources_beyond_the_limit_are_counted_together() {
+        let mut interner = Interner::default();
+        for i in 0..10 {
+            interner.intern(&format!("s{i}"), 4, OTHER_SOURCES);
+        }
+        assert_eq!(interner.names.len(), 4);
+        assert_eq!(interner.names[3], OTHER_SOURCES);
+        assert_eq!(interner.intern("s1", 4, OTHER_SOURCES), 1);
+        assert_eq!(interner.intern("s9", 4, OTHER_SOURCES), 3);
+    }
+}
