@@ -16,6 +16,21 @@
 //! environment: `QUERY_RATE` (requests/s per route, default 1000),
 //! `QUERY_SECONDS` (per route, default 10), `QUERY_CONNECTIONS` (default
 //! 16), `QUERY_AT` (time for `locks/active`, default 2025-01-01).
+//!
+//! Soak mode (`query_load BASE_URL soak`, used by `ops/bench soak` while
+//! events are ingested at a steady rate): for `SOAK_SECONDS` (default 600)
+//! sends `QUERY_RATE` requests/s in all (default 100), the three routes in
+//! turn, open loop as above, over `QUERY_CONNECTIONS` (default 8), and every
+//! `SOAK_INTERVAL` seconds (default 60) prints one line: events ingested so
+//! far and the ingest rate over the interval (from `/metrics`), events sent
+//! by the producer over the interval (the count in `SOAK_PRODUCED_FILE`, if
+//! given), the consumer lag, the RSS, peak RSS and anonymous RSS of
+//! process `SOAK_PID` (`/proc/PID/status`, if given), the size of the
+//! ledger folder `SOAK_DATA_DIR` (if given) and the query p50/p99/max of
+//! the interval. At the end it prints a verdict from those figures: RSS growth
+//! in the first and the last intervals (and per event ingested), the RSS
+//! slope, and p99 drift; figures only, no assertion. Deal ids come from
+//! `QUERY_DEALS_FILE` (one per line), or from listing `/v1/deals`.
 
 use std::time::{Duration, Instant};
 
@@ -198,27 +213,34 @@ async fn run_route(
 async fn main() {
     let base = std::env::args()
         .nth(1)
-        .expect("usage: query_load http://HOST:PORT (with DEALLEDGER_TOKEN set)");
+        .expect("usage: query_load http://HOST:PORT [soak] (with DEALLEDGER_TOKEN set)");
+    match std::env::args().nth(2).as_deref() {
+        None => fixed_rate(base).await,
+        Some("soak") => soak::run(base).await,
+        Some(other) => panic!("unknown mode {other:?}: the only mode argument is `soak`"),
+    }
+}
+
+/// The target named by `base` (`http://HOST:PORT`), with `DEALLEDGER_TOKEN`.
+fn target_from(base: &str) -> &'static Target {
     let authority = base
         .strip_prefix("http://")
         .expect("the base URL must start with http://")
         .trim_end_matches('/')
         .to_string();
     let token = std::env::var("DEALLEDGER_TOKEN").expect("set DEALLEDGER_TOKEN");
-    let rate = env_num("QUERY_RATE", 1_000).clamp(1, MAX_RATE);
-    let seconds = env_num("QUERY_SECONDS", 10).max(1);
-    let connections = (env_num("QUERY_CONNECTIONS", 16) as usize).clamp(1, MAX_CONNECTIONS);
-    let at = std::env::var("QUERY_AT").unwrap_or_else(|_| "2025-01-01".into());
-    let target: &'static Target = Box::leak(Box::new(Target {
+    Box::leak(Box::new(Target {
         host: authority.clone(),
         addr: authority,
         token,
-    }));
+    }))
+}
 
-    let mut client = target.connect().await;
+/// Every deal id, by listing `/v1/deals` (all pages).
+async fn list_deals(target: &Target, client: &mut Client) -> Vec<String> {
     let t0 = Instant::now();
     let deals: Vec<String> = target
-        .walk(&mut client, "/v1/deals")
+        .walk(client, "/v1/deals")
         .await
         .iter()
         .map(|d| d["id"].as_str().expect("deal id").to_string())
@@ -229,6 +251,19 @@ async fn main() {
         t0.elapsed().as_secs_f64(),
         deals.len().div_ceil(LIST_PAGE)
     );
+    deals
+}
+
+/// The default mode: each route in turn at a fixed rate, then findings.
+async fn fixed_rate(base: String) {
+    let rate = env_num("QUERY_RATE", 1_000).clamp(1, MAX_RATE);
+    let seconds = env_num("QUERY_SECONDS", 10).max(1);
+    let connections = (env_num("QUERY_CONNECTIONS", 16) as usize).clamp(1, MAX_CONNECTIONS);
+    let at = std::env::var("QUERY_AT").unwrap_or_else(|_| "2025-01-01".into());
+    let target = target_from(&base);
+
+    let mut client = target.connect().await;
+    let deals = list_deals(target, &mut client).await;
     assert!(!deals.is_empty(), "the ledger has no deals");
     let deals: &'static [String] = Box::leak(deals.into_boxed_slice());
     let at: &'static str = Box::leak(at.into_boxed_str());
@@ -321,4 +356,531 @@ async fn main() {
             "MISSED"
         }
     );
+}
+
+/// Soak mode: a steady mixed query load for a long time, with one line of
+/// figures per interval and a verdict at the end (see the module doc).
+mod soak {
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use super::{Client, MAX_CONNECTIONS, MAX_RATE, Rng, Target, env_num, percentile};
+
+    /// Longest soak, seconds (a day).
+    const MAX_SECONDS: u64 = 86_400;
+    /// Shortest and longest reporting interval, seconds.
+    const MIN_INTERVAL: u64 = 1;
+    const MAX_INTERVAL: u64 = 3_600;
+    /// Intervals compared at the start and the end by the verdict.
+    const EDGE_INTERVALS: usize = 3;
+    /// Largest deal-ids file read, lines.
+    const MAX_DEAL_IDS: usize = 10_000_000;
+    /// The routes, in the order requests take them in turn.
+    const ROUTES: [&str; 3] = ["deals/{id}", "deals/{id}/history", "locks/active"];
+
+    /// Latencies and failures of the requests that finished in one interval.
+    #[derive(Default)]
+    struct Window {
+        latencies: [Vec<Duration>; 3],
+        /// Answers other than 200 and 404.
+        errors: u64,
+        /// 404 answers (a deal id that the ledger does not know).
+        not_found: u64,
+    }
+
+    /// What `/metrics` said at one moment.
+    #[derive(Clone, Copy, Default)]
+    struct Scrape {
+        ingested: f64,
+        lag: Option<f64>,
+    }
+
+    /// The serve process's memory at one moment, KiB.
+    #[derive(Clone, Copy, Default)]
+    struct Memory {
+        rss_kib: u64,
+        hwm_kib: u64,
+        /// The anonymous part of the RSS (heap), as opposed to mapped files.
+        anon_kib: u64,
+    }
+
+    /// The figures of one interval (row 0: the start, with no queries).
+    struct Row {
+        seconds: f64,
+        scrape: Scrape,
+        sent: Option<u64>,
+        memory: Option<Memory>,
+        disk_bytes: Option<u64>,
+        requests: usize,
+        errors: u64,
+        not_found: u64,
+        p50: Duration,
+        p99: Duration,
+        max: Duration,
+        route_p99: [Duration; 3],
+    }
+
+    /// Settings read from the environment.
+    struct Config {
+        seconds: u64,
+        interval: u64,
+        rate: u64,
+        connections: usize,
+        at: String,
+        pid: Option<u32>,
+        produced_file: Option<String>,
+        data_dir: Option<String>,
+    }
+
+    impl Config {
+        fn from_env() -> Self {
+            Config {
+                seconds: env_num("SOAK_SECONDS", 600).clamp(1, MAX_SECONDS),
+                interval: env_num("SOAK_INTERVAL", 60).clamp(MIN_INTERVAL, MAX_INTERVAL),
+                rate: env_num("QUERY_RATE", 100).clamp(1, MAX_RATE),
+                connections: (env_num("QUERY_CONNECTIONS", 8) as usize).clamp(1, MAX_CONNECTIONS),
+                at: std::env::var("QUERY_AT").unwrap_or_else(|_| "2025-01-01".into()),
+                pid: std::env::var("SOAK_PID").ok().map(|v| {
+                    v.parse()
+                        .unwrap_or_else(|_| panic!("SOAK_PID={v} is not a process id"))
+                }),
+                produced_file: std::env::var("SOAK_PRODUCED_FILE").ok(),
+                data_dir: std::env::var("SOAK_DATA_DIR").ok(),
+            }
+        }
+    }
+
+    /// One connection's share of the load: requests `c`, `c + connections`,
+    /// ... of the schedule, until `end`; the route is the request's number
+    /// modulo 3.
+    struct Lane {
+        target: &'static Target,
+        deals: &'static [String],
+        at: &'static str,
+        c: usize,
+        connections: usize,
+        rate: u64,
+        start: Instant,
+        end: Instant,
+        window: Arc<Mutex<Window>>,
+    }
+
+    impl Lane {
+        async fn run(self) {
+            let mut client = self.target.connect().await;
+            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((self.c as u64 + 1) * 0x1000_0001));
+            let mut i = self.c as u64;
+            loop {
+                let scheduled = self.start + Duration::from_secs_f64(i as f64 / self.rate as f64);
+                if scheduled >= self.end {
+                    return;
+                }
+                tokio::time::sleep_until(scheduled.into()).await;
+                let route = (i % ROUTES.len() as u64) as usize;
+                let deal = &self.deals[(rng.next() % self.deals.len() as u64) as usize];
+                let url = match route {
+                    0 => format!("/v1/deals/{deal}"),
+                    1 => format!("/v1/deals/{deal}/history"),
+                    _ => format!("/v1/locks/active?at={}", self.at),
+                };
+                let (status, _) = self.target.get(&mut client, &url).await;
+                let latency = scheduled.elapsed();
+                let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+                match status {
+                    200 => {}
+                    404 => w.not_found += 1,
+                    _ => w.errors += 1,
+                }
+                w.latencies[route].push(latency);
+                i += self.connections as u64;
+            }
+        }
+    }
+
+    /// Sums the samples of a metric family (every label set).
+    fn sum_family(text: &str, family: &str) -> Option<f64> {
+        let prefix = format!("{family}{{");
+        let mut found = false;
+        let mut total = 0.0;
+        for line in text.lines() {
+            let ours = line.starts_with(&prefix) || line.split(' ').next() == Some(family);
+            if let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok())
+                && ours
+            {
+                total += v;
+                found = true;
+            }
+        }
+        found.then_some(total)
+    }
+
+    async fn scrape(target: &Target, client: &mut Client) -> Scrape {
+        let (status, body) = target.get(client, "/metrics").await;
+        assert_eq!(status, 200, "/metrics answered {status}");
+        let text = String::from_utf8_lossy(&body);
+        Scrape {
+            ingested: sum_family(&text, "dealledger_events_total").unwrap_or(0.0),
+            lag: sum_family(&text, "dealledger_consumer_lag"),
+        }
+    }
+
+    /// VmRSS and VmHWM of `pid`, or `None` if it cannot be read.
+    fn memory(pid: u32) -> Option<Memory> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let field = |name: &str| -> Option<u64> {
+            let line = status.lines().find(|l| l.starts_with(name))?;
+            line[name.len()..]
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()
+        };
+        Some(Memory {
+            rss_kib: field("VmRSS:")?,
+            hwm_kib: field("VmHWM:")?,
+            anon_kib: field("RssAnon:")?,
+        })
+    }
+
+    /// Bytes of the files under `dir` (the ledger folder), or `None`.
+    fn disk_bytes(dir: &Option<String>) -> Option<u64> {
+        let mut total = 0;
+        let mut pending = vec![std::path::PathBuf::from(dir.as_ref()?)];
+        while let Some(d) = pending.pop() {
+            for entry in std::fs::read_dir(&d).ok()?.flatten() {
+                let meta = entry.metadata().ok()?;
+                if meta.is_dir() {
+                    pending.push(entry.path());
+                } else {
+                    total += meta.len();
+                }
+            }
+        }
+        Some(total)
+    }
+
+    /// The producer's count of events sent so far (a number in a file).
+    fn sent(path: &Option<String>) -> Option<u64> {
+        let text = std::fs::read_to_string(path.as_ref()?).ok()?;
+        text.split_whitespace().next()?.parse().ok()
+    }
+
+    /// The deal ids to query: `QUERY_DEALS_FILE`, or every listed deal.
+    async fn deal_ids(target: &'static Target) -> Vec<String> {
+        if let Ok(path) = std::env::var("QUERY_DEALS_FILE") {
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("cannot read QUERY_DEALS_FILE {path}: {e}"));
+            let ids: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .take(MAX_DEAL_IDS)
+                .map(str::to_string)
+                .collect();
+            println!("{} deal ids from {path}", ids.len());
+            ids
+        } else {
+            let mut client = target.connect().await;
+            super::list_deals(target, &mut client).await
+        }
+    }
+
+    fn ms(d: Duration) -> f64 {
+        d.as_secs_f64() * 1000.0
+    }
+
+    fn mib(kib: u64) -> f64 {
+        kib as f64 / 1024.0
+    }
+
+    /// Least-squares slope of `y` over `x`.
+    fn slope(points: &[(f64, f64)]) -> Option<f64> {
+        if points.len() < 2 {
+            return None;
+        }
+        let n = points.len() as f64;
+        let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
+        let my = points.iter().map(|p| p.1).sum::<f64>() / n;
+        let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+        let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+        (sxx > 0.0).then(|| sxy / sxx)
+    }
+
+    fn print_header(config: &Config) {
+        println!(
+            "soak: {} s, one line per {} s; queries {} req/s in all ({} in turn) over {} connections, latency from each request's scheduled start",
+            config.seconds,
+            config.interval,
+            config.rate,
+            ROUTES.join(", "),
+            config.connections
+        );
+        println!();
+        println!(
+            "{:>6} {:>10} {:>9} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>6} {:>4} {:>4} {:>7} {:>7} {:>8}  p99 ms per route (deal/history/locks)",
+            "min",
+            "ingested",
+            "ingest/s",
+            "sent/s",
+            "lag",
+            "RSS MiB",
+            "peak MiB",
+            "anon MiB",
+            "disk MiB",
+            "reqs",
+            "err",
+            "404",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+        );
+    }
+
+    fn print_row(row: &Row, previous: Option<&Row>) {
+        let dt = previous.map(|p| row.seconds - p.seconds).unwrap_or(0.0);
+        let per_s = |now: f64, before: f64| {
+            if dt > 0.0 {
+                format!("{:.0}", (now - before) / dt)
+            } else {
+                "-".to_string()
+            }
+        };
+        let ingest_rate = previous
+            .map(|p| per_s(row.scrape.ingested, p.scrape.ingested))
+            .unwrap_or_else(|| "-".into());
+        let sent_rate = match (row.sent, previous.and_then(|p| p.sent)) {
+            (Some(now), Some(before)) => per_s(now as f64, before as f64),
+            _ => "-".into(),
+        };
+        let lag = row
+            .scrape
+            .lag
+            .map(|l| format!("{l:.0}"))
+            .unwrap_or_else(|| "-".into());
+        let (rss, hwm, anon) = match row.memory {
+            Some(m) => (
+                format!("{:.1}", mib(m.rss_kib)),
+                format!("{:.1}", mib(m.hwm_kib)),
+                format!("{:.1}", mib(m.anon_kib)),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        let disk = row
+            .disk_bytes
+            .map(|b| format!("{:.0}", b as f64 / 1_048_576.0))
+            .unwrap_or_else(|| "-".into());
+        let (p50, p99, max, routes) = if row.requests > 0 {
+            (
+                format!("{:.2}", ms(row.p50)),
+                format!("{:.2}", ms(row.p99)),
+                format!("{:.2}", ms(row.max)),
+                format!(
+                    "{:.2} / {:.2} / {:.2}",
+                    ms(row.route_p99[0]),
+                    ms(row.route_p99[1]),
+                    ms(row.route_p99[2])
+                ),
+            )
+        } else {
+            ("-".into(), "-".into(), "-".into(), "-".into())
+        };
+        println!(
+            "{:>6.1} {:>10.0} {:>9} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>6} {:>4} {:>4} {:>7} {:>7} {:>8}  {}",
+            row.seconds / 60.0,
+            row.scrape.ingested,
+            ingest_rate,
+            sent_rate,
+            lag,
+            rss,
+            hwm,
+            anon,
+            disk,
+            row.requests,
+            row.errors,
+            row.not_found,
+            p50,
+            p99,
+            max,
+            routes
+        );
+    }
+
+    /// The closing figures: RSS growth at the start and at the end, RSS
+    /// slope, p99 drift.
+    fn print_verdict(rows: &[Row]) {
+        println!();
+        let intervals = rows.len() - 1;
+        if intervals < 2 {
+            println!("verdict: too few intervals ({intervals}) to compare start and end");
+            return;
+        }
+        let edge = EDGE_INTERVALS.min(intervals / 2).max(1);
+        let minutes = |r: &Row| r.seconds / 60.0;
+        let memory: Vec<(f64, Memory, f64)> = rows
+            .iter()
+            .filter_map(|r| r.memory.map(|m| (minutes(r), m, r.scrape.ingested)))
+            .collect();
+        if memory.len() == rows.len() {
+            let growth = |a: usize, b: usize| {
+                let kib = memory[b].1.rss_kib as f64 - memory[a].1.rss_kib as f64;
+                let events = memory[b].2 - memory[a].2;
+                let per_event = if events > 0.0 {
+                    format!("{:.0} bytes per event ingested", kib * 1024.0 / events)
+                } else {
+                    "no events ingested".to_string()
+                };
+                (kib / 1024.0, per_event)
+            };
+            let (first, first_per) = growth(0, edge);
+            let (last, last_per) = growth(intervals - edge, intervals);
+            println!(
+                "RSS: {:.1} MiB at the start, {:.1} MiB at the end, peak {:.1} MiB",
+                mib(memory[0].1.rss_kib),
+                mib(memory[intervals].1.rss_kib),
+                mib(memory[intervals].1.hwm_kib)
+            );
+            println!("RSS growth, first {edge} intervals: {first:+.1} MiB ({first_per})");
+            println!("RSS growth, last {edge} intervals:  {last:+.1} MiB ({last_per})");
+            if first.abs() > f64::EPSILON {
+                println!(
+                    "last/first growth: {:.2} (well under 1: levelling off; about 1: steady growth)",
+                    last / first
+                );
+            }
+            let all: Vec<(f64, f64)> = memory
+                .iter()
+                .map(|(m, mem, _)| (*m, mib(mem.rss_kib)))
+                .collect();
+            let half = &all[all.len() / 2..];
+            println!(
+                "RSS slope: {:+.2} MiB/min over the whole run, {:+.2} MiB/min over the second half",
+                slope(&all).unwrap_or(0.0),
+                slope(half).unwrap_or(0.0)
+            );
+            let per_min: Vec<String> = all
+                .windows(2)
+                .map(|w| format!("{:+.1}", (w[1].1 - w[0].1) / (w[1].0 - w[0].0)))
+                .collect();
+            println!("RSS change per interval, MiB/min: {}", per_min.join(" "));
+        } else {
+            println!("RSS: not measured (no SOAK_PID, or its /proc status was unreadable)");
+        }
+        let queried = &rows[1..];
+        let mean_p99 = |rs: &[Row]| rs.iter().map(|r| ms(r.p99)).sum::<f64>() / rs.len() as f64;
+        let first = mean_p99(&queried[..edge]);
+        let last = mean_p99(&queried[queried.len() - edge..]);
+        println!(
+            "query p99, mean of the first {edge} intervals: {first:.2} ms; of the last {edge}: {last:.2} ms; last/first {:.2}",
+            if first > 0.0 { last / first } else { 0.0 }
+        );
+        let p99s: Vec<(f64, f64)> = queried.iter().map(|r| (minutes(r), ms(r.p99))).collect();
+        println!(
+            "query p99 slope: {:+.3} ms/min; per route, first -> last {edge} intervals: {}",
+            slope(&p99s).unwrap_or(0.0),
+            (0..ROUTES.len())
+                .map(|route| {
+                    let mean = |rs: &[Row]| {
+                        rs.iter().map(|r| ms(r.route_p99[route])).sum::<f64>() / rs.len() as f64
+                    };
+                    format!(
+                        "{} {:.2} -> {:.2} ms",
+                        ROUTES[route],
+                        mean(&queried[..edge]),
+                        mean(&queried[queried.len() - edge..])
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        let errors: u64 = queried.iter().map(|r| r.errors).sum();
+        let not_found: u64 = queried.iter().map(|r| r.not_found).sum();
+        let requests: usize = queried.iter().map(|r| r.requests).sum();
+        println!("queries: {requests} answered, {errors} errors, {not_found} not found");
+    }
+
+    /// Soak mode's entry point.
+    pub async fn run(base: String) {
+        let config = Config::from_env();
+        let target = super::target_from(&base);
+        let deals = deal_ids(target).await;
+        assert!(!deals.is_empty(), "no deal ids to query");
+        let deals: &'static [String] = Box::leak(deals.into_boxed_slice());
+        let at: &'static str = Box::leak(config.at.clone().into_boxed_str());
+        let mut metrics_client = target.connect().await;
+
+        print_header(&config);
+        let window = Arc::new(Mutex::new(Window::default()));
+        let t0 = Instant::now();
+        let mut rows = vec![Row {
+            seconds: 0.0,
+            scrape: scrape(target, &mut metrics_client).await,
+            sent: sent(&config.produced_file),
+            memory: config.pid.and_then(memory),
+            disk_bytes: disk_bytes(&config.data_dir),
+            requests: 0,
+            errors: 0,
+            not_found: 0,
+            p50: Duration::ZERO,
+            p99: Duration::ZERO,
+            max: Duration::ZERO,
+            route_p99: [Duration::ZERO; 3],
+        }];
+        print_row(&rows[0], None);
+
+        let start = t0 + Duration::from_millis(100);
+        let end = start + Duration::from_secs(config.seconds);
+        let mut lanes = Vec::new();
+        for c in 0..config.connections {
+            let lane = Lane {
+                target,
+                deals,
+                at,
+                c,
+                connections: config.connections,
+                rate: config.rate,
+                start,
+                end,
+                window: Arc::clone(&window),
+            };
+            lanes.push(tokio::spawn(lane.run()));
+        }
+
+        let intervals = config.seconds.div_ceil(config.interval);
+        for k in 1..=intervals {
+            let boundary = (start + Duration::from_secs(k * config.interval)).min(end);
+            tokio::time::sleep_until(boundary.into()).await;
+            if k == intervals {
+                // The last interval includes the requests still in flight at the end.
+                for lane in lanes.drain(..) {
+                    lane.await.expect("load task");
+                }
+            }
+            let w = std::mem::take(&mut *window.lock().unwrap_or_else(|e| e.into_inner()));
+            let mut all: Vec<Duration> = w.latencies.iter().flatten().copied().collect();
+            all.sort_unstable();
+            let route_p99 = std::array::from_fn(|r| {
+                let mut l = w.latencies[r].clone();
+                l.sort_unstable();
+                percentile(&l, 99.0)
+            });
+            let row = Row {
+                seconds: t0.elapsed().as_secs_f64(),
+                scrape: scrape(target, &mut metrics_client).await,
+                sent: sent(&config.produced_file),
+                memory: config.pid.and_then(memory),
+                disk_bytes: disk_bytes(&config.data_dir),
+                requests: all.len(),
+                errors: w.errors,
+                not_found: w.not_found,
+                p50: percentile(&all, 50.0),
+                p99: percentile(&all, 99.0),
+                max: all.last().copied().unwrap_or_default(),
+                route_p99,
+            };
+            print_row(&row, rows.last());
+            rows.push(row);
+        }
+        print_verdict(&rows);
+    }
 }

@@ -52,18 +52,25 @@ pub const MAX_KEY_BYTES: usize = 16 * MIB;
 /// Largest record value in bytes (same reasoning as [`MAX_KEY_BYTES`]).
 pub const MAX_VALUE_BYTES: usize = 16 * MIB;
 
-/// Most headers on one record. Kafka has no own limit beyond the batch size;
-/// real producers attach a handful (tracing, schema ids).
-pub const MAX_HEADERS: usize = 1024;
+/// Most headers on one record: as many as fit [`MAX_RECORD_BYTES`] when
+/// each counts its framing. Kafka has no limit of its own beyond the
+/// record's size, so neither has the ledger: a producer must not be able to
+/// stop ingestion with a record the broker accepted (a lower count limit
+/// would refuse such a record, and a refused record halts its partition).
+pub const MAX_HEADERS: usize = MAX_RECORD_BYTES / HEADER_FRAMING_BYTES;
 
-/// Longest header name in bytes.
-pub const MAX_HEADER_NAME_LEN: usize = 4 * KIB;
+/// Longest header name in bytes (bounded by the record's size only).
+pub const MAX_HEADER_NAME_LEN: usize = MAX_RECORD_BYTES;
 
-/// Largest header value in bytes.
-pub const MAX_HEADER_VALUE_BYTES: usize = MIB;
+/// Largest header value in bytes (bounded by the record's size only).
+pub const MAX_HEADER_VALUE_BYTES: usize = MAX_RECORD_BYTES;
 
-/// Largest sum of key, value, all header names and all header values of one
-/// record. Kafka bounds the whole record the same way (`message.max.bytes`).
+/// Largest size of one record as the ledger counts it: key, value, and each
+/// header's name, value and framing ([`HEADER_FRAMING_BYTES`]). A Kafka
+/// record header takes at least 2 bytes on the wire, so a record of S bytes
+/// on the wire counts at most 4.5 × S here: any record a broker with
+/// `message.max.bytes` (or the topic's `max.message.bytes`) of at most
+/// 3 MiB accepts fits (the default is about 1 MiB).
 pub const MAX_RECORD_BYTES: usize = 16 * MIB;
 
 /// Fixed-size part of a stored entry: version, seq, prev hash, topic length,
@@ -75,9 +82,8 @@ const ENTRY_FIXED_BYTES: usize = 1 + 8 + HASH_LEN + 4 + 4 + 8 + 1 + 8 + 5 + 5 + 
 const HEADER_FRAMING_BYTES: usize = 4 + 1 + 4;
 
 /// Largest stored entry [`encode_entry`] can produce and [`decode_entry`]
-/// accepts.
-pub const MAX_ENCODED_ENTRY_BYTES: usize =
-    ENTRY_FIXED_BYTES + MAX_TOPIC_LEN + MAX_HEADERS * HEADER_FRAMING_BYTES + MAX_RECORD_BYTES;
+/// accepts (header framing is part of [`MAX_RECORD_BYTES`]).
+pub const MAX_ENCODED_ENTRY_BYTES: usize = ENTRY_FIXED_BYTES + MAX_TOPIC_LEN + MAX_RECORD_BYTES;
 
 // Invariants of the limits, checked at compile time.
 const _: () = {
@@ -398,7 +404,9 @@ pub enum RecordError {
         max: usize,
     },
     /// Key, value and headers together exceed [`MAX_RECORD_BYTES`].
-    #[error("key, value and headers total {total} bytes, more than MAX_RECORD_BYTES ({max})")]
+    #[error(
+        "key, value and headers total {total} bytes, more than MAX_RECORD_BYTES ({max}); keep the topic's max.message.bytes at or below 3 MiB (docs/FORMAT.md, \"Validity rules and limits\")"
+    )]
     RecordTooLarge {
         /// The total in bytes.
         total: usize,
@@ -464,7 +472,7 @@ pub fn validate_record(record: &Record) -> Result<(), RecordError> {
         let value_len = header.value.as_ref().map_or(0, Vec::len);
         check(Field::HeaderName(i), header.name.len())?;
         check(Field::HeaderValue(i), value_len)?;
-        total = total.saturating_add(header.name.len() + value_len);
+        total = total.saturating_add(header.name.len() + value_len + HEADER_FRAMING_BYTES);
     }
     if total > MAX_RECORD_BYTES {
         return Err(RecordError::RecordTooLarge {
@@ -1219,6 +1227,12 @@ pub fn decode_entry(input: &[u8]) -> Result<Entry, DecodeEntryError> {
     let mut headers = Vec::with_capacity(count.min(reader.remain() / (4 + 1)));
     for i in 0..count {
         let name_at = reader.pos;
+        add_to_total(
+            &mut total,
+            HEADER_FRAMING_BYTES,
+            Field::HeaderName(i),
+            name_at,
+        )?;
         let name = reader.string(Field::HeaderName(i))?;
         add_to_total(&mut total, name.len(), Field::HeaderName(i), name_at)?;
         let value = reader.optional(Field::HeaderValue(i), &mut total)?;
@@ -1903,19 +1917,35 @@ mod tests {
         assert!(wide.parse::<Hash>().is_err());
     }
 
+    /// A record with more headers than a fixed count limit would allow,
+    /// which a broker accepts (about 2 bytes each on the wire), enters the
+    /// chain and decodes back: a producer cannot stop ingestion with it.
+    #[test]
+    fn many_small_headers_enter_the_chain() {
+        let stream = StreamId::new("deal-events", 0);
+        let mut head = ChainHead::genesis(stream.clone());
+        let many = Record {
+            headers: vec![header("h", None); 100_000],
+            ..record(&stream, 0)
+        };
+        let entry = head.append(many).unwrap();
+        let bytes = encode_entry(&entry);
+        assert_eq!(decode_entry(&bytes).unwrap(), entry);
+    }
+
     /// The limits table in docs/FORMAT.md states these numbers.
     #[test]
     fn limits_match_the_format_document() {
         assert_eq!(MAX_TOPIC_LEN, 249);
         assert_eq!(MAX_KEY_BYTES, 16_777_216);
         assert_eq!(MAX_VALUE_BYTES, 16_777_216);
-        assert_eq!(MAX_HEADERS, 1024);
-        assert_eq!(MAX_HEADER_NAME_LEN, 4096);
-        assert_eq!(MAX_HEADER_VALUE_BYTES, 1_048_576);
+        assert_eq!(MAX_HEADERS, 1_864_135);
+        assert_eq!(MAX_HEADER_NAME_LEN, 16_777_216);
+        assert_eq!(MAX_HEADER_VALUE_BYTES, 16_777_216);
         assert_eq!(MAX_RECORD_BYTES, 16_777_216);
-        assert_eq!(MAX_ENCODED_ENTRY_BYTES, 16_786_793);
+        assert_eq!(MAX_ENCODED_ENTRY_BYTES, 16_777_577);
         let doc = include_str!("../docs/FORMAT.md");
-        assert!(doc.contains("| one stored entry | 16,786,793 bytes"));
+        assert!(doc.contains("| one stored entry | 16,777,577 bytes"));
     }
 
     #[test]
@@ -2009,10 +2039,10 @@ mod tests {
             ),
             (
                 Record {
-                    headers: vec![header("h", None); MAX_HEADERS + 1],
+                    headers: vec![header(&"h".repeat(160), None); 100_000],
                     ..record(&stream, 0)
                 },
-                "deal-events/0 seq 0 (offset 0): field `headers` has length 1025, more than the limit 1024",
+                "deal-events/0 seq 0 (offset 0): key, value and headers total 16900018 bytes, more than MAX_RECORD_BYTES (16777216); keep the topic's max.message.bytes at or below 3 MiB (docs/FORMAT.md, \"Validity rules and limits\")",
             ),
             (
                 Record {
@@ -2022,7 +2052,7 @@ mod tests {
                     ],
                     ..record(&stream, 0)
                 },
-                "deal-events/0 seq 0 (offset 0): field `headers[1].name` has length 4097, more than the limit 4096",
+                "deal-events/0 seq 0 (offset 0): field `headers[1].name` has length 16777217, more than the limit 16777216",
             ),
             (
                 Record {
@@ -2030,7 +2060,7 @@ mod tests {
                     value: Some(vec![0; 1]),
                     ..record(&stream, 0)
                 },
-                "deal-events/0 seq 0 (offset 0): key, value and headers total 16777217 bytes, more than MAX_RECORD_BYTES (16777216)",
+                "deal-events/0 seq 0 (offset 0): key, value and headers total 16777217 bytes, more than MAX_RECORD_BYTES (16777216); keep the topic's max.message.bytes at or below 3 MiB (docs/FORMAT.md, \"Validity rules and limits\")",
             ),
         ];
         for (bad, message) in cases {

@@ -18,7 +18,7 @@
 //! Memory: 32 bytes per entry plus a small record per deal and per lock; the
 //! strings of producers (`source`) and rejection kinds are interned once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::chain::{HASH_LEN, Hash};
 use crate::event::{DealEvent, EventType, Id, Payload, Timestamp};
@@ -205,6 +205,9 @@ impl Interner {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DealIndex {
     deals: HashMap<Id, DealEntries>,
+    /// Locks not ended, by (the party they bind, scope): (granting deal,
+    /// lock id). Derived from the book on restore, not encoded.
+    in_force: HashMap<(Id, Id), BTreeSet<(Id, Id)>>,
     /// Entries whose event did not decode, so name no deal.
     unattributed: Vec<HistoryItem>,
     sources: Interner,
@@ -287,6 +290,10 @@ impl DealIndex {
             }
             Payload::Amended(_) => deal.terms_from = cited,
             Payload::ExclusivityGranted(g) => {
+                self.in_force
+                    .entry((g.bound_party.clone(), g.scope.clone()))
+                    .or_default()
+                    .insert((event.deal_id.clone(), g.lock_id.clone()));
                 deal.locks.insert(
                     g.lock_id.clone(),
                     LockRefs {
@@ -321,6 +328,47 @@ impl DealIndex {
     /// when events named them).
     pub fn deal(&self, id: &Id) -> Option<&DealEntries> {
         self.deals.get(id)
+    }
+
+    /// Forgets a lock that ended (released, or its deal terminated): it is
+    /// no longer in force. Nothing happens for a lock not in force.
+    pub fn lock_ended(&mut self, lock: &crate::deal::Lock) {
+        let key = (lock.bound_party.clone(), lock.scope.clone());
+        if let Some(set) = self.in_force.get_mut(&key) {
+            set.remove(&(lock.deal_id.clone(), lock.lock_id.clone()));
+            if set.is_empty() {
+                self.in_force.remove(&key);
+            }
+        }
+    }
+
+    /// Rebuilds the locks-in-force table from the deal book's locks (after
+    /// a restore: the table is not part of the encoding).
+    pub fn rebuild_locks_in_force<'a>(
+        &mut self,
+        locks: impl Iterator<Item = &'a crate::deal::Lock>,
+    ) {
+        self.in_force.clear();
+        for lock in locks.filter(|l| l.ended.is_none()) {
+            self.in_force
+                .entry((lock.bound_party.clone(), lock.scope.clone()))
+                .or_default()
+                .insert((lock.deal_id.clone(), lock.lock_id.clone()));
+        }
+    }
+
+    /// How many locks not ended bind `party` in `scope`, and the first
+    /// `n` of them in (granting deal, lock id) order.
+    pub fn first_locks_in_force(
+        &self,
+        party: &Id,
+        scope: &Id,
+        n: usize,
+    ) -> (usize, Vec<&(Id, Id)>) {
+        match self.in_force.get(&(party.clone(), scope.clone())) {
+            None => (0, Vec::new()),
+            Some(set) => (set.len(), set.iter().take(n).collect()),
+        }
     }
 
     /// Every deal id with its entries, in no particular order.
@@ -447,6 +495,7 @@ impl DealIndex {
         Ok((
             DealIndex {
                 deals,
+                in_force: HashMap::new(),
                 unattributed,
                 sources,
                 kinds,
@@ -699,7 +748,12 @@ mod tests {
         index.encode(&mut a);
         let (back, used) = DealIndex::decode(&a).unwrap();
         assert_eq!(used, a.len());
-        assert_eq!(back, index);
+        let (party, scope) = (Id::new("a").unwrap(), Id::new("cloud-compute").unwrap());
+        assert_eq!(index.first_locks_in_force(&party, &scope, 5).0, 20);
+        assert_eq!(index.first_locks_in_force(&party, &scope, 5).1.len(), 5);
+        let mut expected = index.clone();
+        expected.in_force.clear(); // rebuilt from the deal book on restore
+        assert_eq!(back, expected);
         let mut b = Vec::new();
         back.encode(&mut b);
         assert_eq!(a, b);

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chain::{AppendError, ChainHead, Entry, Hash, Record, StreamId};
 use crate::deal::DealBook;
-use crate::event::{DealEvent, EventType, Id};
+use crate::event::{DealEvent, EventType, Id, Payload};
 use crate::index::{DealIndex, Judged};
 
 /// Context string of the event-identity fingerprint (blake3 derive_key mode).
@@ -495,12 +495,15 @@ impl LedgerState {
         write.fingerprints.push((fp, location));
 
         match self.book.apply(&event) {
-            Ok(()) => self.index.record(
-                location,
-                hash,
-                record.timestamp_ms,
-                Judged::Accepted(&event),
-            ),
+            Ok(()) => {
+                self.index.record(
+                    location,
+                    hash,
+                    record.timestamp_ms,
+                    Judged::Accepted(&event),
+                );
+                self.forget_ended_locks(&event);
+            }
             Err(rejection) => {
                 self.index.record(
                     location,
@@ -515,6 +518,27 @@ impl LedgerState {
             }
         }
         outcome
+    }
+
+    /// Tells the index which locks `event` (just accepted) ended.
+    fn forget_ended_locks(&mut self, event: &DealEvent) {
+        let ended: Vec<&Id> = match &event.payload {
+            Payload::ExclusivityReleased(r) => vec![&r.lock_id],
+            Payload::Terminated(_) => self
+                .book
+                .get(&event.deal_id)
+                .map(|d| d.locks.keys().collect())
+                .unwrap_or_default(),
+            _ => return,
+        };
+        let Some(deal) = self.book.get(&event.deal_id) else {
+            return;
+        };
+        for lock_id in ended {
+            if let Some(lock) = deal.locks.get(lock_id) {
+                self.index.lock_ended(lock);
+            }
+        }
     }
 
     /// The location of an earlier event with the same identity, if any.
@@ -674,6 +698,7 @@ impl LedgerState {
         }
         state.book = book;
         state.index = index;
+        state.index.rebuild_locks_in_force(state.book.locks());
         state.next_batch = next_batch;
         state.entries = entries;
         Ok(state)

@@ -48,10 +48,18 @@ use crate::ledger::{LedgerState, Location, Verdict};
 
 /// Items per page when the caller does not say.
 pub const DEFAULT_PAGE_SIZE: usize = 100;
+/// Entries per `deal history` page when the caller does not say: each
+/// carries its whole event, read from the store.
+pub const DEFAULT_HISTORY_PAGE_SIZE: usize = 25;
 /// Most items one page may hold.
 pub const MAX_PAGE_SIZE: usize = 1_000;
 /// Longest cursor accepted, in bytes.
 pub const MAX_CURSOR_BYTES: usize = 512;
+/// Most locks `deal show` lists in `locks_binding_parties` (its
+/// `locks_binding_parties_total` says how many there are; `locks active`
+/// lists them all).
+pub const MAX_BINDING_LOCKS_SHOWN: usize = 20;
+
 /// Most entries one `producer_rejections` or `activity_after_termination`
 /// finding cites (its `count` says how many there are in all).
 pub const MAX_CITED_PER_FINDING: usize = 20;
@@ -153,8 +161,12 @@ impl PageRequest {
     }
 
     fn limit(&self) -> Result<usize, QueryError> {
+        self.limit_or(DEFAULT_PAGE_SIZE)
+    }
+
+    fn limit_or(&self, default: usize) -> Result<usize, QueryError> {
         match self.limit {
-            None => Ok(DEFAULT_PAGE_SIZE),
+            None => Ok(default),
             Some(n) if (1..=MAX_PAGE_SIZE).contains(&n) => Ok(n),
             Some(n) => Err(QueryError::bad(
                 "limit",
@@ -388,9 +400,12 @@ pub struct DealShow {
     pub entries: usize,
     /// Locks this deal granted, ended or not.
     pub locks_granted: Vec<LockInfo>,
-    /// Locks in force (not ended) that bind one of its parties, granted by
-    /// any deal, in (deal, lock) order.
+    /// Locks in force (not ended) in the deal's scope that bind one of its
+    /// parties, granted by any deal, in (deal, lock) order; at most
+    /// [`MAX_BINDING_LOCKS_SHOWN`].
     pub locks_binding_parties: Vec<LockInfo>,
+    /// How many such locks there are in all.
+    pub locks_binding_parties_total: usize,
 }
 
 /// `deal show ID`.
@@ -401,10 +416,24 @@ pub fn deal_show(state: &LedgerState, id: &Id) -> Result<DealShow, QueryError> {
         .ok_or_else(|| QueryError::UnknownDeal(id.clone()))?;
     let refs = state.index().deal(id);
     let cited = |f: fn(&DealEntries) -> Option<Cited>| refs.and_then(f).map(EntryRef::from);
-    let locks_binding_parties = state
-        .book()
-        .locks()
-        .filter(|l| l.ended.is_none() && deal.is_party(&l.bound_party))
+    // A lock binds one party, so the parties' sets are disjoint: the first
+    // locks overall are among each party's first ones.
+    let mut locks_binding_parties_total = 0;
+    let mut first: Vec<&(Id, Id)> = Vec::new();
+    for party in deal.parties() {
+        let (total, some) =
+            state
+                .index()
+                .first_locks_in_force(party, &deal.scope, MAX_BINDING_LOCKS_SHOWN);
+        locks_binding_parties_total += total;
+        first.extend(some);
+    }
+    first.sort_unstable();
+    first.truncate(MAX_BINDING_LOCKS_SHOWN);
+    let locks_binding_parties = first
+        .into_iter()
+        .filter_map(|(granting, lock_id)| state.book().get(granting)?.locks.get(lock_id))
+        .inspect(|l| debug_assert!(l.ended.is_none() && l.scope == deal.scope))
         .map(|l| LockInfo::of(l, state.index().deal(&l.deal_id)))
         .collect();
     Ok(DealShow {
@@ -445,6 +474,7 @@ pub fn deal_show(state: &LedgerState, id: &Id) -> Result<DealShow, QueryError> {
         entries: refs.map_or(0, |r| r.items.len()),
         locks_granted: deal.locks.values().map(|l| LockInfo::of(l, refs)).collect(),
         locks_binding_parties,
+        locks_binding_parties_total,
     })
 }
 
@@ -480,8 +510,30 @@ pub struct HistoryEntry {
     pub reason: Option<String>,
     /// For a duplicate: the entry that carried the event first.
     pub duplicate_of: Option<EntryRef>,
-    /// The event exactly as received (the record value as JSON).
-    pub event: Option<serde_json::Value>,
+    /// The event exactly as received (the record value, when it is JSON),
+    /// byte for byte.
+    pub event: Option<RawEvent>,
+}
+
+/// A record value that is JSON, kept and written back verbatim (no parse
+/// into a tree and back: `deal history` pages carry many of them).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RawEvent(pub Box<serde_json::value::RawValue>);
+
+impl PartialEq for RawEvent {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
+impl Eq for RawEvent {}
+
+/// The CloudEvents `id` of an event, read without building the rest.
+#[derive(Deserialize)]
+struct EventId<'a> {
+    #[serde(borrow)]
+    id: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// `deal history ID`: every entry naming the deal, in ledger order.
@@ -507,7 +559,7 @@ pub fn deal_history(
             n + 1
         }
     };
-    let limit = page.limit()?;
+    let limit = page.limit_or(DEFAULT_HISTORY_PAGE_SIZE)?;
     let end = refs.items.len().min(start.saturating_add(limit));
     let mut items = Vec::with_capacity(end.saturating_sub(start));
     for (position, item) in refs.items.iter().enumerate().take(end).skip(start) {
@@ -525,16 +577,19 @@ fn history_entry(
 ) -> Result<HistoryEntry, QueryError> {
     let location = item.location();
     let entry = evidence.entry_at(location).map_err(QueryError::Evidence)?;
-    let event: Option<serde_json::Value> = entry
+    let text = entry
         .record
         .value
         .as_deref()
-        .and_then(|v| serde_json::from_slice(v).ok());
+        .and_then(|v| std::str::from_utf8(v).ok());
+    let event: Option<RawEvent> = text
+        .and_then(|t| serde_json::from_str::<&serde_json::value::RawValue>(t).ok())
+        .map(|raw| RawEvent(raw.to_owned()));
     let event_id = event
         .as_ref()
-        .and_then(|e| e.get("id"))
-        .and_then(|v| v.as_str())
-        .map(str::to_string);
+        .and_then(|e| serde_json::from_str::<EventId<'_>>(e.0.get()).ok())
+        .and_then(|e| e.id)
+        .map(|id| id.into_owned());
     let (verdict, kind, reason, duplicate_of) = match item.verdict() {
         ItemVerdict::Accepted => ("accepted", None, None, None),
         _ => match evidence
@@ -1467,6 +1522,34 @@ mod tests {
         assert!(
             at_feb.iter().any(|l| l.lock_id.as_str() == "azure-rofr"),
             "the right of first refusal replaced it: {at_feb:#?}"
+        );
+    }
+
+    #[test]
+    fn deal_show_lists_the_locks_in_force_over_its_parties_in_its_scope() {
+        // Up to 2025-10-27: the exclusive lock is released, the right of
+        // first refusal that replaced it is still in force.
+        let lines: Vec<String> = scenario().into_iter().take(39).collect();
+        let b = build(&lines);
+        let show = deal_show(&b.state, &id("google-openai-2025")).unwrap();
+        let binding: Vec<String> = show
+            .locks_binding_parties
+            .iter()
+            .map(|l| format!("{}/{}", l.deal_id, l.lock_id))
+            .collect();
+        assert_eq!(binding, ["msft-openai-2019/azure-rofr"]);
+        assert_eq!(show.locks_binding_parties_total, 1);
+        assert!(show.locks_binding_parties[0].granted_by.is_some());
+        // After its release on 2025-10-28: none.
+        let b = build(&scenario());
+        let show = deal_show(&b.state, &id("google-openai-2025")).unwrap();
+        assert!(show.locks_binding_parties.is_empty());
+        let msft = deal_show(&b.state, &id("msft-openai-2019")).unwrap();
+        assert_eq!(msft.locks_granted.len(), 2);
+        assert!(
+            msft.locks_granted
+                .iter()
+                .all(|l| l.ended.as_ref().is_some_and(|e| e.entry.is_some()))
         );
     }
 

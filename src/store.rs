@@ -1791,16 +1791,22 @@ impl Store {
     pub fn entry(&self, location: Location) -> Result<Option<Entry>, StoreError> {
         let Location { partition, seq } = location;
         let prefix = entry_prefix(partition);
-        let key = page_key(partition, seq);
-        let Some(item) = self
+        // The page holding `seq` is the last page key at or before it: one
+        // `get_lt` on the key just after it (cheaper than a range iterator).
+        let after = match seq.checked_add(1) {
+            Some(next) => page_key(partition, next),
+            None => return Ok(None),
+        };
+        let Some((key, value)) = self
             .tree()
-            .range::<&[u8], _>(&prefix[..]..=&key[..])
-            .next_back()
+            .get_lt(after)
+            .map_err(|e| self.sled_error(format!("reading the entry at {location}"), e))?
         else {
             return Ok(None);
         };
-        let (key, value) =
-            item.map_err(|e| self.sled_error(format!("reading the entry at {location}"), e))?;
+        if !key.starts_with(&prefix) {
+            return Ok(None);
+        }
         let first_seq = parse_page_key(&key).ok_or_else(|| {
             self.corrupt(
                 None,

@@ -628,17 +628,30 @@ fn print_deal_show(d: &DealShow, out: &mut dyn Write) -> std::io::Result<()> {
         d.event_count, d.entries
     )?;
     writeln!(out, "last       {}", cited(&d.last_event))?;
-    for (title, locks) in [
-        ("locks granted by this deal", &d.locks_granted),
-        (
-            "locks in force binding its parties",
-            &d.locks_binding_parties,
-        ),
-    ] {
-        writeln!(out, "\n{title}: {}", locks.len())?;
-        for l in locks {
-            print_lock_line(l, out)?;
+    writeln!(
+        out,
+        "\nlocks granted by this deal: {}",
+        d.locks_granted.len()
+    )?;
+    for l in &d.locks_granted {
+        print_lock_line(l, out)?;
+    }
+    writeln!(
+        out,
+        "\nlocks in force in scope {} binding its parties: {}{}",
+        d.scope,
+        d.locks_binding_parties_total,
+        if d.locks_binding_parties_total > d.locks_binding_parties.len() {
+            format!(
+                " (first {} shown; `locks active` lists all)",
+                d.locks_binding_parties.len()
+            )
+        } else {
+            String::new()
         }
+    )?;
+    for l in &d.locks_binding_parties {
+        print_lock_line(l, out)?;
     }
     Ok(())
 }
