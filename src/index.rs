@@ -545,6 +545,7 @@ fn put_cited(out: &mut Vec<u8>, cited: Option<Cited>) {
 
 fn put_items(out: &mut Vec<u8>, items: &[HistoryItem]) {
     put_u64(out, items.len() as u64);
+    out.reserve(items.len() * ITEM_BYTES);
     for item in items {
         put_u64(out, item.packed);
         out.extend_from_slice(&item.time_micros.to_be_bytes());
@@ -626,24 +627,21 @@ impl Reader<'_> {
                 self.remaining()
             ));
         }
+        let bytes = self.take(n * ITEM_BYTES, what)?;
         let mut items = Vec::with_capacity(n);
-        for _ in 0..n {
-            let packed = self.u64(what)?;
-            let time_micros = self.u64(what)? as i64;
-            let record_ms = self.u64(what)? as i64;
-            let source = self.u32(what)?;
-            let event_type = self.u8(what)?;
-            let verdict = self.u8(what)?;
+        let u64_at = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().expect("8"));
+        for b in bytes.chunks_exact(ITEM_BYTES) {
+            let event_type = b[28];
             if event_type != u8::MAX && usize::from(event_type) >= EventType::ALL.len() {
                 return Err(format!("{what}: event type code {event_type} is unknown"));
             }
             items.push(HistoryItem {
-                packed,
-                time_micros,
-                record_ms,
-                source,
+                packed: u64_at(b, 0),
+                time_micros: u64_at(b, 8) as i64,
+                record_ms: u64_at(b, 16) as i64,
+                source: u32::from_be_bytes(b[24..28].try_into().expect("4")),
                 event_type,
-                verdict,
+                verdict: b[29],
             });
         }
         Ok(items)

@@ -2839,9 +2839,10 @@ impl Store {
             return Ok(None);
         };
         let taken = self.snapshot_batches()?;
-        if taken.contains(&batch_no) {
+        if taken.contains(&batch_no) && self.snapshot_format(batch_no)? == Some(SNAPSHOT_FORMAT) {
             return Ok(None);
         }
+        // A snapshot of an older format at this batch is replaced below.
         let started = Instant::now();
         let value = encode_snapshot(state);
         if value.len() > MAX_SNAPSHOT_BYTES {
@@ -2882,6 +2883,14 @@ impl Store {
         };
         tracing::debug!(ledger = %self.dir.display(), ?stats, "snapshot written");
         Ok(Some(stats))
+    }
+
+    /// The format byte of the snapshot taken after `batch_no`, if stored.
+    fn snapshot_format(&self, batch_no: u64) -> Result<Option<u8>, StoreError> {
+        let value = self.tree().get(snapshot_key(batch_no)).map_err(|e| {
+            self.sled_error(format!("reading the snapshot after batch {batch_no}"), e)
+        })?;
+        Ok(value.and_then(|v| v.first().copied()))
     }
 
     /// Reads the snapshot taken after `batch_no` and restores its state,
@@ -5961,6 +5970,36 @@ mod tests {
         let (replayed, tail) = replayed_verdicts(&store, ReplayFrom::LatestSnapshot);
         assert_eq!(replayed.snapshot, Some(7));
         assert_eq!(tail.len(), 20);
+    }
+
+    #[test]
+    fn a_snapshot_of_an_older_format_is_replaced() {
+        let (_tmp, path) = ledger_dir();
+        let mut state = LedgerState::new(TOPIC);
+        {
+            let store = Store::open(&path, TOPIC).unwrap();
+            let mut feed = Feed::new(3);
+            write_batches(&store, &mut state, &mut feed, 2, 20);
+            store.write_snapshot(&state).unwrap().unwrap();
+        }
+        edit_raw(&path, |tree| {
+            let mut old = tree.get(snapshot_key(1)).unwrap().unwrap().to_vec();
+            old[0] = SNAPSHOT_FORMAT - 1;
+            tree.insert(snapshot_key(1), old).unwrap();
+        });
+        let store = Store::open_existing(&path).unwrap();
+        let (replayed, _) = replayed_verdicts(&store, ReplayFrom::LatestSnapshot);
+        assert_eq!(replayed.snapshot, None, "the old snapshot is not read");
+        let stats = store.write_snapshot(&replayed.state).unwrap();
+        assert_eq!(stats.map(|s| s.batch_no), Some(1), "and it is replaced");
+        let (replayed, _) = replayed_verdicts(&store, ReplayFrom::LatestSnapshot);
+        assert_eq!(replayed.snapshot, Some(1));
+        assert_eq!(state_parts(&replayed.state), state_parts(&state));
+        assert_eq!(
+            store.write_snapshot(&replayed.state).unwrap(),
+            None,
+            "only once"
+        );
     }
 
     #[test]
