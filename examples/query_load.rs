@@ -26,11 +26,14 @@
 //! by the producer over the interval (the count in `SOAK_PRODUCED_FILE`, if
 //! given), the consumer lag, the RSS, peak RSS and anonymous RSS of
 //! process `SOAK_PID` (`/proc/PID/status`, if given), the size of the
-//! ledger folder `SOAK_DATA_DIR` (if given) and the query p50/p99/max of
-//! the interval. At the end it prints a verdict from those figures: RSS growth
-//! in the first and the last intervals (and per event ingested), the RSS
-//! slope, and p99 drift; figures only, no assertion. Deal ids come from
-//! `QUERY_DEALS_FILE` (one per line), or from listing `/v1/deals`.
+//! ledger folder `SOAK_DATA_DIR` (if given), the process's CPU use and
+//! the machine's load average over the interval, and the query
+//! p50/p99/max of the interval (a route's p99 includes waiting behind
+//! another route's request on the same connection). At the end it prints
+//! a verdict from those figures: RSS growth in the first and the last
+//! intervals (and per event ingested), the RSS slope, and p99 drift;
+//! figures only, no assertion. Deal ids come from `QUERY_DEALS_FILE` (one
+//! per line), or from listing `/v1/deals`.
 
 use std::time::{Duration, Instant};
 
@@ -368,6 +371,8 @@ mod soak {
 
     /// Longest soak, seconds (a day).
     const MAX_SECONDS: u64 = 86_400;
+    /// Clock ticks per second of `/proc/PID/stat` times (USER_HZ: 100 on Linux).
+    const TICKS_PER_SECOND: f64 = 100.0;
     /// Shortest and longest reporting interval, seconds.
     const MIN_INTERVAL: u64 = 1;
     const MAX_INTERVAL: u64 = 3_600;
@@ -402,6 +407,8 @@ mod soak {
         hwm_kib: u64,
         /// The anonymous part of the RSS (heap), as opposed to mapped files.
         anon_kib: u64,
+        /// CPU time used so far (user + system), seconds.
+        cpu_seconds: f64,
     }
 
     /// The figures of one interval (row 0: the start, with no queries).
@@ -411,6 +418,7 @@ mod soak {
         sent: Option<u64>,
         memory: Option<Memory>,
         disk_bytes: Option<u64>,
+        load: Option<f64>,
         requests: usize,
         errors: u64,
         not_found: u64,
@@ -540,7 +548,29 @@ mod soak {
             rss_kib: field("VmRSS:")?,
             hwm_kib: field("VmHWM:")?,
             anon_kib: field("RssAnon:")?,
+            cpu_seconds: cpu_seconds(pid)?,
         })
+    }
+
+    /// User + system CPU time of `pid` so far, from `/proc/PID/stat`.
+    fn cpu_seconds(pid: u32) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which may hold spaces), from field 3.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split(' ').collect();
+        let utime: f64 = fields.get(11)?.parse().ok()?;
+        let stime: f64 = fields.get(12)?.parse().ok()?;
+        Some((utime + stime) / TICKS_PER_SECOND)
+    }
+
+    /// The machine's 1-minute load average.
+    fn load_average() -> Option<f64> {
+        std::fs::read_to_string("/proc/loadavg")
+            .ok()?
+            .split(' ')
+            .next()?
+            .parse()
+            .ok()
     }
 
     /// Bytes of the files under `dir` (the ledger folder), or `None`.
@@ -618,7 +648,7 @@ mod soak {
         );
         println!();
         println!(
-            "{:>6} {:>10} {:>9} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>6} {:>4} {:>4} {:>7} {:>7} {:>8}  p99 ms per route (deal/history/locks)",
+            "{:>6} {:>10} {:>9} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>5} {:>5} {:>6} {:>4} {:>4} {:>7} {:>7} {:>8}  p99 ms per route (deal/history/locks)",
             "min",
             "ingested",
             "ingest/s",
@@ -628,6 +658,8 @@ mod soak {
             "peak MiB",
             "anon MiB",
             "disk MiB",
+            "CPU %",
+            "load",
             "reqs",
             "err",
             "404",
@@ -666,6 +698,16 @@ mod soak {
             ),
             None => ("-".into(), "-".into(), "-".into()),
         };
+        let cpu = match (row.memory, previous.and_then(|p| p.memory)) {
+            (Some(now), Some(before)) if dt > 0.0 => {
+                format!("{:.0}", (now.cpu_seconds - before.cpu_seconds) / dt * 100.0)
+            }
+            _ => "-".into(),
+        };
+        let load = row
+            .load
+            .map(|l| format!("{l:.1}"))
+            .unwrap_or_else(|| "-".into());
         let disk = row
             .disk_bytes
             .map(|b| format!("{:.0}", b as f64 / 1_048_576.0))
@@ -686,7 +728,7 @@ mod soak {
             ("-".into(), "-".into(), "-".into(), "-".into())
         };
         println!(
-            "{:>6.1} {:>10.0} {:>9} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>6} {:>4} {:>4} {:>7} {:>7} {:>8}  {}",
+            "{:>6.1} {:>10.0} {:>9} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>5} {:>5} {:>6} {:>4} {:>4} {:>7} {:>7} {:>8}  {}",
             row.seconds / 60.0,
             row.scrape.ingested,
             ingest_rate,
@@ -696,6 +738,8 @@ mod soak {
             hwm,
             anon,
             disk,
+            cpu,
+            load,
             row.requests,
             row.errors,
             row.not_found,
@@ -818,6 +862,7 @@ mod soak {
             sent: sent(&config.produced_file),
             memory: config.pid.and_then(memory),
             disk_bytes: disk_bytes(&config.data_dir),
+            load: load_average(),
             requests: 0,
             errors: 0,
             not_found: 0,
@@ -870,6 +915,7 @@ mod soak {
                 sent: sent(&config.produced_file),
                 memory: config.pid.and_then(memory),
                 disk_bytes: disk_bytes(&config.data_dir),
+                load: load_average(),
                 requests: all.len(),
                 errors: w.errors,
                 not_found: w.not_found,

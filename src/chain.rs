@@ -784,11 +784,9 @@ impl ChainHead {
         })
     }
 
-    /// Appends `record` as the next entry and returns it. Refuses a record of
-    /// another stream, an offset not strictly greater than the last one
-    /// (gaps are fine: transaction markers, compaction), or a record breaking
-    /// [`validate_record`]. On error the chain is unchanged.
-    pub fn append(&mut self, record: Record) -> Result<Entry, AppendError> {
+    /// Checks that `record` may come next in this chain (its stream, an
+    /// offset after the last one, [`validate_record`]); returns its seq.
+    fn check_next(&self, record: &Record) -> Result<u64, AppendError> {
         let seq = self.next_seq;
         let offset = record.offset;
         if !record.belongs_to(&self.stream) {
@@ -809,12 +807,22 @@ impl ChainHead {
                 last_offset,
             });
         }
-        validate_record(&record).map_err(|source| AppendError::InvalidRecord {
+        validate_record(record).map_err(|source| AppendError::InvalidRecord {
             stream: self.stream.clone(),
             seq,
             offset,
             source,
         })?;
+        Ok(seq)
+    }
+
+    /// Appends `record` as the next entry and returns it. Refuses a record of
+    /// another stream, an offset not strictly greater than the last one
+    /// (gaps are fine: transaction markers, compaction), or a record breaking
+    /// [`validate_record`]. On error the chain is unchanged.
+    pub fn append(&mut self, record: Record) -> Result<Entry, AppendError> {
+        let seq = self.check_next(&record)?;
+        let offset = record.offset;
         assert!(
             seq < u64::MAX,
             "{} seq {seq}: sequence numbers exhausted",
@@ -844,32 +852,8 @@ impl ChainHead {
     /// caller's verifier would have refused it.
     pub fn advance_verified(&mut self, entry: &Entry) -> Result<(), AppendError> {
         let record = &entry.record;
-        let seq = self.next_seq;
+        let seq = self.check_next(record)?;
         let offset = record.offset;
-        if !record.belongs_to(&self.stream) {
-            return Err(AppendError::WrongStream {
-                stream: self.stream.clone(),
-                seq,
-                offset,
-                found: record.stream(),
-            });
-        }
-        if let Some(last_offset) = self.last_offset
-            && offset <= last_offset
-        {
-            return Err(AppendError::OffsetNotIncreasing {
-                stream: self.stream.clone(),
-                seq,
-                offset,
-                last_offset,
-            });
-        }
-        validate_record(record).map_err(|source| AppendError::InvalidRecord {
-            stream: self.stream.clone(),
-            seq,
-            offset,
-            source,
-        })?;
         assert_eq!(entry.seq, seq, "{}: entry out of order", self.stream);
         assert!(
             entry.prev_hash == self.head,

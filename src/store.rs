@@ -106,6 +106,12 @@ pub const STORE_FORMAT_VERSION: u32 = 2;
 /// Name of the one sled tree holding the ledger.
 pub const TREE_NAME: &str = "ledger";
 
+/// Name of the sled tree holding the snapshots (`S` keys). Apart from the
+/// ledger's tree: sled rewrites a tree node with all its values when any key
+/// of the node changes, and the heads and batch records change every batch,
+/// so a snapshot beside them was rewritten (100+ MB each time) every batch.
+pub const SNAPSHOT_TREE_NAME: &str = "snapshots";
+
 /// sled page-cache size. Measured with entry pages (release, 2 cores): a
 /// 200,000-event ingest peaked at 215-247 MB RSS with 32 MiB and 234-261 MB
 /// with 64 MiB, at the same speed (about 3 s either way), and writing
@@ -1072,6 +1078,7 @@ struct Durability {
 struct Sled {
     db: sled::Db,
     tree: sled::Tree,
+    snapshots: sled::Tree,
 }
 
 /// A ledger on disk: one folder, one sled database, one topic.
@@ -1218,9 +1225,12 @@ impl Store {
                 .open_tree(TREE_NAME)
                 .map_err(|e| sled_error(dir, format!("opening sled tree {TREE_NAME:?}"), e))?;
             let contents = read_contents(dir, &db, &tree)?;
-            Ok((tree, contents))
+            let snapshots = db.open_tree(SNAPSHOT_TREE_NAME).map_err(|e| {
+                sled_error(dir, format!("opening sled tree {SNAPSHOT_TREE_NAME:?}"), e)
+            })?;
+            Ok((tree, snapshots, contents))
         });
-        let (tree, contents) = match opened {
+        let (tree, snapshots, contents) = match opened {
             Ok(Ok(opened)) => opened,
             Ok(Err(e)) => return Err(unreadable_at_open(e)),
             Err(panic) => {
@@ -1270,7 +1280,11 @@ impl Store {
         let store = Store {
             dir: dir.to_path_buf(),
             topic,
-            sled: Some(Sled { db, tree }),
+            sled: Some(Sled {
+                db,
+                tree,
+                snapshots,
+            }),
             durability: Mutex::new(Durability {
                 db_file,
                 synced_blobs: HashSet::new(),
@@ -1309,6 +1323,10 @@ impl Store {
 
     fn tree(&self) -> &sled::Tree {
         &self.sled.as_ref().expect("open until dropped").tree
+    }
+
+    fn snapshot_tree(&self) -> &sled::Tree {
+        &self.sled.as_ref().expect("open until dropped").snapshots
     }
 
     fn db(&self) -> &sled::Db {
@@ -2793,7 +2811,7 @@ impl Store {
     /// The batch numbers of the stored snapshots, ascending.
     pub fn snapshot_batches(&self) -> Result<Vec<u64>, StoreError> {
         let mut batches = Vec::new();
-        for item in self.tree().scan_prefix([FAMILY_SNAPSHOT]) {
+        for item in self.snapshot_tree().scan_prefix([FAMILY_SNAPSHOT]) {
             let (key, _) = item.map_err(|e| self.sled_error("listing snapshots", e))?;
             let batch_no = parse_snapshot_key(&key).ok_or_else(|| {
                 self.corrupt(None, format!("malformed snapshot key {:02x?}", &key[..]))
@@ -2863,11 +2881,29 @@ impl Store {
         }
         let bytes = value.len();
         writes.insert(&snapshot_key(batch_no), value);
-        if let Err(error) = self
-            .tree()
+        // Ledgers written before snapshots had their own tree kept them in
+        // the ledger's tree (format 1, never read now): drop those.
+        let mut legacy = sled::Batch::default();
+        let mut any_legacy = false;
+        for item in self.tree().scan_prefix([FAMILY_SNAPSHOT]) {
+            let (key, _) = item.map_err(|e| self.sled_error("listing old snapshots", e))?;
+            legacy.remove(key);
+            any_legacy = true;
+        }
+        let written = self
+            .snapshot_tree()
             .apply_batch(writes)
-            .map_err(|e| self.sled_error(format!("writing the snapshot after batch {batch_no}"), e))
-        {
+            .and_then(|()| {
+                if any_legacy {
+                    self.tree().apply_batch(legacy)
+                } else {
+                    Ok(())
+                }
+            })
+            .map_err(|e| {
+                self.sled_error(format!("writing the snapshot after batch {batch_no}"), e)
+            });
+        if let Err(error) = written {
             durability.poisoned = Some(error.to_string());
             return Err(error);
         }
@@ -2887,9 +2923,12 @@ impl Store {
 
     /// The format byte of the snapshot taken after `batch_no`, if stored.
     fn snapshot_format(&self, batch_no: u64) -> Result<Option<u8>, StoreError> {
-        let value = self.tree().get(snapshot_key(batch_no)).map_err(|e| {
-            self.sled_error(format!("reading the snapshot after batch {batch_no}"), e)
-        })?;
+        let value = self
+            .snapshot_tree()
+            .get(snapshot_key(batch_no))
+            .map_err(|e| {
+                self.sled_error(format!("reading the snapshot after batch {batch_no}"), e)
+            })?;
         Ok(value.and_then(|v| v.first().copied()))
     }
 
@@ -2897,9 +2936,12 @@ impl Store {
     /// without checking it against the chain. `Ok(Err(reason))` when it is
     /// missing, damaged or does not fit together.
     pub fn read_snapshot(&self, batch_no: u64) -> Result<Result<LedgerState, String>, StoreError> {
-        let Some(value) = self.tree().get(snapshot_key(batch_no)).map_err(|e| {
-            self.sled_error(format!("reading the snapshot after batch {batch_no}"), e)
-        })?
+        let Some(value) = self
+            .snapshot_tree()
+            .get(snapshot_key(batch_no))
+            .map_err(|e| {
+                self.sled_error(format!("reading the snapshot after batch {batch_no}"), e)
+            })?
         else {
             return Ok(Err("it is not stored".into()));
         };
@@ -3501,7 +3543,14 @@ fn read_contents(dir: &Path, db: &sled::Db, tree: &sled::Tree) -> Result<Content
         let others: Vec<String> = db
             .tree_names()
             .iter()
-            .filter(|n| n.as_ref() != TREE_NAME.as_bytes() && n.as_ref() != b"__sled__default")
+            .filter(|n| {
+                ![
+                    TREE_NAME.as_bytes(),
+                    SNAPSHOT_TREE_NAME.as_bytes(),
+                    b"__sled__default",
+                ]
+                .contains(&n.as_ref())
+            })
             .map(|n| String::from_utf8_lossy(n).into_owned())
             .collect();
         let default_empty = db.is_empty();
@@ -3990,6 +4039,17 @@ mod tests {
     /// Opens the ledger's sled database directly (no [`Store`]), lets `edit`
     /// change the tree, flushes and closes it.
     fn edit_raw(path: &Path, edit: impl FnOnce(&sled::Tree)) {
+        edit_raw_tree(path, TREE_NAME, edit);
+    }
+
+    /// [`edit_raw`] on the snapshots' tree.
+    fn edit_raw_snapshots(path: &Path, edit: impl FnOnce(&sled::Tree)) {
+        edit_raw_tree(path, SNAPSHOT_TREE_NAME, edit);
+    }
+
+    /// Opens the ledger's sled database directly, lets `edit` change the
+    /// tree `name`, flushes and closes it.
+    fn edit_raw_tree(path: &Path, name: &str, edit: impl FnOnce(&sled::Tree)) {
         {
             // sled's threads may still hold the lock of a database the
             // caller just closed.
@@ -4005,7 +4065,7 @@ mod tests {
                     other => break other.unwrap(),
                 }
             };
-            let tree = db.open_tree(TREE_NAME).unwrap();
+            let tree = db.open_tree(name).unwrap();
             edit(&tree);
             db.flush().unwrap();
         }
@@ -5982,10 +6042,15 @@ mod tests {
             write_batches(&store, &mut state, &mut feed, 2, 20);
             store.write_snapshot(&state).unwrap().unwrap();
         }
-        edit_raw(&path, |tree| {
-            let mut old = tree.get(snapshot_key(1)).unwrap().unwrap().to_vec();
+        let mut old = Vec::new();
+        edit_raw_snapshots(&path, |tree| {
+            old = tree.get(snapshot_key(1)).unwrap().unwrap().to_vec();
             old[0] = SNAPSHOT_FORMAT - 1;
-            tree.insert(snapshot_key(1), old).unwrap();
+            tree.insert(snapshot_key(1), old.clone()).unwrap();
+        });
+        // Where ledgers of format-1 snapshots kept them: the ledger's tree.
+        edit_raw(&path, |tree| {
+            tree.insert(snapshot_key(0), old.clone()).unwrap();
         });
         let store = Store::open_existing(&path).unwrap();
         let (replayed, _) = replayed_verdicts(&store, ReplayFrom::LatestSnapshot);
@@ -6000,6 +6065,14 @@ mod tests {
             None,
             "only once"
         );
+        drop(store);
+        edit_raw(&path, |tree| {
+            assert_eq!(
+                tree.scan_prefix([FAMILY_SNAPSHOT]).count(),
+                0,
+                "old ones dropped"
+            );
+        });
     }
 
     #[test]
@@ -6038,7 +6111,7 @@ mod tests {
             value[at] ^= 0x10;
             tree.insert(snapshot_key(batch_no), value).unwrap();
         };
-        edit_raw(&path, |tree| flip(tree, 3));
+        edit_raw_snapshots(&path, |tree| flip(tree, 3));
         {
             let store = Store::open_existing(&path).unwrap();
             let (replayed, _) = replayed_verdicts(&store, ReplayFrom::LatestSnapshot);
@@ -6052,7 +6125,7 @@ mod tests {
             );
             assert_eq!(state_parts(&replayed.state), state_parts(&state));
         }
-        edit_raw(&path, |tree| {
+        edit_raw_snapshots(&path, |tree| {
             flip(tree, 1);
             // A snapshot cut short is damage too, found before its checksum.
             tree.insert(snapshot_key(3), &b"\x01short"[..]).unwrap();
@@ -6076,11 +6149,11 @@ mod tests {
         snapshotted_ledger(&other, 9);
         // A well-formed snapshot of another ledger of the same topic.
         let mut foreign = Vec::new();
-        edit_raw(&other, |tree| {
+        edit_raw_snapshots(&other, |tree| {
             foreign = tree.get(snapshot_key(3)).unwrap().unwrap().to_vec();
         });
         let mut beyond = Vec::new();
-        edit_raw(&path, |tree| {
+        edit_raw_snapshots(&path, |tree| {
             beyond = tree.get(snapshot_key(1)).unwrap().unwrap().to_vec();
             tree.insert(snapshot_key(3), foreign.clone()).unwrap();
         });
@@ -6098,7 +6171,7 @@ mod tests {
         drop(store);
 
         // A snapshot after a batch the ledger does not have.
-        edit_raw(&path, |tree| {
+        edit_raw_snapshots(&path, |tree| {
             tree.insert(snapshot_key(40), beyond.clone()).unwrap();
         });
         let store = Store::open_existing(&path).unwrap();

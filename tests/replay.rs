@@ -8,7 +8,7 @@ use std::process::Output;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dealledger::event::Timestamp;
-use dealledger::store::{Store, TREE_NAME};
+use dealledger::store::{SNAPSHOT_TREE_NAME, Store};
 use serde_json::Value;
 
 use crate::common::{create_topic, dealledger, describe, repo_file, unique_topic};
@@ -361,7 +361,7 @@ fn replay_from_a_snapshot_equals_replay_from_genesis() {
     // folds the second half again, with the same result.
     {
         let db = sled::open(data).unwrap();
-        let tree = db.open_tree(TREE_NAME).unwrap();
+        let tree = db.open_tree(SNAPSHOT_TREE_NAME).unwrap();
         let mut key = vec![b'S'];
         key.extend_from_slice(&latest.to_be_bytes());
         let mut value = tree.get(&key).unwrap().unwrap().to_vec();
