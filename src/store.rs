@@ -2592,6 +2592,16 @@ fn encode_snapshot(state: &LedgerState) -> Vec<u8> {
     let mut collided: Vec<(&(String, String), Location)> = state.collided().collect();
     collided.sort_unstable();
 
+    // The exact size up front: a growing buffer of a 100+ MB state would
+    // hold up to twice that while it doubles.
+    let mut index = Vec::new();
+    state.index().encode(&mut index);
+    let mut book_len = ByteCount(0);
+    serde_json::to_writer(&mut book_len, state.book()).expect("a deal book serializes");
+    let collided_bytes: usize = collided
+        .iter()
+        .map(|((source, id), _)| 4 + source.len() + 4 + id.len() + SNAPSHOT_LOCATION_BYTES)
+        .sum();
     let mut out = Vec::with_capacity(
         1 + 8
             + 4
@@ -2599,7 +2609,11 @@ fn encode_snapshot(state: &LedgerState) -> Vec<u8> {
             + 8
             + fingerprints.len() * FINGERPRINT_BYTES
             + 4
+            + collided_bytes
             + 8
+            + book_len.0
+            + 8
+            + index.len()
             + HASH_LEN,
     );
     out.push(SNAPSHOT_FORMAT);
@@ -2631,14 +2645,31 @@ fn encode_snapshot(state: &LedgerState) -> Vec<u8> {
     serde_json::to_writer(&mut out, state.book()).expect("a deal book serializes");
     let len = (out.len() - at - 8) as u64;
     out[at..at + 8].copy_from_slice(&len.to_be_bytes());
-    let at = out.len();
-    out.extend_from_slice(&[0; 8]);
-    state.index().encode(&mut out);
-    let len = (out.len() - at - 8) as u64;
-    out[at..at + 8].copy_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&(index.len() as u64).to_be_bytes());
+    out.extend_from_slice(&index);
+    drop(index);
     let checksum = snapshot_checksum(&out);
     out.extend_from_slice(checksum.as_bytes());
+    debug_assert_eq!(
+        out.len(),
+        out.capacity(),
+        "the size computed up front is exact"
+    );
     out
+}
+
+/// A writer that only counts the bytes written to it.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn snapshot_checksum(bytes: &[u8]) -> blake3::Hash {
