@@ -552,12 +552,27 @@ fn a_damaged_ledger_folder_is_refused_by_every_command_with_a_pointer_to_rebuild
         }
         assert_refused(case, "serve", &serve_once(topic, &dir), &dir);
         assert!(!export.exists(), "case {case:?}: an export was written");
-        // Nothing turned the folder into a fresh (empty) ledger.
-        let error = Store::open_existing(&dir).expect_err(case);
-        assert!(
-            error.to_string().contains("rebuild --from-kafka"),
-            "case {case:?}: {error}"
-        );
+        // Nothing turned the folder into a fresh (empty) ledger: it is
+        // refused at open, or (sled reads lazily: damage to a blob of
+        // entries shows only when they are read) it still holds its heads.
+        match Store::open_existing(&dir) {
+            Err(error) => assert!(
+                error.to_string().contains("rebuild --from-kafka"),
+                "case {case:?}: {error}"
+            ),
+            Ok(store) => {
+                drop(store);
+                assert!(
+                    case.starts_with("blobs"),
+                    "case {case:?}: the damaged ledger opened"
+                );
+                assert_eq!(
+                    heads(&dir),
+                    base_heads,
+                    "case {case:?}: not the same ledger"
+                );
+            }
+        }
     }
     eprintln!(
         "refused:\n  {}\nharmless (every entry intact): {harmless:?}",
