@@ -36,7 +36,6 @@
 //!   recognised as duplicates, one finding per producer.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +44,7 @@ use crate::deal::{Deal, Lock, Status};
 use crate::event::{Date, EventType, Id, LockKind, Signatory, Terms, Timestamp};
 use crate::index::{Cited, DealEntries, DealIndex, HistoryItem, ItemVerdict};
 use crate::ledger::{LedgerState, Location, Verdict};
+use crate::replay::PartiesView;
 
 /// Items per page when the caller does not say.
 pub const DEFAULT_PAGE_SIZE: usize = 100;
@@ -230,27 +230,6 @@ fn paginate<T>(
 // Shared views.
 // ---------------------------------------------------------------------------
 
-/// The parties of a deal.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Parties {
-    /// The party buying capacity.
-    pub customer: Id,
-    /// The party selling it.
-    pub provider: Id,
-    /// Further parties.
-    pub partners: Vec<Id>,
-}
-
-impl Parties {
-    fn of(deal: &Deal) -> Self {
-        Parties {
-            customer: deal.customer.clone(),
-            provider: deal.provider.clone(),
-            partners: deal.partners.clone(),
-        }
-    }
-}
-
 /// How a lock ended.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockEnded {
@@ -373,7 +352,7 @@ pub struct DealShow {
     /// Free text from the opening.
     pub description: Option<String>,
     /// Who is party to it.
-    pub parties: Parties,
+    pub parties: PartiesView,
     /// When negotiation opened.
     pub opened_at: Timestamp,
     /// The `deal.negotiation.opened` entry.
@@ -441,7 +420,7 @@ pub fn deal_show(state: &LedgerState, id: &Id) -> Result<DealShow, QueryError> {
         status: deal.status,
         scope: deal.scope.clone(),
         description: deal.description.as_ref().map(|d| d.as_str().to_string()),
-        parties: Parties::of(deal),
+        parties: PartiesView::of(deal),
         opened_at: deal.opened_at,
         opened_by: cited(|r| r.opened),
         proposals: deal.proposals.len(),
@@ -650,7 +629,7 @@ pub struct DealSummary {
     /// What it is about.
     pub scope: Id,
     /// Who is party to it.
-    pub parties: Parties,
+    pub parties: PartiesView,
     /// When negotiation opened.
     pub opened_at: Timestamp,
     /// When it was finalized.
@@ -714,7 +693,7 @@ pub fn deals_list(
                 id: id.clone(),
                 status: d.status,
                 scope: d.scope.clone(),
-                parties: Parties::of(d),
+                parties: PartiesView::of(d),
                 opened_at: d.opened_at,
                 finalized_at: d.finalization.as_ref().map(|f| f.at),
                 terminated_at: d.termination.as_ref().map(|t| t.at),
@@ -1355,18 +1334,6 @@ pub fn stats(state: &LedgerState, page: &PageRequest) -> Result<Stats, QueryErro
 fn seconds_to_finalize(deal: &Deal) -> Option<i64> {
     let f = deal.finalization.as_ref()?;
     Some((f.at.as_datetime() - deal.opened_at.as_datetime()).num_seconds())
-}
-
-impl fmt::Display for EntryRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}",
-            self.stream,
-            self.seq,
-            &self.hash[..self.hash.len().min(12)]
-        )
-    }
 }
 
 #[cfg(test)]

@@ -269,7 +269,7 @@ pub fn replay(
 // ---------------------------------------------------------------------------
 
 /// The parties of a deal.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartiesView {
     /// The party buying capacity.
     pub customer: Id,
@@ -277,6 +277,17 @@ pub struct PartiesView {
     pub provider: Id,
     /// Further parties.
     pub partners: Vec<Id>,
+}
+
+impl PartiesView {
+    /// The parties of `deal`.
+    pub fn of(deal: &Deal) -> Self {
+        PartiesView {
+            customer: deal.customer.clone(),
+            provider: deal.provider.clone(),
+            partners: deal.partners.clone(),
+        }
+    }
 }
 
 /// An exclusivity lock in force.
@@ -343,11 +354,7 @@ impl DealView {
             id: deal.id.clone(),
             status: deal.status,
             scope: deal.scope.clone(),
-            parties: PartiesView {
-                customer: deal.customer.clone(),
-                provider: deal.provider.clone(),
-                partners: deal.partners.clone(),
-            },
+            parties: PartiesView::of(deal),
             terms: deal.current_terms.clone(),
             active_locks: deal
                 .locks

@@ -3436,12 +3436,7 @@ fn prepare_folder(dir: &Path, mode: Mode) -> Result<Folder, StoreError> {
 fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
     let config = sled::Config::new()
         .path(dir)
-        .cache_capacity(
-            std::env::var("DEALLEDGER_SLED_CACHE_BYTES")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(CACHE_CAPACITY_BYTES),
-        )
+        .cache_capacity(CACHE_CAPACITY_BYTES)
         .use_compression(false)
         .flush_every_ms(None);
     remove_unfinished_sled_snapshots(dir)?;
