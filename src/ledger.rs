@@ -26,9 +26,9 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use serde::{Deserialize, Serialize};
 
-use crate::chain::{AppendError, ChainHead, Entry, Hash, Record, StreamId};
+use crate::chain::{AppendError, ChainHead, Entry, Record, StreamId};
 use crate::deal::DealBook;
-use crate::event::{DealEvent, EventType, Id, Payload};
+use crate::event::{DealEvent, DecodeError, EventType, Id, Payload};
 use crate::index::{DealIndex, Judged};
 
 /// Context string of the event-identity fingerprint (blake3 derive_key mode).
@@ -241,6 +241,35 @@ pub fn identity_fingerprint(source: &str, id: &str) -> u64 {
     u64::from_be_bytes(bytes.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
+/// A record's value decoded ahead of the fold, by [`decode_record`].
+///
+/// Decoding is pure and needs nothing from the state, so the shells run it on
+/// another thread than the fold (ingest decodes the next batch while the
+/// current one is folded; replay decodes entries as they are read). The fold
+/// then only judges: [`LedgerState::apply_decoded_batch`],
+/// [`LedgerState::replay_decoded`].
+#[derive(Debug)]
+pub enum Decoded {
+    /// The record has no value (a tombstone).
+    NoValue,
+    /// The value is a valid deal event.
+    Event(Box<DealEvent>),
+    /// The value is not one: why.
+    Invalid(DecodeError),
+}
+
+/// Decodes a record's value: the part of judging that does not depend on
+/// the state.
+pub fn decode_record(record: &Record) -> Decoded {
+    match record.value.as_deref() {
+        None => Decoded::NoValue,
+        Some(value) => match DealEvent::decode(value) {
+            Ok(event) => Decoded::Event(Box::new(event)),
+            Err(err) => Decoded::Invalid(err),
+        },
+    }
+}
+
 /// The in-memory state of a ledger: chain heads, seen identities, deal book.
 pub struct LedgerState {
     topic: String,
@@ -325,6 +354,24 @@ impl LedgerState {
         records: Vec<Record>,
         originals: &dyn OriginalLookup,
     ) -> Result<BatchWrite, LedgerError> {
+        let decoded = records
+            .into_iter()
+            .map(|record| {
+                let decoded = decode_record(&record);
+                (record, decoded)
+            })
+            .collect();
+        self.apply_decoded_batch(decoded, originals)
+    }
+
+    /// [`LedgerState::apply_batch`] for records whose values were already
+    /// decoded with [`decode_record`] (each pair must be a record and its
+    /// own decoding: the fold trusts it).
+    pub fn apply_decoded_batch(
+        &mut self,
+        records: Vec<(Record, Decoded)>,
+        originals: &dyn OriginalLookup,
+    ) -> Result<BatchWrite, LedgerError> {
         assert!(
             records.len() <= MAX_BATCH_RECORDS,
             "batch of {} records exceeds MAX_BATCH_RECORDS",
@@ -341,7 +388,7 @@ impl LedgerState {
         // Identities first recorded in this very batch: fingerprint -> locations.
         let mut in_batch: HashMap<u64, (Location, String, String)> = HashMap::new();
         let mut touched = BTreeMap::new();
-        for record in records {
+        for (record, decoded) in records {
             if record.topic != self.topic {
                 return Err(LedgerError::WrongTopic {
                     expected: self.topic.clone(),
@@ -360,18 +407,7 @@ impl LedgerState {
             }
             let entry = head.append(record)?;
             touched.insert(partition, ());
-            let location = Location {
-                partition,
-                seq: entry.seq,
-            };
-            let outcome = self.judge(
-                location,
-                entry.hash,
-                &entry.record,
-                originals,
-                &mut in_batch,
-                &mut write,
-            );
+            let outcome = self.judge(&entry, decoded, originals, &mut in_batch, &mut write);
             write.entries.push(entry);
             write.outcomes.push(outcome);
         }
@@ -384,6 +420,17 @@ impl LedgerState {
     /// order). The chain link is checked by the caller's verifier; this
     /// advances the head and recomputes the verdict.
     pub fn replay_entry(&mut self, entry: &Entry, originals: &dyn OriginalLookup) -> Outcome {
+        self.replay_decoded(entry, decode_record(&entry.record), originals)
+    }
+
+    /// [`LedgerState::replay_entry`] for an entry whose value was already
+    /// decoded with [`decode_record`].
+    pub fn replay_decoded(
+        &mut self,
+        entry: &Entry,
+        decoded: Decoded,
+        originals: &dyn OriginalLookup,
+    ) -> Outcome {
         let partition = entry.record.partition;
         let head = self
             .heads
@@ -391,10 +438,6 @@ impl LedgerState {
             .or_insert_with(|| ChainHead::genesis(StreamId::new(self.topic.clone(), partition)));
         head.advance_verified(entry)
             .expect("replayed entries were appended once already; the caller verifies them");
-        let location = Location {
-            partition,
-            seq: entry.seq,
-        };
         let mut scratch = BatchWrite {
             batch_no: self.next_batch,
             entries: Vec::new(),
@@ -404,14 +447,7 @@ impl LedgerState {
             skipped_stale: 0,
         };
         let mut in_batch = HashMap::new();
-        self.judge(
-            location,
-            entry.hash,
-            &entry.record,
-            originals,
-            &mut in_batch,
-            &mut scratch,
-        )
+        self.judge(entry, decoded, originals, &mut in_batch, &mut scratch)
     }
 
     /// Marks the end of a replayed batch, so batch numbering continues.
@@ -421,13 +457,18 @@ impl LedgerState {
 
     fn judge(
         &mut self,
-        location: Location,
-        hash: Hash,
-        record: &Record,
+        entry: &Entry,
+        decoded: Decoded,
         originals: &dyn OriginalLookup,
         in_batch: &mut HashMap<u64, (Location, String, String)>,
         write: &mut BatchWrite,
     ) -> Outcome {
+        let record = &entry.record;
+        let hash = entry.hash;
+        let location = Location {
+            partition: record.partition,
+            seq: entry.seq,
+        };
         self.entries += 1;
         let mut outcome = Outcome {
             location,
@@ -436,24 +477,23 @@ impl LedgerState {
             event_type: None,
             verdict: Verdict::Accepted,
         };
-        let Some(value) = record.value.as_deref() else {
-            self.index.record(
-                location,
-                hash,
-                record.timestamp_ms,
-                Judged::Undecodable("no_value"),
-            );
-            outcome.verdict = Verdict::Rejected {
-                kind: "no_value".into(),
-                reason:
-                    "record has no value (a tombstone); a deal event is a CloudEvents JSON document"
+        let event = match decoded {
+            Decoded::Event(event) => *event,
+            Decoded::NoValue => {
+                self.index.record(
+                    location,
+                    hash,
+                    record.timestamp_ms,
+                    Judged::Undecodable("no_value"),
+                );
+                outcome.verdict = Verdict::Rejected {
+                    kind: "no_value".into(),
+                    reason: "record has no value (a tombstone); a deal event is a CloudEvents JSON document"
                         .into(),
-            };
-            return outcome;
-        };
-        let event = match DealEvent::decode(value) {
-            Ok(event) => event,
-            Err(err) => {
+                };
+                return outcome;
+            }
+            Decoded::Invalid(err) => {
                 self.index.record(
                     location,
                     hash,
@@ -592,10 +632,6 @@ impl LedgerState {
     /// separately. Entries come in ledger order, as for
     /// [`LedgerState::replay_entry`].
     pub fn judge_entry(&mut self, entry: &Entry, originals: &dyn OriginalLookup) -> Outcome {
-        let location = Location {
-            partition: entry.record.partition,
-            seq: entry.seq,
-        };
         let mut scratch = BatchWrite {
             batch_no: self.next_batch,
             entries: Vec::new(),
@@ -605,9 +641,8 @@ impl LedgerState {
             skipped_stale: 0,
         };
         self.judge(
-            location,
-            entry.hash,
-            &entry.record,
+            entry,
+            decode_record(&entry.record),
             originals,
             &mut HashMap::new(),
             &mut scratch,
