@@ -2017,12 +2017,8 @@ impl Store {
                         continue;
                     }
                 };
-                self.walk_pipelined(batch_no + 1, cursors, progress, |step| match step {
-                    WalkStep::Entry(entry) => {
-                        let outcome = state.replay_entry(&entry, self);
-                        visit(&entry, &outcome);
-                    }
-                    WalkStep::BatchEnd => state.replayed_batch(),
+                self.walk_pipelined(batch_no + 1, cursors, progress, true, |step, value| {
+                    replay_step(&mut state, self, step, value, &mut visit)
                 })?;
                 return Ok(Replayed {
                     state,
@@ -2032,12 +2028,8 @@ impl Store {
             }
         }
         let mut state = LedgerState::new(self.topic.clone());
-        self.walk_pipelined(0, BTreeMap::new(), progress, |step| match step {
-            WalkStep::Entry(entry) => {
-                let outcome = state.replay_entry(&entry, self);
-                visit(&entry, &outcome);
-            }
-            WalkStep::BatchEnd => state.replayed_batch(),
+        self.walk_pipelined(0, BTreeMap::new(), progress, true, |step, value| {
+            replay_step(&mut state, self, step, value, &mut visit)
         })?;
         Ok(Replayed {
             state,
@@ -2056,7 +2048,7 @@ impl Store {
         progress: Option<&(dyn Fn(u64) + Sync)>,
         mut visit: impl FnMut(&Entry),
     ) -> Result<(), StoreError> {
-        self.walk_pipelined(0, BTreeMap::new(), progress, |step| {
+        self.walk_pipelined(0, BTreeMap::new(), progress, false, |step, _| {
             if let WalkStep::Entry(entry) = step {
                 visit(&entry);
             }
@@ -2064,14 +2056,17 @@ impl Store {
     }
 
     /// [`Store::walk`] on a second thread: reading pages and recomputing
-    /// hashes there overlaps with whatever `visit` does (decoding and
-    /// folding) on this one. Same steps, same order, same errors.
+    /// hashes there overlaps with whatever `visit` does (folding) on this
+    /// one. With `decode`, a third thread decodes each entry's value
+    /// ([`ledger::decode_record`]) between the two, and `visit` gets it;
+    /// without, `visit` gets `None`. Same steps, same order, same errors.
     fn walk_pipelined(
         &self,
         from_batch: u64,
         cursors: BTreeMap<i32, Cursor>,
         progress: Option<&(dyn Fn(u64) + Sync)>,
-        mut visit: impl FnMut(WalkStep),
+        decode: bool,
+        mut visit: impl FnMut(WalkStep, Option<ledger::Decoded>),
     ) -> Result<(), StoreError> {
         std::thread::scope(|scope| {
             let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<WalkStep>>(WALK_CHUNKS_IN_FLIGHT);
@@ -2094,9 +2089,43 @@ impl Store {
                     walked
                 })
                 .expect("can start the ledger walking thread");
-            for chunk in rx {
-                for step in chunk {
-                    visit(step);
+            if decode {
+                let (dtx, drx) = std::sync::mpsc::sync_channel::<
+                    Vec<(WalkStep, Option<ledger::Decoded>)>,
+                >(WALK_CHUNKS_IN_FLIGHT);
+                let decoder = std::thread::Builder::new()
+                    .name("ledger-decode".into())
+                    .spawn_scoped(scope, move || {
+                        for chunk in rx {
+                            let decoded = chunk
+                                .into_iter()
+                                .map(|step| {
+                                    let value = match &step {
+                                        WalkStep::Entry(entry) => {
+                                            Some(ledger::decode_record(&entry.record))
+                                        }
+                                        WalkStep::BatchEnd => None,
+                                    };
+                                    (step, value)
+                                })
+                                .collect();
+                            if dtx.send(decoded).is_err() {
+                                return;
+                            }
+                        }
+                    })
+                    .expect("can start the ledger decoding thread");
+                for chunk in drx {
+                    for (step, value) in chunk {
+                        visit(step, value);
+                    }
+                }
+                decoder.join().expect("the ledger decoding thread panicked");
+            } else {
+                for chunk in rx {
+                    for step in chunk {
+                        visit(step, None);
+                    }
                 }
             }
             walker.join().expect("the ledger walking thread panicked")
@@ -2520,6 +2549,26 @@ enum WalkStep {
     Entry(Entry),
     /// The end of a batch record.
     BatchEnd,
+}
+
+/// Folds one step of a replay walk into `state` (`value`: the entry's
+/// value, decoded on the walk's decoding thread) and shows the entry and
+/// its outcome to `visit`.
+fn replay_step(
+    state: &mut LedgerState,
+    store: &Store,
+    step: WalkStep,
+    value: Option<ledger::Decoded>,
+    visit: &mut impl FnMut(&Entry, &Outcome),
+) {
+    match step {
+        WalkStep::Entry(entry) => {
+            let value = value.unwrap_or_else(|| ledger::decode_record(&entry.record));
+            let outcome = state.replay_decoded(&entry, value, store);
+            visit(&entry, &outcome);
+        }
+        WalkStep::BatchEnd => state.replayed_batch(),
+    }
 }
 
 /// Steps handed from the walking thread to the folding thread at a time.
