@@ -70,7 +70,10 @@ const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("isolation.level", "read_committed"),
     ("enable.partition.eof", "false"),
     // Bound prefetched data: part of the ingester's memory budget.
-    ("queued.max.messages.kbytes", "32768"),
+    ("queued.max.messages.kbytes", "16384"),
+    // And the size of one fetch response (default 50 MiB), which librdkafka
+    // buffers whole before it queues the messages.
+    ("fetch.max.bytes", "8388608"),
     // When that bound is reached, librdkafka postpones the partition's
     // next fetch by this much (default 1000 ms). The ingester drains 32 MiB
     // in well under a second, so with the default it stood idle for about
