@@ -1,0 +1,43 @@
+//! What a ledger's derived state holds, for memory work: loads the state
+//! of a (stopped) ledger folder from its latest snapshot and prints the
+//! sizes of its parts (fingerprints, deal book as JSON, query index
+//! encoding, deals, proposals, locks) and the process's resident memory
+//! once it is loaded.
+//!
+//! Usage: cargo run --release --example state_sizes -- LEDGER_DIR
+
+use dealledger::store::Store;
+
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+fn main() {
+    let dir = std::env::args()
+        .nth(1)
+        .expect("usage: state_sizes LEDGER_DIR");
+    let store = Store::open_existing(std::path::Path::new(&dir)).expect("open the ledger");
+    let state = store.load_state().expect("load the state");
+    let resident_pages: u64 = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0);
+    let book_json = serde_json::to_vec(state.book()).expect("serialize").len();
+    let mut index = Vec::new();
+    state.index().encode(&mut index);
+    let (mut proposals, mut locks) = (0usize, 0usize);
+    for (_, deal) in state.book().iter() {
+        proposals += deal.proposals.len();
+        locks += deal.locks.len();
+    }
+    println!("entries:            {}", state.entry_count());
+    println!("fingerprints:       {}", state.fingerprints().count());
+    println!("deals:              {}", state.book().len());
+    println!("proposals:          {proposals}");
+    println!("locks:              {locks}");
+    println!("deal book (JSON):   {book_json} bytes");
+    println!("index (encoded):    {} bytes", index.len());
+    println!(
+        "resident once loaded: {} MiB",
+        resident_pages * 4096 / (1024 * 1024)
+    );
+}
