@@ -44,6 +44,11 @@ const ITEM_BYTES: usize = 8 + 8 + 8 + 4 + 1 + 1;
 /// Format byte of [`DealIndex::encode`].
 const INDEX_FORMAT: u8 = 1;
 
+/// Size of the pieces [`DealIndex::encode_in_pieces`] hands out (a piece
+/// ends after the deal that reaches it, so one deal with a long history
+/// makes a longer piece).
+pub const ENCODE_PIECE_BYTES: usize = 256 * 1024;
+
 /// What became of one entry, compactly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ItemVerdict {
@@ -405,20 +410,37 @@ impl DealIndex {
 
     /// Appends the index to `out`, deterministically (deals in id order).
     pub fn encode(&self, out: &mut Vec<u8>) {
+        self.encode_in_pieces(|piece| out.extend_from_slice(piece));
+    }
+
+    /// Bytes [`DealIndex::encode`] writes (computed by encoding, discarding
+    /// the bytes).
+    pub fn encoded_len(&self) -> usize {
+        let mut len = 0;
+        self.encode_in_pieces(|piece| len += piece.len());
+        len
+    }
+
+    /// [`DealIndex::encode`], handed to `emit` in pieces of about
+    /// [`ENCODE_PIECE_BYTES`] (in order; their concatenation is the
+    /// encoding), so that a snapshot can stream the index to its file
+    /// without holding its whole encoding (32 bytes per entry) in memory.
+    pub fn encode_in_pieces(&self, mut emit: impl FnMut(&[u8])) {
+        let mut out = Vec::with_capacity(ENCODE_PIECE_BYTES);
         out.push(INDEX_FORMAT);
         for table in [&self.sources, &self.kinds] {
-            put_u32(out, table.names.len() as u32);
+            put_u32(&mut out, table.names.len() as u32);
             for name in &table.names {
-                put_bytes(out, name.as_bytes());
+                put_bytes(&mut out, name.as_bytes());
             }
         }
-        put_items(out, &self.unattributed);
+        put_items(&mut out, &self.unattributed);
         let mut ids: Vec<&Id> = self.deals.keys().collect();
         ids.sort_unstable();
-        put_u64(out, ids.len() as u64);
+        put_u64(&mut out, ids.len() as u64);
         for id in ids {
             let deal = &self.deals[id];
-            put_bytes(out, id.as_str().as_bytes());
+            put_bytes(&mut out, id.as_str().as_bytes());
             for cited in [
                 deal.opened,
                 deal.agreed,
@@ -427,15 +449,22 @@ impl DealIndex {
                 deal.terminated,
                 deal.last,
             ] {
-                put_cited(out, cited);
+                put_cited(&mut out, cited);
             }
-            put_u32(out, deal.locks.len() as u32);
+            put_u32(&mut out, deal.locks.len() as u32);
             for (lock, refs) in &deal.locks {
-                put_bytes(out, lock.as_str().as_bytes());
-                put_cited(out, refs.granted);
-                put_cited(out, refs.ended);
+                put_bytes(&mut out, lock.as_str().as_bytes());
+                put_cited(&mut out, refs.granted);
+                put_cited(&mut out, refs.ended);
             }
-            put_items(out, &deal.items);
+            put_items(&mut out, &deal.items);
+            if out.len() >= ENCODE_PIECE_BYTES {
+                emit(&out);
+                out.clear();
+            }
+        }
+        if !out.is_empty() {
+            emit(&out);
         }
     }
 
@@ -723,6 +752,30 @@ mod tests {
         );
         assert_eq!(index.unattributed()[0].time(), None);
         assert_eq!(index.len(), 5);
+    }
+
+    #[test]
+    fn encoding_in_pieces_is_the_encoding() {
+        let mut index = DealIndex::new();
+        for d in 0..400u64 {
+            let deal = format!("deal-{d}");
+            index.record_at(loc(0, d), 1, Judged::Accepted(&opened(&deal, "x")));
+            for i in 0..30u64 {
+                index.record_at(
+                    loc((d % 3) as i32, 1_000 + d * 30 + i),
+                    2,
+                    Judged::Accepted(&granted(&deal, "y", "l")),
+                );
+            }
+        }
+        let mut whole = Vec::new();
+        index.encode(&mut whole);
+        let mut pieces = Vec::new();
+        index.encode_in_pieces(|piece| pieces.push(piece.to_vec()));
+        assert!(pieces.len() > 1, "more than one piece: {}", pieces.len());
+        assert!(pieces.iter().all(|p| !p.is_empty()));
+        assert_eq!(pieces.concat(), whole);
+        assert_eq!(index.encoded_len(), whole.len());
     }
 
     #[test]

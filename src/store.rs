@@ -2731,11 +2731,19 @@ fn encode_snapshot_to(state: &LedgerState, out: &mut impl std::io::Write) -> io:
     serde_json::to_writer(&mut book_len, state.book()).expect("a deal book serializes");
     out.write_all(&(book_len.0 as u64).to_be_bytes())?;
     serde_json::to_writer(&mut out, state.book()).map_err(io::Error::other)?;
-    let mut index = Vec::new();
-    state.index().encode(&mut index);
-    out.write_all(&(index.len() as u64).to_be_bytes())?;
-    out.write_all(&index)?;
-    drop(index);
+    // The index too: its length from a first pass, then its pieces.
+    out.write_all(&(state.index().encoded_len() as u64).to_be_bytes())?;
+    let mut failed = None;
+    state.index().encode_in_pieces(|piece| {
+        if failed.is_none()
+            && let Err(e) = out.write_all(piece)
+        {
+            failed = Some(e);
+        }
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
     let out = out.into_inner().map_err(io::IntoInnerError::into_error)?;
     let checksum = out.hasher.finalize();
     out.inner.write_all(checksum.as_bytes())?;
