@@ -270,6 +270,15 @@ pub fn decode_record(record: &Record) -> Decoded {
     }
 }
 
+/// What judging a fresh batch keeps beside the state: the identities first
+/// seen in this batch (not stored yet, so `originals` cannot name them) and
+/// the fingerprints the batch record lists. Replays judge stored entries
+/// and need neither.
+struct InBatch<'a> {
+    first_seen: &'a mut HashMap<u64, (Location, String, String)>,
+    fingerprints: &'a mut Vec<(u64, Location)>,
+}
+
 /// The in-memory state of a ledger: chain heads, seen identities, deal book.
 pub struct LedgerState {
     topic: String,
@@ -407,7 +416,15 @@ impl LedgerState {
             }
             let entry = head.append(record)?;
             touched.insert(partition, ());
-            let outcome = self.judge(&entry, decoded, originals, &mut in_batch, &mut write);
+            let outcome = self.judge(
+                &entry,
+                decoded,
+                originals,
+                Some(InBatch {
+                    first_seen: &mut in_batch,
+                    fingerprints: &mut write.fingerprints,
+                }),
+            );
             write.entries.push(entry);
             write.outcomes.push(outcome);
         }
@@ -438,16 +455,8 @@ impl LedgerState {
             .or_insert_with(|| ChainHead::genesis(StreamId::new(self.topic.clone(), partition)));
         head.advance_verified(entry)
             .expect("replayed entries were appended once already; the caller verifies them");
-        let mut scratch = BatchWrite {
-            batch_no: self.next_batch,
-            entries: Vec::new(),
-            outcomes: Vec::new(),
-            heads: Vec::new(),
-            fingerprints: Vec::new(),
-            skipped_stale: 0,
-        };
-        let mut in_batch = HashMap::new();
-        self.judge(entry, decoded, originals, &mut in_batch, &mut scratch)
+        // Every earlier entry is stored: `originals` finds any identity.
+        self.judge(entry, decoded, originals, None)
     }
 
     /// Marks the end of a replayed batch, so batch numbering continues.
@@ -460,8 +469,7 @@ impl LedgerState {
         entry: &Entry,
         decoded: Decoded,
         originals: &dyn OriginalLookup,
-        in_batch: &mut HashMap<u64, (Location, String, String)>,
-        write: &mut BatchWrite,
+        mut in_batch: Option<InBatch<'_>>,
     ) -> Outcome {
         let record = &entry.record;
         let hash = entry.hash;
@@ -511,7 +519,8 @@ impl LedgerState {
         outcome.event_type = Some(event.event_type());
 
         let fp = identity_fingerprint(&event.source, &event.id);
-        if let Some(of) = self.find_original(fp, &event, originals, in_batch) {
+        let first_seen = in_batch.as_ref().map(|b| &*b.first_seen);
+        if let Some(of) = self.find_original(fp, &event, originals, first_seen) {
             self.index.record(
                 location,
                 hash,
@@ -524,7 +533,11 @@ impl LedgerState {
         match self.seen.entry(fp) {
             std::collections::hash_map::Entry::Vacant(slot) => {
                 slot.insert(pack(location));
-                in_batch.insert(fp, (location, event.source.clone(), event.id.clone()));
+                if let Some(batch) = in_batch.as_mut() {
+                    batch
+                        .first_seen
+                        .insert(fp, (location, event.source.clone(), event.id.clone()));
+                }
             }
             std::collections::hash_map::Entry::Occupied(_) => {
                 // A different identity with the same fingerprint: keep it exactly.
@@ -532,7 +545,9 @@ impl LedgerState {
                     .insert((event.source.clone(), event.id.clone()), location);
             }
         }
-        write.fingerprints.push((fp, location));
+        if let Some(batch) = in_batch {
+            batch.fingerprints.push((fp, location));
+        }
 
         match self.book.apply(&event) {
             Ok(()) => {
@@ -587,11 +602,11 @@ impl LedgerState {
         fp: u64,
         event: &DealEvent,
         originals: &dyn OriginalLookup,
-        in_batch: &HashMap<u64, (Location, String, String)>,
+        in_batch: Option<&HashMap<u64, (Location, String, String)>>,
     ) -> Option<Location> {
         let first = unpack(*self.seen.get(&fp)?);
         let same = |source: &str, id: &str| source == event.source && id == event.id;
-        let first_matches = match in_batch.get(&fp) {
+        let first_matches = match in_batch.and_then(|b| b.get(&fp)) {
             Some((loc, source, id)) if *loc == first => same(source, id),
             _ => originals
                 .identity(first)
@@ -632,22 +647,9 @@ impl LedgerState {
     /// separately. Entries come in ledger order, as for
     /// [`LedgerState::replay_entry`].
     pub fn judge_entry(&mut self, entry: &Entry, originals: &dyn OriginalLookup) -> Outcome {
-        let mut scratch = BatchWrite {
-            batch_no: self.next_batch,
-            entries: Vec::new(),
-            outcomes: Vec::new(),
-            heads: Vec::new(),
-            fingerprints: Vec::new(),
-            skipped_stale: 0,
-        };
-        self.judge(
-            entry,
-            decode_record(&entry.record),
-            originals,
-            &mut HashMap::new(),
-            &mut scratch,
-        )
+        self.judge(entry, decode_record(&entry.record), originals, None)
     }
+
 
     // ---- snapshots: the state in plain parts, and back ---------------------
 
