@@ -650,7 +650,6 @@ impl LedgerState {
         self.judge(entry, decode_record(&entry.record), originals, None)
     }
 
-
     // ---- snapshots: the state in plain parts, and back ---------------------
 
     /// The first location of every identity seen, by fingerprint, in no
