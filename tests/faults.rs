@@ -408,7 +408,24 @@ fn a_damaged_ledger_folder_is_refused_by_every_command_with_a_pointer_to_rebuild
     let topic = fixture_topic();
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("base");
-    ingest_fixture(&base, 5_000);
+    // Full 10,000-record batches (the topic is produced already; a batch
+    // waits up to 2 s to fill): each batch record lists 10,000 20-byte
+    // identity fingerprints, so its sled node exceeds sled's 128 KiB blob
+    // threshold and `blobs/` is not empty.
+    let out = run(&[
+        "ingest",
+        "--until-caught-up",
+        "--no-dead-letter",
+        "--topic",
+        topic,
+        "--data",
+        path(&base),
+        "--batch-records",
+        "10000",
+        "--linger-ms",
+        "2000",
+    ]);
+    expect_success(&out);
     let blobs: Vec<PathBuf> = fs::read_dir(base.join("blobs"))
         .unwrap()
         .map(|e| e.unwrap().path())
