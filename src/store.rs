@@ -1105,6 +1105,15 @@ pub struct Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
+        if self.lock_durability().poisoned.is_some() {
+            // A write failed (a full disk, an I/O error): sled's handles
+            // would flush on drop, and sled 0.34 waits forever for a log
+            // buffer it could not write (seen after ENOSPC). Nothing unwritten
+            // was acknowledged; the process is on its way out with the
+            // error, and the OS releases sled's files and lock at exit.
+            std::mem::forget(self.sled.take());
+            return;
+        }
         drop(self.sled.take());
         // sled's background threads hold the `db` file (and its flock) for a
         // moment after the last handle is gone; wait until the lock is free.
