@@ -57,8 +57,38 @@ fn run_on(brokers: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
     if let Some(input) = stdin {
         child.stdin.take().unwrap().write_all(input).unwrap();
     }
-    child.wait_with_output().expect("wait for dealledger")
+    // A hung command (say, a deadlock on a damaged ledger) must fail the
+    // test, not block the suite: a watchdog kills it after RUN_TIMEOUT.
+    let pid = child.id().to_string();
+    let finished = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let timed_out = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let (finished, timed_out) = (finished.clone(), timed_out.clone());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + RUN_TIMEOUT;
+            while !finished.load(std::sync::atomic::Ordering::SeqCst) {
+                if Instant::now() > deadline {
+                    timed_out.store(true, std::sync::atomic::Ordering::SeqCst);
+                    let _ = Command::new("kill").args(["-9", &pid]).status();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let out = child.wait_with_output().expect("wait for dealledger");
+    finished.store(true, std::sync::atomic::Ordering::SeqCst);
+    watchdog.join().unwrap();
+    assert!(
+        !timed_out.load(std::sync::atomic::Ordering::SeqCst),
+        "dealledger {args:?} did not finish within {RUN_TIMEOUT:?} and was killed:\n{}",
+        describe(&out)
+    );
+    out
 }
+
+/// Longest a command of these tests may run before it counts as hung.
+const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Runs `dealledger args` against the shared broker.
 fn run(args: &[&str]) -> Output {
