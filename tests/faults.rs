@@ -140,7 +140,13 @@ fn fixture_topic() -> &'static str {
 
 /// Ingests `topic` (shared broker) into `data` until caught up.
 fn ingest_fixture(data: &Path, batch_records: u32) {
-    let out = run(&[
+    ingest_fixture_with(data, batch_records, &[]);
+}
+
+/// [`ingest_fixture`] with further `ingest` arguments.
+fn ingest_fixture_with(data: &Path, batch_records: u32, more: &[&str]) {
+    let batch_records = batch_records.to_string();
+    let mut args = vec![
         "ingest",
         "--until-caught-up",
         "--no-dead-letter",
@@ -149,9 +155,10 @@ fn ingest_fixture(data: &Path, batch_records: u32) {
         "--data",
         path(data),
         "--batch-records",
-        &batch_records.to_string(),
-    ]);
-    expect_success(&out);
+        &batch_records,
+    ];
+    args.extend_from_slice(more);
+    expect_success(&run(&args));
 }
 
 /// (partition, entries, head hash) of every stream of a ledger folder.
@@ -442,20 +449,7 @@ fn a_damaged_ledger_folder_is_refused_by_every_command_with_a_pointer_to_rebuild
     // waits up to 2 s to fill): each batch record lists 10,000 20-byte
     // identity fingerprints, so its sled node exceeds sled's 128 KiB blob
     // threshold and `blobs/` is not empty.
-    let out = run(&[
-        "ingest",
-        "--until-caught-up",
-        "--no-dead-letter",
-        "--topic",
-        topic,
-        "--data",
-        path(&base),
-        "--batch-records",
-        "10000",
-        "--linger-ms",
-        "2000",
-    ]);
-    expect_success(&out);
+    ingest_fixture_with(&base, 10_000, &["--linger-ms", "2000"]);
     let blobs: Vec<PathBuf> = fs::read_dir(base.join("blobs"))
         .unwrap()
         .map(|e| e.unwrap().path())
