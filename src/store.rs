@@ -84,7 +84,8 @@ use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::chain::{
@@ -179,6 +180,25 @@ const LOCK_RELEASE_POLL: Duration = Duration::from_millis(1);
 /// Highest partition the ledger supports: [`LedgerState`] packs a location
 /// into 16 bits of partition and 48 of sequence.
 pub const MAX_PARTITION: i32 = u16::MAX as i32;
+
+/// How many entries a long walk (verify, replay, export) reads between two
+/// calls of [`Store::release_read_memory`]: about 35 MB of entry pages,
+/// which is roughly what sled then holds at most.
+pub const RELEASE_READ_MEMORY_ENTRIES: u64 = 50_000;
+
+/// Most threads [`Store::verify`] reads and hashes streams on (at most the
+/// machine's cores).
+pub const MAX_VERIFY_THREADS: usize = 4;
+
+/// One stream's verification in progress, carried across
+/// [`Store::verify`]'s rounds.
+struct StreamCheck {
+    partition: i32,
+    verifier: ChainVerifier,
+    problem: Option<StreamProblem>,
+    /// The stream's stored entries are all read.
+    ended: bool,
+}
 
 /// Family byte of metadata keys.
 const FAMILY_META: u8 = b'M';
@@ -950,6 +970,9 @@ enum CursorFault {
 /// entry as decoded from its bytes. Does not check that pages continue
 /// each other: callers compare the seqs with the ones they expect.
 struct PageCursor {
+    /// Keeps sled's handles from being swapped while the cursor lives
+    /// ([`Store::release_read_memory`]).
+    _sled: Arc<Sled>,
     pages: sled::Iter,
     page: Option<PageReader>,
     /// A fault found while positioning, yielded first.
@@ -961,9 +984,10 @@ type RawEntry = (u64, Result<Entry, DecodeEntryError>);
 
 impl PageCursor {
     /// All pages of `partition`, from the first.
-    fn from_start(tree: &sled::Tree, partition: i32) -> PageCursor {
+    fn from_start(sled: Arc<Sled>, partition: i32) -> PageCursor {
         PageCursor {
-            pages: tree.scan_prefix(entry_prefix(partition)),
+            pages: sled.tree.scan_prefix(entry_prefix(partition)),
+            _sled: sled,
             page: None,
             pending: None,
         }
@@ -973,9 +997,11 @@ impl PageCursor {
     /// (found with one reverse seek when it starts before `seq`, its earlier
     /// entries skipped by their lengths) or, when `seq` is the end of that
     /// page, right after it (its end still checked for trailing bytes).
-    fn at(tree: &sled::Tree, partition: i32, seq: u64) -> PageCursor {
+    fn at(sled: Arc<Sled>, partition: i32, seq: u64) -> PageCursor {
+        let tree = sled.tree.clone();
         let mut cursor = PageCursor {
             pages: tree.range(page_key(partition, seq)..=page_key(partition, u64::MAX)),
+            _sled: sled,
             page: None,
             pending: None,
         };
@@ -1098,9 +1124,19 @@ struct Sled {
 pub struct Store {
     dir: PathBuf,
     topic: String,
-    /// Always `Some` until dropped.
-    sled: Option<Sled>,
+    /// sled's handles. Always `Some` until dropped (or until a failed
+    /// [`Store::release_read_memory`]). Every user holds the `Arc` for as
+    /// long as it uses them, iterators included, so a strong count of 1
+    /// under the write lock means nobody is reading.
+    sled: RwLock<Option<Arc<Sled>>>,
     durability: Mutex<Durability>,
+    /// The ledger folder, `flock`ed for the store's lifetime (see [`lock_folder`]).
+    _folder_lock: File,
+    /// Entries a long walk reads between two [`Store::release_read_memory`]
+    /// calls: [`RELEASE_READ_MEMORY_ENTRIES`] unless a test sets it lower.
+    release_every: AtomicU64,
+    /// Times sled was closed and opened again by [`Store::release_read_memory`].
+    releases: AtomicU64,
 }
 
 impl Drop for Store {
@@ -1111,27 +1147,29 @@ impl Drop for Store {
             // buffer it could not write (seen after ENOSPC). Nothing unwritten
             // was acknowledged; the process is on its way out with the
             // error, and the OS releases sled's files and lock at exit.
-            std::mem::forget(self.sled.take());
+            std::mem::forget(self.sled_slot().take());
             return;
         }
-        drop(self.sled.take());
-        // sled's background threads hold the `db` file (and its flock) for a
-        // moment after the last handle is gone; wait until the lock is free.
-        let durability = self.lock_durability();
-        let started = Instant::now();
-        loop {
-            match durability.db_file.try_lock() {
-                Ok(()) => {
-                    let _ = durability.db_file.unlock();
-                    return;
-                }
-                Err(std::fs::TryLockError::WouldBlock)
-                    if started.elapsed() < MAX_LOCK_RELEASE_WAIT =>
-                {
-                    std::thread::sleep(LOCK_RELEASE_POLL);
-                }
-                Err(_) => return,
+        drop(self.sled_slot().take());
+        wait_for_sled_lock_release(&self.lock_durability().db_file);
+    }
+}
+
+/// Waits (up to [`MAX_LOCK_RELEASE_WAIT`]) until sled's lock on `db` is
+/// free: sled's background threads hold the file (and its flock) for a
+/// moment after the last handle is gone. Returns whether it is free.
+fn wait_for_sled_lock_release(db_file: &File) -> bool {
+    let started = Instant::now();
+    loop {
+        match db_file.try_lock() {
+            Ok(()) => {
+                let _ = db_file.unlock();
+                return true;
             }
+            Err(std::fs::TryLockError::WouldBlock) if started.elapsed() < MAX_LOCK_RELEASE_WAIT => {
+                std::thread::sleep(LOCK_RELEASE_POLL);
+            }
+            Err(_) => return false,
         }
     }
 }
@@ -1210,6 +1248,7 @@ impl Store {
         if fs::symlink_metadata(dir).is_err() {
             return Ok(false);
         }
+        drop(lock_folder(dir)?);
         match File::open(dir.join(SLED_DB_FILE)) {
             Ok(db) => match db.try_lock() {
                 Ok(()) => {
@@ -1234,6 +1273,7 @@ impl Store {
 
     fn open_mode(dir: &Path, topic: Option<&str>, mode: Mode) -> Result<Store, StoreError> {
         let folder = prepare_folder(dir, mode)?;
+        let folder_lock = lock_folder(dir)?;
         let db = open_sled(dir)?;
         // sled reads lazily: damage may show only now, as an error (a
         // missing blob is `NotFound`) or a panic. Either way the ledger
@@ -1298,16 +1338,19 @@ impl Store {
         let store = Store {
             dir: dir.to_path_buf(),
             topic,
-            sled: Some(Sled {
+            sled: RwLock::new(Some(Arc::new(Sled {
                 db,
                 tree,
                 snapshots,
-            }),
+            }))),
             durability: Mutex::new(Durability {
                 db_file,
                 synced_blobs: HashSet::new(),
                 poisoned: None,
             }),
+            _folder_lock: folder_lock,
+            release_every: AtomicU64::new(RELEASE_READ_MEMORY_ENTRIES),
+            releases: AtomicU64::new(0),
         };
         store.sync_at_open(folder.created)?;
         Ok(store)
@@ -1339,16 +1382,87 @@ impl Store {
         Ok(())
     }
 
-    fn tree(&self) -> &sled::Tree {
-        &self.sled.as_ref().expect("open until dropped").tree
+    /// sled's handles, held by the caller for as long as it uses them.
+    fn sled(&self) -> Arc<Sled> {
+        self.sled
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .expect("open until dropped (or a failed release_read_memory)")
+            .clone()
     }
 
-    fn snapshot_tree(&self) -> &sled::Tree {
-        &self.sled.as_ref().expect("open until dropped").snapshots
+    fn sled_slot(&self) -> std::sync::RwLockWriteGuard<'_, Option<Arc<Sled>>> {
+        self.sled.write().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn db(&self) -> &sled::Db {
-        &self.sled.as_ref().expect("open until dropped").db
+    /// Closes sled and opens it again, when nothing holds its handles (no
+    /// reader, no iterator, no write in progress); returns whether it did.
+    ///
+    /// Why: sled 0.34 keeps every tree node it reads or writes in memory
+    /// far beyond `cache_capacity`. Its LRU learns of accesses in blocks of
+    /// 64 per shard, 256 shards, and evicts only then, so up to 16,384
+    /// recently used nodes are never counted (spacejam/sled#1036). Our
+    /// leaves hold about 8 entry pages (sled splits leaves at 16 keys), so a
+    /// walk over a million entries kept about 650 MB resident whatever the
+    /// cache size. Closing the database frees it all; opening again costs
+    /// about 8 ms. Long walks ([`Store::verify`], replays, exports) call this
+    /// every [`RELEASE_READ_MEMORY_ENTRIES`] entries at a point where they
+    /// hold no cursor, and carry on from where they were.
+    ///
+    /// Between closing and opening, another process could take sled's lock
+    /// on the folder: then this fails with [`StoreError::Locked`], and the
+    /// store cannot be used any more (every later use panics); callers
+    /// return the error.
+    pub fn release_read_memory(&self) -> Result<bool, StoreError> {
+        let durability = self.lock_durability();
+        if durability.poisoned.is_some() {
+            return Ok(false);
+        }
+        let mut slot = self.sled_slot();
+        match slot.as_ref() {
+            Some(sled) if Arc::strong_count(sled) == 1 => {}
+            _ => return Ok(false),
+        }
+        drop(slot.take());
+        if !wait_for_sled_lock_release(&durability.db_file) {
+            return Err(StoreError::Locked {
+                dir: self.dir.clone(),
+            });
+        }
+        let db = open_sled(&self.dir)?;
+        let open_tree = |name: &str| {
+            db.open_tree(name)
+                .map_err(|e| self.sled_error(format!("opening sled tree {name:?} again"), e))
+        };
+        let tree = open_tree(TREE_NAME)?;
+        let snapshots = open_tree(SNAPSHOT_TREE_NAME)?;
+        // sled renamed a snapshot of its page table into the folder while opening.
+        sync_path(&self.dir, &self.dir, "the ledger folder")?;
+        *slot = Some(Arc::new(Sled {
+            db,
+            tree,
+            snapshots,
+        }));
+        self.releases.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Entries a long walk reads between two [`Store::release_read_memory`]
+    /// calls ([`RELEASE_READ_MEMORY_ENTRIES`] by default).
+    pub fn release_every(&self) -> u64 {
+        self.release_every.load(Ordering::Relaxed)
+    }
+
+    /// Sets [`Store::release_every`] (at least 1). Tests set it low to take
+    /// the release path on small ledgers; results must not change.
+    pub fn set_release_every(&self, entries: u64) {
+        self.release_every.store(entries.max(1), Ordering::Relaxed);
+    }
+
+    /// How many times [`Store::release_read_memory`] closed and opened sled.
+    pub fn releases(&self) -> u64 {
+        self.releases.load(Ordering::Relaxed)
     }
 
     fn lock_durability(&self) -> std::sync::MutexGuard<'_, Durability> {
@@ -1385,7 +1499,7 @@ impl Store {
 
     /// The stored head of `partition`, if the ledger has one.
     pub fn head(&self, partition: i32) -> Result<Option<ChainHead>, StoreError> {
-        let value = self.tree().get(head_key(partition)).map_err(|e| {
+        let value = self.sled().tree.get(head_key(partition)).map_err(|e| {
             self.sled_error(format!("reading the head of partition {partition}"), e)
         })?;
         value
@@ -1401,7 +1515,7 @@ impl Store {
     /// to consume is each head's last offset + 1 (0 for no entries).
     pub fn heads(&self) -> Result<Vec<ChainHead>, StoreError> {
         let mut heads = Vec::new();
-        for item in self.tree().scan_prefix([FAMILY_HEAD]) {
+        for item in self.sled().tree.scan_prefix([FAMILY_HEAD]) {
             let (key, value) = item.map_err(|e| self.sled_error("reading stream heads", e))?;
             let partition = parse_head_key(&key).ok_or_else(|| {
                 self.corrupt(None, format!("malformed head key {:02x?}", &key[..]))
@@ -1427,7 +1541,7 @@ impl Store {
     /// The number the next [`Store::write_batch`] must carry: the last
     /// batch record's number + 1, or 0 for a new ledger.
     pub fn next_batch_no(&self) -> Result<u64, StoreError> {
-        match self.tree().scan_prefix([FAMILY_BATCH]).next_back() {
+        match self.sled().tree.scan_prefix([FAMILY_BATCH]).next_back() {
             None => Ok(0),
             Some(item) => {
                 let (key, _) =
@@ -1507,7 +1621,7 @@ impl Store {
         bytes += BATCH_KEY_LEN + record.len();
         writes.insert(&batch_key(batch.batch_no), record);
 
-        let result = self.tree().apply_batch(writes).map_err(|e| {
+        let result = self.sled().tree.apply_batch(writes).map_err(|e| {
             self.sled_error(
                 format!(
                     "applying batch {} ({} entries)",
@@ -1544,7 +1658,8 @@ impl Store {
     /// beyond the stored head, instead of overwriting it.
     fn refuse_overwrite(&self, partition: i32, first_seq: u64) -> Result<(), StoreError> {
         let Some(item) = self
-            .tree()
+            .sled()
+            .tree
             .range(page_key(partition, first_seq)..=page_key(partition, u64::MAX))
             .next()
         else {
@@ -1717,7 +1832,8 @@ impl Store {
             )?;
         }
         // 2. sled's log buffers into `db` (pwrite + sync_file_range only).
-        self.db()
+        self.sled()
+            .db
             .flush()
             .map_err(|e| self.sled_error(format!("flushing batch {batch_no}"), e))?;
         // 3. The fsync that makes it survive power loss: drive cache and metadata.
@@ -1834,7 +1950,8 @@ impl Store {
             None => return Ok(None),
         };
         let Some((key, value)) = self
-            .tree()
+            .sled()
+            .tree
             .get_lt(after)
             .map_err(|e| self.sled_error(format!("reading the entry at {location}"), e))?
         else {
@@ -1878,7 +1995,7 @@ impl Store {
         partition: i32,
         from_seq: u64,
     ) -> impl Iterator<Item = Result<Entry, StoreError>> {
-        PageCursor::at(self.tree(), partition, from_seq).map(move |item| {
+        PageCursor::at(self.sled(), partition, from_seq).map(move |item| {
             let (seq, decoded) = item.map_err(|fault| {
                 self.cursor_fault(
                     partition,
@@ -1892,9 +2009,11 @@ impl Store {
 
     /// The batch records from batch `from` on, in order.
     pub fn batches(&self, from: u64) -> impl Iterator<Item = Result<BatchRecord, StoreError>> {
-        self.tree()
+        let sled = self.sled();
+        sled.tree
             .range(batch_key(from)..=batch_key(u64::MAX))
             .map(move |item| {
+                let _held = &sled;
                 let (key, value) = item.map_err(|e| self.sled_error("reading batch records", e))?;
                 let batch_no = parse_batch_key(&key).ok_or_else(|| {
                     self.corrupt(None, format!("malformed batch key {:02x?}", &key[..]))
@@ -1927,7 +2046,8 @@ impl Store {
     /// non-accepted verdict is stored. Does not check that the entry exists.
     pub fn verdict(&self, location: Location) -> Result<Verdict, StoreError> {
         match self
-            .tree()
+            .sled()
+            .tree
             .get(verdict_key(location))
             .map_err(|e| self.sled_error(format!("reading the verdict of {location}"), e))?
         {
@@ -1938,7 +2058,9 @@ impl Store {
 
     /// Every stored (non-accepted) verdict, by partition and seq.
     pub fn verdicts(&self) -> impl Iterator<Item = Result<(Location, Verdict), StoreError>> {
-        self.tree().scan_prefix([FAMILY_VERDICT]).map(move |item| {
+        let sled = self.sled();
+        sled.tree.scan_prefix([FAMILY_VERDICT]).map(move |item| {
+            let _held = &sled;
             let (key, value) = item.map_err(|e| self.sled_error("reading verdicts", e))?;
             let location = parse_location_key(FAMILY_VERDICT, &key).ok_or_else(|| {
                 self.corrupt(None, format!("malformed verdict key {:02x?}", &key[..]))
@@ -1954,7 +2076,8 @@ impl Store {
         let mut from = entry_prefix(0).to_vec();
         loop {
             let next = self
-                .tree()
+                .sled()
+                .tree
                 .range(from.as_slice()..[FAMILY_ENTRY + 1].as_slice())
                 .next();
             let Some(item) = next else { break };
@@ -2163,7 +2286,10 @@ impl Store {
         mut visit: impl FnMut(WalkStep),
     ) -> Result<(), StoreError> {
         let mut unreported = 0u64;
-        for (expected_no, record) in (from_batch..).zip(self.batches(from_batch)) {
+        let mut since_release = 0u64;
+        let mut expected_no = from_batch;
+        let mut batches = self.batches(from_batch);
+        while let Some(record) = batches.next() {
             let record = record?;
             if record.batch_no != expected_no {
                 return Err(self.corrupt(
@@ -2186,7 +2312,7 @@ impl Store {
                     ));
                 }
                 let cursor = cursors.entry(partition).or_insert_with(|| Cursor {
-                    pages: PageCursor::from_start(self.tree(), partition),
+                    pages: PageCursor::from_start(self.sled(), partition),
                     verifier: Link::Genesis(ChainVerifier::new(self.stream(partition))),
                 });
                 if run.first_seq != cursor.verifier.next_seq() {
@@ -2251,6 +2377,7 @@ impl Store {
                         .map_err(|brk| self.chain_broken(&brk))?;
                     visit(WalkStep::Entry(entry));
                     unreported += 1;
+                    since_release += 1;
                     if unreported == PROGRESS_STEP {
                         if let Some(progress) = progress {
                             progress(unreported);
@@ -2260,6 +2387,27 @@ impl Store {
                 }
             }
             visit(WalkStep::BatchEnd);
+            expected_no += 1;
+            if since_release >= self.release_every() {
+                // Let sled's memory go (see `release_read_memory`): close
+                // every cursor, keeping where each stream's chain stands,
+                // and open them again there. If another thread holds sled
+                // (the fold reading an earlier entry), it is tried again
+                // after the next batch.
+                drop(batches);
+                let links: Vec<(i32, Link)> = std::mem::take(&mut cursors)
+                    .into_iter()
+                    .map(|(partition, cursor)| (partition, cursor.verifier))
+                    .collect();
+                if self.release_read_memory()? {
+                    since_release = 0;
+                }
+                for (partition, verifier) in links {
+                    let pages = PageCursor::at(self.sled(), partition, verifier.next_seq());
+                    cursors.insert(partition, Cursor { pages, verifier });
+                }
+                batches = self.batches(expected_no);
+            }
         }
         if let Some(progress) = progress
             && unreported > 0
@@ -2377,15 +2525,132 @@ impl Store {
         self.verify_with_progress(|_| {})
     }
 
+    /// Verifies up to `budget` more entries of one stream, from where its
+    /// check stands (a cursor opened for this part alone); returns how many
+    /// verified. Stops at the stream's end (`ended`) or its first problem.
+    fn verify_stream_part(&self, check: &mut StreamCheck, budget: u64) -> Result<u64, StoreError> {
+        let partition = check.partition;
+        let stream = self.stream(partition);
+        let verifier = &mut check.verifier;
+        let problem_at = |seq: u64, offset: Option<i64>, kind: ProblemKind| StreamProblem {
+            stream: stream.clone(),
+            seq,
+            offset,
+            kind,
+        };
+        let cursor = match verifier.next_seq() {
+            0 => PageCursor::from_start(self.sled(), partition),
+            seq => PageCursor::at(self.sled(), partition, seq),
+        };
+        let mut checked = 0;
+        let mut cursor = cursor.peekable();
+        while checked < budget {
+            let Some(item) = cursor.next() else {
+                check.ended = true;
+                break;
+            };
+            let expected = verifier.next_seq();
+            let (seq, decoded) = match item {
+                Ok(item) => item,
+                Err(CursorFault::Read(e)) => {
+                    return Err(
+                        self.sled_error(format!("reading entries of partition {partition}"), e)
+                    );
+                }
+                Err(CursorFault::MalformedKey(key)) => {
+                    check.problem = Some(problem_at(
+                        expected,
+                        None,
+                        ProblemKind::MalformedKey { key },
+                    ));
+                    break;
+                }
+                // A damaged page after a gap: the gap comes first.
+                Err(CursorFault::Page(damage)) if damage.seq != expected => {
+                    check.problem = Some(problem_at(
+                        expected,
+                        None,
+                        ProblemKind::Chain(BreakKind::SeqGap {
+                            expected,
+                            found: damage.page_seq,
+                        }),
+                    ));
+                    break;
+                }
+                Err(CursorFault::Page(damage)) => {
+                    check.problem = Some(problem_at(
+                        damage.seq,
+                        None,
+                        ProblemKind::DamagedPage {
+                            page_seq: damage.page_seq,
+                            reason: damage.reason,
+                        },
+                    ));
+                    break;
+                }
+            };
+            if seq != expected {
+                check.problem = Some(problem_at(
+                    expected,
+                    None,
+                    ProblemKind::Chain(BreakKind::SeqGap {
+                        expected,
+                        found: seq,
+                    }),
+                ));
+                break;
+            }
+            let entry = match decoded {
+                Ok(entry) => entry,
+                Err(error) => {
+                    check.problem =
+                        Some(problem_at(expected, None, ProblemKind::Undecodable(error)));
+                    break;
+                }
+            };
+            if entry.seq != seq {
+                check.problem = Some(problem_at(
+                    expected,
+                    Some(entry.record.offset),
+                    ProblemKind::MisplacedEntry {
+                        key_seq: seq,
+                        entry_seq: entry.seq,
+                    },
+                ));
+                break;
+            }
+            if let Err(brk) = verifier.push(&entry) {
+                check.problem = Some(problem_at(
+                    brk.seq,
+                    brk.offset,
+                    ProblemKind::Chain(*brk.kind),
+                ));
+                break;
+            }
+            checked += 1;
+        }
+        if checked == budget && cursor.peek().is_none() {
+            check.ended = true;
+        }
+        Ok(checked)
+    }
+
     /// [`Store::verify`], calling `progress` with the number of entries
-    /// checked so far after each entry (for progress bars).
+    /// checked so far now and then (after each round of at most
+    /// [`RELEASE_READ_MEMORY_ENTRIES`], for progress bars).
+    ///
+    /// Streams are read and hashed in parallel (up to [`MAX_VERIFY_THREADS`]),
+    /// in rounds: each stream still going advances by its share of
+    /// [`RELEASE_READ_MEMORY_ENTRIES`], then, with no cursor open,
+    /// [`Store::release_read_memory`] lets sled's memory go. So memory stays
+    /// flat in the ledger's size.
     pub fn verify_with_progress(
         &self,
         mut progress: impl FnMut(u64),
     ) -> Result<VerifyReport, StoreError> {
         let mut checked = 0u64;
         let mut heads: BTreeMap<i32, Result<ChainHead, String>> = BTreeMap::new();
-        for item in self.tree().scan_prefix([FAMILY_HEAD]) {
+        for item in self.sled().tree.scan_prefix([FAMILY_HEAD]) {
             let (key, value) = item.map_err(|e| self.sled_error("reading stream heads", e))?;
             let partition = parse_head_key(&key).ok_or_else(|| {
                 self.corrupt(None, format!("malformed head key {:02x?}", &key[..]))
@@ -2395,98 +2660,84 @@ impl Store {
         let mut partitions: BTreeSet<i32> = heads.keys().copied().collect();
         partitions.extend(self.entry_partitions()?);
 
-        let mut streams = Vec::with_capacity(partitions.len());
-        for partition in partitions {
+        let mut checks: Vec<StreamCheck> = partitions
+            .into_iter()
+            .map(|partition| StreamCheck {
+                partition,
+                verifier: ChainVerifier::new(self.stream(partition)),
+                problem: None,
+                ended: false,
+            })
+            .collect();
+        // Rounds: each stream still going advances by a share of
+        // RELEASE_READ_MEMORY_ENTRIES, streams in parallel; between rounds
+        // no cursor is open and sled's memory is released.
+        let threads = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .clamp(1, MAX_VERIFY_THREADS);
+        let mut first_round = true;
+        loop {
+            let going: Vec<&mut StreamCheck> = checks
+                .iter_mut()
+                .filter(|c| !c.ended && c.problem.is_none())
+                .collect();
+            if going.is_empty() {
+                break;
+            }
+            if !first_round {
+                self.release_read_memory()?;
+            }
+            first_round = false;
+            let budget = (self.release_every() / going.len() as u64).max(1);
+            let workers = threads.min(going.len());
+            let queue = Mutex::new(going);
+            let done: Result<u64, StoreError> = std::thread::scope(|scope| {
+                let runs: Vec<_> = (0..workers)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            let mut checked = 0u64;
+                            loop {
+                                let next =
+                                    queue.lock().unwrap_or_else(PoisonError::into_inner).pop();
+                                let Some(check) = next else {
+                                    return Ok(checked);
+                                };
+                                checked += self.verify_stream_part(check, budget)?;
+                            }
+                        })
+                    })
+                    .collect();
+                let mut total = 0;
+                let mut first_error = None;
+                for run in runs {
+                    match run.join().expect("a verifying thread panicked") {
+                        Ok(n) => total += n,
+                        Err(e) => {
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+                first_error.map_or(Ok(total), Err)
+            });
+            checked += done?;
+            progress(checked);
+        }
+
+        let mut streams = Vec::with_capacity(checks.len());
+        for StreamCheck {
+            partition,
+            verifier,
+            mut problem,
+            ..
+        } in checks
+        {
             let stream = self.stream(partition);
-            let mut verifier = ChainVerifier::new(stream.clone());
             let problem_at = |seq: u64, offset: Option<i64>, kind: ProblemKind| StreamProblem {
                 stream: stream.clone(),
                 seq,
                 offset,
                 kind,
             };
-            let mut problem = None;
-            for item in PageCursor::from_start(self.tree(), partition) {
-                let expected = verifier.next_seq();
-                let (seq, decoded) = match item {
-                    Ok(item) => item,
-                    Err(CursorFault::Read(e)) => {
-                        return Err(
-                            self.sled_error(format!("reading entries of partition {partition}"), e)
-                        );
-                    }
-                    Err(CursorFault::MalformedKey(key)) => {
-                        problem = Some(problem_at(
-                            expected,
-                            None,
-                            ProblemKind::MalformedKey { key },
-                        ));
-                        break;
-                    }
-                    // A damaged page after a gap: the gap comes first.
-                    Err(CursorFault::Page(damage)) if damage.seq != expected => {
-                        problem = Some(problem_at(
-                            expected,
-                            None,
-                            ProblemKind::Chain(BreakKind::SeqGap {
-                                expected,
-                                found: damage.page_seq,
-                            }),
-                        ));
-                        break;
-                    }
-                    Err(CursorFault::Page(damage)) => {
-                        problem = Some(problem_at(
-                            damage.seq,
-                            None,
-                            ProblemKind::DamagedPage {
-                                page_seq: damage.page_seq,
-                                reason: damage.reason,
-                            },
-                        ));
-                        break;
-                    }
-                };
-                if seq != expected {
-                    problem = Some(problem_at(
-                        expected,
-                        None,
-                        ProblemKind::Chain(BreakKind::SeqGap {
-                            expected,
-                            found: seq,
-                        }),
-                    ));
-                    break;
-                }
-                let entry = match decoded {
-                    Ok(entry) => entry,
-                    Err(error) => {
-                        problem = Some(problem_at(expected, None, ProblemKind::Undecodable(error)));
-                        break;
-                    }
-                };
-                if entry.seq != seq {
-                    problem = Some(problem_at(
-                        expected,
-                        Some(entry.record.offset),
-                        ProblemKind::MisplacedEntry {
-                            key_seq: seq,
-                            entry_seq: entry.seq,
-                        },
-                    ));
-                    break;
-                }
-                if let Err(brk) = verifier.push(&entry) {
-                    problem = Some(problem_at(
-                        brk.seq,
-                        brk.offset,
-                        ProblemKind::Chain(*brk.kind),
-                    ));
-                    break;
-                }
-                checked += 1;
-                progress(checked);
-            }
             if problem.is_none() {
                 let end = verifier.next_seq();
                 problem = match heads.get(&partition) {
@@ -3108,12 +3359,13 @@ impl Store {
         durability: &mut Durability,
         batch_no: u64,
     ) -> Result<(), StoreError> {
+        let sled = self.sled();
         let mut in_tree = sled::Batch::default();
         let mut in_snapshot_tree = sled::Batch::default();
         let mut any = false;
         for (tree, batch) in [
-            (self.tree(), &mut in_tree),
-            (self.snapshot_tree(), &mut in_snapshot_tree),
+            (&sled.tree, &mut in_tree),
+            (&sled.snapshots, &mut in_snapshot_tree),
         ] {
             for item in tree.scan_prefix([FAMILY_SNAPSHOT]) {
                 let (key, _) = item.map_err(|e| self.sled_error("listing old snapshots", e))?;
@@ -3125,9 +3377,10 @@ impl Store {
             return Ok(());
         }
         let removed = self
-            .tree()
+            .sled()
+            .tree
             .apply_batch(in_tree)
-            .and_then(|()| self.snapshot_tree().apply_batch(in_snapshot_tree))
+            .and_then(|()| sled.snapshots.apply_batch(in_snapshot_tree))
             .map_err(|e| self.sled_error("removing the snapshots kept in sled", e));
         if let Err(error) = removed {
             durability.poisoned = Some(error.to_string());
@@ -3260,7 +3513,7 @@ impl Store {
             cursors.insert(
                 partition,
                 Cursor {
-                    pages: PageCursor::at(self.tree(), partition, head.next_seq()),
+                    pages: PageCursor::at(self.sled(), partition, head.next_seq()),
                     verifier: Link::Resumed(resumed),
                 },
             );
@@ -3639,6 +3892,23 @@ fn prepare_folder(dir: &Path, mode: Mode) -> Result<Folder, StoreError> {
                 )),
             }
         }
+    }
+}
+
+/// Takes an exclusive `flock` on the ledger folder itself, held as long as
+/// the returned handle is open: [`StoreError::Locked`] when another store
+/// holds it. sled's own lock on `db` says the same, but
+/// [`Store::release_read_memory`] closes and reopens sled; the folder lock
+/// keeps another process from opening the ledger in between.
+fn lock_folder(dir: &Path) -> Result<File, StoreError> {
+    let folder =
+        File::open(dir).map_err(|e| io_error(dir, "opening the ledger folder to lock it", e))?;
+    match folder.try_lock() {
+        Ok(()) => Ok(folder),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked {
+            dir: dir.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_error(dir, "locking the ledger folder", e)),
     }
 }
 
@@ -4077,6 +4347,71 @@ mod tests {
         }
     }
 
+    /// Walks that close and reopen sled every few entries
+    /// (`release_read_memory`) see exactly what walks without do, and the
+    /// store keeps working after: reads, writes, a second opener refused.
+    #[test]
+    fn walks_that_release_sleds_memory_give_the_same_results() {
+        let (_tmp, path) = ledger_dir();
+        let store = Store::open(&path, TOPIC).unwrap();
+        let mut state = LedgerState::new(TOPIC);
+        let mut feed = Feed::new(7);
+        write_batches(&store, &mut state, &mut feed, 6, 200);
+        let walk = |store: &Store| {
+            let mut visited = Vec::new();
+            let replayed = store
+                .replay(|entry, outcome| visited.push((entry.clone(), outcome.verdict.clone())))
+                .unwrap();
+            (visited, book_json(&replayed), store.verify().unwrap())
+        };
+        let plain = walk(&store);
+        assert_eq!(store.releases(), 0, "1,200 entries are below the default");
+        assert!(plain.2.is_intact());
+
+        for every in [1, 7, 500] {
+            store.set_release_every(every);
+            let released_before = store.releases();
+            assert_eq!(walk(&store), plain, "releasing every {every} entries");
+            assert!(
+                store.releases() > released_before,
+                "every {every}: no release"
+            );
+            assert!(matches!(
+                Store::open(&path, TOPIC),
+                Err(StoreError::Locked { .. })
+            ));
+        }
+        // Written after releases, still one chain.
+        write_batches(&store, &mut state, &mut feed, 2, 100);
+        let report = store.verify().unwrap();
+        assert!(report.is_intact(), "{report:?}");
+        let heads: Vec<ChainHead> = state.heads().values().cloned().collect();
+        assert_eq!(store.heads().unwrap(), heads);
+        drop(store);
+        let reopened = Store::open(&path, TOPIC).unwrap();
+        assert_eq!(
+            book_json(&reopened.load_state().unwrap()),
+            book_json(&state)
+        );
+    }
+
+    /// A handle held elsewhere (an open iterator) keeps sled open: the
+    /// release is skipped, not forced.
+    #[test]
+    fn sled_is_not_released_while_an_iterator_holds_it() {
+        let (_tmp, path) = ledger_dir();
+        small_ledger(&path);
+        let store = Store::open_existing(&path).unwrap();
+        let mut entries = store.entries(0, 0);
+        assert!(entries.next().is_some());
+        assert!(!store.release_read_memory().unwrap());
+        assert!(entries.next().is_some());
+        drop(entries);
+        assert!(store.release_read_memory().unwrap());
+        assert_eq!(store.releases(), 1);
+        assert!(store.verify().unwrap().is_intact());
+    }
+
     #[test]
     fn reloaded_state_continues_ingest_exactly() {
         let (_tmp, path) = ledger_dir();
@@ -4269,7 +4604,26 @@ mod tests {
         let (_, written) = small_ledger(&path);
         edit_raw(&path, |tree| edit(tree, &written));
         let store = Store::open_existing(&path).unwrap();
-        (store.verify().unwrap(), store.load_state())
+        let report = store.verify().unwrap();
+        let loaded = store.load_state();
+        // The same damage is found, at the same place, by walks that close
+        // and reopen sled every few entries (`release_read_memory`).
+        store.set_release_every(5);
+        assert_eq!(
+            store.verify().unwrap(),
+            report,
+            "verify releasing every 5 entries"
+        );
+        match (&loaded, store.load_state()) {
+            (Ok(plain), Ok(released)) => assert_eq!(book_json(plain), book_json(&released)),
+            (Err(plain), Err(released)) => assert_eq!(plain.to_string(), released.to_string()),
+            (plain, released) => panic!(
+                "plain {:?} vs releasing {:?}",
+                plain.as_ref().err(),
+                released.err()
+            ),
+        }
+        (report, loaded)
     }
 
     /// Opens the ledger's sled database directly (no [`Store`]), lets `edit`

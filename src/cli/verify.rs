@@ -732,7 +732,7 @@ fn verify_ledger(args: &VerifyArgs, dir: &Path, started: Instant) -> anyhow::Res
         .map(|heads| heads.iter().map(|h| h.next_seq()).sum())
         .unwrap_or(0);
     let bar = progress_bar(total, args.json, "verifying");
-    let result = store.verify_with_progress(progress_fn(&bar));
+    let result = store.verify_with_progress(|n| bar.set_position(n));
     bar.finish_and_clear();
     let verified = match result {
         Ok(report) => report,
