@@ -2191,7 +2191,11 @@ mod tests {
         for every in [1, 4, 13] {
             store.set_release_every(every);
             let released_before = store.releases();
-            assert_eq!(export_bytes(&store), bytes, "releasing every {every} entries");
+            assert_eq!(
+                export_bytes(&store),
+                bytes,
+                "releasing every {every} entries"
+            );
             assert!(store.releases() > released_before);
         }
         assert_eq!(&bytes[..8], b"DLEDGEX\n");

@@ -1410,10 +1410,16 @@ impl Store {
     /// every [`RELEASE_READ_MEMORY_ENTRIES`] entries at a point where they
     /// hold no cursor, and carry on from where they were.
     ///
-    /// Between closing and opening, another process could take sled's lock
-    /// on the folder: then this fails with [`StoreError::Locked`], and the
-    /// store cannot be used any more (every later use panics); callers
-    /// return the error.
+    /// No other process can open the ledger between closing and opening:
+    /// the folder stays locked ([`lock_folder`]). Should sled still not
+    /// open again (its lock not released within [`MAX_LOCK_RELEASE_WAIT`],
+    /// an I/O error), this returns the error and the store cannot be used
+    /// any more (every later use panics); callers stop with the error.
+    ///
+    /// Also called by the ingest writer after writing: sled holds what it
+    /// wrote the same way. Safe beside a running query API: a reader holds
+    /// the handles while it reads, and writes hold the store's write lock,
+    /// which this takes too.
     pub fn release_read_memory(&self) -> Result<bool, StoreError> {
         let durability = self.lock_durability();
         if durability.poisoned.is_some() {
