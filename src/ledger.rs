@@ -252,8 +252,14 @@ pub fn identity_fingerprint(source: &str, id: &str) -> u64 {
 pub enum Decoded {
     /// The record has no value (a tombstone).
     NoValue,
-    /// The value is a valid deal event.
-    Event(Box<DealEvent>),
+    /// The value is a valid deal event, with its identity's fingerprint
+    /// ([`identity_fingerprint`] of its `source` and `id`).
+    Event {
+        /// The event.
+        event: Box<DealEvent>,
+        /// `identity_fingerprint(&event.source, &event.id)`.
+        fingerprint: u64,
+    },
     /// The value is not one: why.
     Invalid(DecodeError),
 }
@@ -264,7 +270,10 @@ pub fn decode_record(record: &Record) -> Decoded {
     match record.value.as_deref() {
         None => Decoded::NoValue,
         Some(value) => match DealEvent::decode(value) {
-            Ok(event) => Decoded::Event(Box::new(event)),
+            Ok(event) => Decoded::Event {
+                fingerprint: identity_fingerprint(&event.source, &event.id),
+                event: Box::new(event),
+            },
             Err(err) => Decoded::Invalid(err),
         },
     }
@@ -485,8 +494,8 @@ impl LedgerState {
             event_type: None,
             verdict: Verdict::Accepted,
         };
-        let event = match decoded {
-            Decoded::Event(event) => *event,
+        let (event, fp) = match decoded {
+            Decoded::Event { event, fingerprint } => (event, fingerprint),
             Decoded::NoValue => {
                 self.index.record(
                     location,
@@ -518,7 +527,7 @@ impl LedgerState {
         outcome.deal_id = Some(event.deal_id.clone());
         outcome.event_type = Some(event.event_type());
 
-        let fp = identity_fingerprint(&event.source, &event.id);
+        debug_assert_eq!(fp, identity_fingerprint(&event.source, &event.id));
         let first_seen = in_batch.as_ref().map(|b| &*b.first_seen);
         if let Some(of) = self.find_original(fp, &event, originals, first_seen) {
             self.index.record(
