@@ -921,8 +921,19 @@ impl Writer {
         let handle = std::thread::Builder::new()
             .name("ledger-writer".into())
             .spawn(move || {
+                let mut since_release = 0u64;
                 for write in batch_rx {
-                    match store.write_batch(&write) {
+                    let written = store.write_batch(&write).and_then(|stats| {
+                        // sled keeps what it wrote in memory far beyond its
+                        // cache size: let it go now and then (skipped while a
+                        // query or the fold holds sled).
+                        since_release += stats.entries as u64;
+                        if since_release >= store.release_every() && store.release_read_memory()? {
+                            since_release = 0;
+                        }
+                        Ok(stats)
+                    });
+                    match written {
                         Ok(stats) => {
                             metrics.batch_written(
                                 stats.entries,

@@ -186,6 +186,17 @@ pub const MAX_PARTITION: i32 = u16::MAX as i32;
 /// which is roughly what sled then holds at most.
 pub const RELEASE_READ_MEMORY_ENTRIES: u64 = 50_000;
 
+/// Called after every [`Store::release_read_memory`] that closed sled, set
+/// once by [`after_memory_release`].
+static AFTER_MEMORY_RELEASE: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets a function to call each time a store has closed sled to let its
+/// memory go: the binary returns its allocator's freed pages to the OS
+/// there (the library does not know the allocator). The first call wins.
+pub fn after_memory_release(hook: fn()) {
+    let _ = AFTER_MEMORY_RELEASE.set(hook);
+}
+
 /// Most threads [`Store::verify`] reads and hashes streams on (at most the
 /// machine's cores).
 pub const MAX_VERIFY_THREADS: usize = 4;
@@ -1451,6 +1462,9 @@ impl Store {
             snapshots,
         }));
         self.releases.fetch_add(1, Ordering::Relaxed);
+        if let Some(hook) = AFTER_MEMORY_RELEASE.get() {
+            hook();
+        }
         Ok(true)
     }
 
