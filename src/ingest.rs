@@ -928,7 +928,7 @@ impl Writer {
                         // cache size: let it go now and then (skipped while a
                         // query or the fold holds sled).
                         since_release += stats.entries as u64;
-                        if since_release >= store.release_every() && store.release_read_memory()? {
+                        if since_release >= store.release_every() && store.release_memory_to_os()? {
                             since_release = 0;
                         }
                         Ok(stats)

@@ -14,9 +14,8 @@ use tracing_subscriber::EnvFilter;
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Returns jemalloc's unused pages to the OS at once. Called after the
-/// store let sled's memory go (`Store::release_read_memory`): jemalloc would
-/// otherwise keep the freed pages for its decay time (10 s), and a long walk
-/// frees far more than it keeps.
+/// ingester let sled's memory go (`Store::release_memory_to_os`): jemalloc
+/// would otherwise keep the freed pages for its decay time (10 s).
 fn purge_allocator() {
     // "arena.<MALLCTL_ARENAS_ALL>.purge": every arena.
     const PURGE_ALL_ARENAS: &[u8] = b"arena.4096.purge\0";

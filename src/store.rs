@@ -186,13 +186,13 @@ pub const MAX_PARTITION: i32 = u16::MAX as i32;
 /// which is roughly what sled then holds at most.
 pub const RELEASE_READ_MEMORY_ENTRIES: u64 = 50_000;
 
-/// Called after every [`Store::release_read_memory`] that closed sled, set
-/// once by [`after_memory_release`].
+/// Called by [`Store::release_memory_to_os`] after it closed sled, set once
+/// by [`after_memory_release`].
 static AFTER_MEMORY_RELEASE: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
 
-/// Sets a function to call each time a store has closed sled to let its
-/// memory go: the binary returns its allocator's freed pages to the OS
-/// there (the library does not know the allocator). The first call wins.
+/// Sets the function [`Store::release_memory_to_os`] calls after closing
+/// sled: the binary returns its allocator's freed pages to the OS there
+/// (the library does not know the allocator). The first call wins.
 pub fn after_memory_release(hook: fn()) {
     let _ = AFTER_MEMORY_RELEASE.set(hook);
 }
@@ -1462,10 +1462,22 @@ impl Store {
             snapshots,
         }));
         self.releases.fetch_add(1, Ordering::Relaxed);
-        if let Some(hook) = AFTER_MEMORY_RELEASE.get() {
+        Ok(true)
+    }
+
+    /// [`Store::release_read_memory`], then, when it released, the hook set
+    /// by [`after_memory_release`] (the binary returns the allocator's
+    /// freed pages to the OS). For the long-running ingester, where RSS
+    /// over hours matters (-20 MB at the peak of a 1M ingest); not for
+    /// one-off walks, where the purge's page faults cost more than they
+    /// save (verify of 1M entries: 1.1 s, 110-180 MB without; 1.4 s, 66 MB
+    /// with).
+    pub fn release_memory_to_os(&self) -> Result<bool, StoreError> {
+        let released = self.release_read_memory()?;
+        if released && let Some(hook) = AFTER_MEMORY_RELEASE.get() {
             hook();
         }
-        Ok(true)
+        Ok(released)
     }
 
     /// Entries a long walk reads between two [`Store::release_read_memory`]
