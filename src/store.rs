@@ -3079,86 +3079,196 @@ impl std::io::Write for ByteCount {
     }
 }
 
-fn snapshot_checksum(bytes: &[u8]) -> blake3::Hash {
-    let mut hasher = blake3::Hasher::new_derive_key(SNAPSHOT_CONTEXT);
-    hasher.update(bytes);
-    hasher.finalize()
+/// The reason given for a snapshot whose checksum does not match.
+fn checksum_mismatch() -> SnapshotFault {
+    SnapshotFault::Invalid("its checksum does not match its contents (damaged)".into())
 }
 
-/// Reads a snapshot value front to back; every error says what is wrong.
-struct SnapshotReader<'a> {
-    bytes: &'a [u8],
-    at: usize,
+/// Feeds what is written to a hasher (draining a damaged snapshot's rest).
+struct HashingSink<'a>(&'a mut blake3::Hasher);
+
+impl io::Write for HashingSink<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
-impl<'a> SnapshotReader<'a> {
-    /// Checks the size, checksum and format byte; positions after the format.
-    fn open(bytes: &'a [u8]) -> Result<Self, String> {
-        if bytes.len() > MAX_SNAPSHOT_BYTES {
+/// Read buffer for snapshot files.
+const SNAPSHOT_READ_BUFFER_BYTES: usize = 1024 * 1024;
+
+/// Reads a snapshot file front to back, streaming: only one part (the
+/// deal book's JSON, the query index) is held as bytes at a time, never the
+/// whole file. Every error says what is wrong. The checksum covers the
+/// whole body and is checked at the end ([`SnapshotReader::finish`]); a
+/// part that fails to decode first is reported as a checksum failure when
+/// the checksum fails too (damage is the likelier story).
+struct SnapshotReader<R: io::Read> {
+    input: R,
+    hasher: blake3::Hasher,
+    /// Body bytes read so far.
+    at: u64,
+    /// The body's length: the file's minus the checksum.
+    body_len: u64,
+}
+
+/// Why a snapshot was not read: damaged or foreign (the reason), or the
+/// file could not be read (an I/O error, reported as such).
+enum SnapshotFault {
+    Invalid(String),
+    Io(io::Error),
+}
+
+impl From<String> for SnapshotFault {
+    fn from(reason: String) -> Self {
+        SnapshotFault::Invalid(reason)
+    }
+}
+
+impl<R: io::Read> SnapshotReader<R> {
+    /// Checks the size and the format byte; positions after the format.
+    fn open(input: R, file_len: u64) -> Result<Self, SnapshotFault> {
+        if file_len > MAX_SNAPSHOT_BYTES as u64 {
             return Err(format!(
-                "it is {} bytes, more than MAX_SNAPSHOT_BYTES ({MAX_SNAPSHOT_BYTES})",
-                bytes.len()
-            ));
+                "it is {file_len} bytes, more than MAX_SNAPSHOT_BYTES ({MAX_SNAPSHOT_BYTES})"
+            )
+            .into());
         }
-        let Some(body_len) = bytes.len().checked_sub(HASH_LEN) else {
-            return Err(format!("it is only {} bytes long", bytes.len()));
+        let Some(body_len) = file_len.checked_sub(HASH_LEN as u64) else {
+            return Err(format!("it is only {file_len} bytes long").into());
         };
-        let (body, stored) = bytes.split_at(body_len);
-        if snapshot_checksum(body).as_bytes() != stored {
-            return Err("its checksum does not match its contents (damaged)".into());
-        }
-        let mut reader = SnapshotReader { bytes: body, at: 0 };
-        let format = reader.take(1, "the format byte")?[0];
+        let mut reader = SnapshotReader {
+            input,
+            hasher: blake3::Hasher::new_derive_key(SNAPSHOT_CONTEXT),
+            at: 0,
+            body_len,
+        };
+        let format = reader.array::<1>("the format byte")?[0];
         if format != SNAPSHOT_FORMAT {
-            return Err(format!(
+            return Err(reader.damage_or(format!(
                 "it has format {format}, this build reads {SNAPSHOT_FORMAT}"
-            ));
+            )));
         }
         Ok(reader)
     }
 
-    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], String> {
-        let remain = self.bytes.len() - self.at;
+    /// Decodes the rest with `decode`, then checks that the body ends
+    /// there and that the checksum matches. A decoding error is reported as
+    /// the checksum's failure when the checksum fails too.
+    fn decode_all<T>(
+        mut self,
+        decode: impl FnOnce(&mut Self) -> Result<T, SnapshotFault>,
+    ) -> Result<T, SnapshotFault> {
+        let decoded = match decode(&mut self) {
+            Ok(decoded) => decoded,
+            Err(SnapshotFault::Invalid(reason)) => return Err(self.damage_or(reason)),
+            Err(io) => return Err(io),
+        };
+        if self.at != self.body_len {
+            let extra = self.body_len - self.at;
+            return Err(self.damage_or(format!("it has {extra} bytes after the query index")));
+        }
+        match self.checksum_matches() {
+            Ok(true) => Ok(decoded),
+            Ok(false) => Err(checksum_mismatch()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `reason`, unless the checksum (read to the end) does not match:
+    /// then the checksum failure.
+    fn damage_or(&mut self, reason: String) -> SnapshotFault {
+        let rest = self.body_len - self.at;
+        let drained = io::copy(
+            &mut io::Read::take(&mut self.input, rest),
+            &mut HashingSink(&mut self.hasher),
+        );
+        match drained {
+            Ok(n) if n == rest => {
+                self.at = self.body_len;
+                match self.checksum_matches() {
+                    Ok(true) => SnapshotFault::Invalid(reason),
+                    Ok(false) => checksum_mismatch(),
+                    Err(io) => io,
+                }
+            }
+            Ok(_) => SnapshotFault::Invalid(reason),
+            Err(e) => SnapshotFault::Io(e),
+        }
+    }
+
+    /// Reads the stored checksum (the body must be read) and compares.
+    fn checksum_matches(&mut self) -> Result<bool, SnapshotFault> {
+        debug_assert_eq!(self.at, self.body_len);
+        let mut stored = [0u8; HASH_LEN];
+        self.input
+            .read_exact(&mut stored)
+            .map_err(SnapshotFault::Io)?;
+        Ok(self.hasher.finalize().as_bytes() == &stored)
+    }
+
+    /// The next `n` body bytes into `out`.
+    fn fill(&mut self, out: &mut [u8], what: &str) -> Result<(), SnapshotFault> {
+        let n = out.len() as u64;
+        let remain = self.body_len - self.at;
         if remain < n {
             return Err(format!(
                 "it ends inside {what} at byte {} (needs {n} bytes, {remain} remain)",
                 self.at
-            ));
+            )
+            .into());
         }
+        self.input.read_exact(out).map_err(SnapshotFault::Io)?;
+        self.hasher.update(out);
         self.at += n;
-        Ok(&self.bytes[self.at - n..self.at])
+        Ok(())
     }
 
-    fn u32(&mut self, what: &str) -> Result<u32, String> {
-        Ok(u32::from_be_bytes(
-            self.take(4, what)?.try_into().expect("4 bytes"),
-        ))
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], SnapshotFault> {
+        let mut out = [0u8; N];
+        self.fill(&mut out, what)?;
+        Ok(out)
     }
 
-    fn u64(&mut self, what: &str) -> Result<u64, String> {
-        Ok(u64::from_be_bytes(
-            self.take(8, what)?.try_into().expect("8 bytes"),
-        ))
+    /// The next `n` body bytes, as a new vector (`n` was checked against
+    /// the remaining length by [`SnapshotReader::count`]).
+    fn bytes(&mut self, n: usize, what: &str) -> Result<Vec<u8>, SnapshotFault> {
+        let mut out = vec![0u8; n];
+        self.fill(&mut out, what)?;
+        Ok(out)
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32, SnapshotFault> {
+        Ok(u32::from_be_bytes(self.array(what)?))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64, SnapshotFault> {
+        Ok(u64::from_be_bytes(self.array(what)?))
     }
 
     /// A count of items of `size` bytes each, refused if they cannot fit.
-    fn count(&mut self, wide: bool, size: usize, what: &str) -> Result<usize, String> {
+    fn count(&mut self, wide: bool, size: usize, what: &str) -> Result<usize, SnapshotFault> {
         let count = if wide {
             self.u64(&format!("the {what} count"))?
         } else {
             u64::from(self.u32(&format!("the {what} count"))?)
         };
-        let remain = (self.bytes.len() - self.at) as u64;
+        let remain = self.body_len - self.at;
         if count.saturating_mul(size as u64) > remain {
             return Err(format!(
                 "it claims {count} {what}s, more than its {remain} remaining bytes can hold"
-            ));
+            )
+            .into());
         }
         Ok(count as usize)
     }
 
-    fn location(&mut self, what: &str) -> Result<Location, String> {
-        let partition = read_partition(self.take(4, what)?)
+    fn location(&mut self, what: &str) -> Result<Location, SnapshotFault> {
+        let partition = read_partition(&self.array::<4>(what)?)
             .ok_or_else(|| format!("{what} has a partition above i32::MAX"))?;
         Ok(Location {
             partition,
@@ -3167,12 +3277,12 @@ impl<'a> SnapshotReader<'a> {
     }
 
     /// The entry count and the heads, by partition.
-    fn heads(&mut self, topic: &str) -> Result<(u64, Vec<ChainHead>), String> {
+    fn heads(&mut self, topic: &str) -> Result<(u64, Vec<ChainHead>), SnapshotFault> {
         let entries = self.u64("the entry count")?;
         let count = self.count(false, SNAPSHOT_HEAD_BYTES, "head")?;
         let mut heads = Vec::with_capacity(count);
         for i in 0..count {
-            let raw = self.take(SNAPSHOT_HEAD_BYTES, "a head")?;
+            let raw = self.array::<SNAPSHOT_HEAD_BYTES>("a head")?;
             let partition = read_partition(&raw[..4])
                 .filter(|p| *p <= MAX_PARTITION)
                 .ok_or_else(|| format!("head {i} has a partition outside 0..={MAX_PARTITION}"))?;
@@ -3185,12 +3295,12 @@ impl<'a> SnapshotReader<'a> {
 
     /// Everything after the heads, as the parts of a state.
     fn rest(
-        mut self,
+        &mut self,
         topic: &str,
         batch_no: u64,
         entries: u64,
         heads: Vec<ChainHead>,
-    ) -> Result<LedgerParts, String> {
+    ) -> Result<LedgerParts, SnapshotFault> {
         let count = self.count(true, FINGERPRINT_BYTES, "fingerprint")?;
         let mut fingerprints = Vec::with_capacity(count);
         for _ in 0..count {
@@ -3200,37 +3310,29 @@ impl<'a> SnapshotReader<'a> {
         let count = self.count(false, 4 + 4 + SNAPSHOT_LOCATION_BYTES, "collided identity")?;
         let mut collided = Vec::with_capacity(count);
         for _ in 0..count {
-            let mut text = || -> Result<String, String> {
+            let mut text = || -> Result<String, SnapshotFault> {
                 let len = self.u32("a collided identity")? as usize;
                 if len > MAX_SNAPSHOT_STRING_BYTES {
                     return Err(format!(
                         "a collided identity has a {len}-byte string, more than {MAX_SNAPSHOT_STRING_BYTES}"
-                    ));
+                    )
+                    .into());
                 }
-                let raw = self.take(len, "a collided identity")?;
-                String::from_utf8(raw.to_vec())
-                    .map_err(|_| "a collided identity is not UTF-8".to_string())
+                let raw = self.bytes(len, "a collided identity")?;
+                String::from_utf8(raw)
+                    .map_err(|_| "a collided identity is not UTF-8".to_string().into())
             };
             let identity = (text()?, text()?);
             collided.push((identity, self.location("a collided identity")?));
         }
         let len = self.count(true, 1, "deal book byte")?;
-        let book = serde_json::from_slice(self.take(len, "the deal book")?)
+        let book = serde_json::from_slice(&self.bytes(len, "the deal book")?)
             .map_err(|e| format!("its deal book does not decode: {e}"))?;
         let len = self.count(true, 1, "query index byte")?;
-        let (index, used) = DealIndex::decode(self.take(len, "the query index")?)
+        let (index, used) = DealIndex::decode(&self.bytes(len, "the query index")?)
             .map_err(|e| format!("its query index does not decode: {e}"))?;
         if used != len {
-            return Err(format!(
-                "its query index has {} bytes after its end",
-                len - used
-            ));
-        }
-        if self.at != self.bytes.len() {
-            return Err(format!(
-                "it has {} bytes after the query index",
-                self.bytes.len() - self.at
-            ));
+            return Err(format!("its query index has {} bytes after its end", len - used).into());
         }
         Ok(LedgerParts {
             topic: topic.to_owned(),
@@ -3465,18 +3567,24 @@ impl Store {
                 path.display()
             )));
         }
-        let value = match fs::read(&path) {
-            Ok(value) => value,
+        let file = match File::open(&path) {
+            Ok(file) => file,
             Err(e) => {
                 return Ok(Err(format!("cannot read {}: {e}", path.display())));
             }
         };
-        let decoded = SnapshotReader::open(&value).and_then(|mut reader| {
-            let (entries, heads) = reader.heads(&self.topic)?;
-            let parts = reader.rest(&self.topic, batch_no, entries, heads)?;
-            LedgerState::restore(parts).map_err(|e| e.to_string())
+        let input = io::BufReader::with_capacity(SNAPSHOT_READ_BUFFER_BYTES, file);
+        let parts = SnapshotReader::open(input, size).and_then(|reader| {
+            reader.decode_all(|reader| {
+                let (entries, heads) = reader.heads(&self.topic)?;
+                reader.rest(&self.topic, batch_no, entries, heads)
+            })
         });
-        Ok(decoded)
+        Ok(match parts {
+            Ok(parts) => LedgerState::restore(parts).map_err(|e| e.to_string()),
+            Err(SnapshotFault::Invalid(reason)) => Err(reason),
+            Err(SnapshotFault::Io(e)) => Err(format!("cannot read {}: {e}", path.display())),
+        })
     }
 
     /// Prepares a replay from the snapshot taken after `batch_no`: decodes
@@ -6779,6 +6887,38 @@ mod tests {
             state_parts(&store.load_state().unwrap()),
             state_parts(&state)
         );
+    }
+
+    /// The streaming reader reports a flipped byte anywhere (format byte,
+    /// heads, fingerprints, book, index, checksum) as checksum damage, and
+    /// a file cut anywhere as unusable, without panicking.
+    #[test]
+    fn a_snapshot_damaged_anywhere_is_refused_with_the_reason() {
+        let (_tmp, path) = ledger_dir();
+        snapshotted_ledger(&path, 4);
+        let mut original = Vec::new();
+        edit_raw_snapshots(&path, |files| original = files.get(3));
+        let len = original.len();
+        let read = |bytes: &[u8]| {
+            edit_raw_snapshots(&path, |files| files.insert(3, bytes));
+            let store = Store::open_existing(&path).unwrap();
+            store.read_snapshot(3).unwrap()
+        };
+        assert!(read(&original).is_ok());
+        for at in [0, 1, 9, 40, 100, len / 3, len / 2, len - HASH_LEN - 1, len - 1] {
+            let mut damaged = original.clone();
+            damaged[at] ^= 0x04;
+            match read(&damaged) {
+                Err(reason) => assert!(reason.contains("checksum"), "byte {at}: {reason}"),
+                Ok(_) => panic!("byte {at} flipped: read as intact"),
+            }
+        }
+        for cut in [0, 1, HASH_LEN, HASH_LEN + 1, len / 2, len - 1] {
+            assert!(read(&original[..cut]).is_err(), "cut at {cut}: read as intact");
+        }
+        let mut longer = original.clone();
+        longer.push(0);
+        assert!(read(&longer).is_err(), "a byte appended: read as intact");
     }
 
     #[test]
