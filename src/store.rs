@@ -6905,7 +6905,17 @@ mod tests {
             store.read_snapshot(3).unwrap()
         };
         assert!(read(&original).is_ok());
-        for at in [0, 1, 9, 40, 100, len / 3, len / 2, len - HASH_LEN - 1, len - 1] {
+        for at in [
+            0,
+            1,
+            9,
+            40,
+            100,
+            len / 3,
+            len / 2,
+            len - HASH_LEN - 1,
+            len - 1,
+        ] {
             let mut damaged = original.clone();
             damaged[at] ^= 0x04;
             match read(&damaged) {
@@ -6914,7 +6924,10 @@ mod tests {
             }
         }
         for cut in [0, 1, HASH_LEN, HASH_LEN + 1, len / 2, len - 1] {
-            assert!(read(&original[..cut]).is_err(), "cut at {cut}: read as intact");
+            assert!(
+                read(&original[..cut]).is_err(),
+                "cut at {cut}: read as intact"
+            );
         }
         let mut longer = original.clone();
         longer.push(0);
