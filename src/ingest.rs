@@ -24,6 +24,7 @@
 //! and runs until stopped.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
@@ -771,7 +772,7 @@ fn ingest_loop(
         let every = snapshot_every();
         if every > 0 && before / every != after / every {
             // A snapshot is of the stored ledger: let the writer catch up first.
-            while writer.in_flight.get() > 0 {
+            while writer.in_flight() > 0 {
                 acknowledge(
                     consumer,
                     &config.topic,
@@ -807,6 +808,125 @@ fn snapshot(store: &Store, state: &LedgerState) {
     }
 }
 
+/// One step of the ingest pipeline on its own thread: work goes in through a
+/// bounded channel and results come back in the order given. The thread
+/// ends when the input closes, when the output is dropped, or after a
+/// result its work marks as the last ([`ControlFlow::Break`]: the writer
+/// stops at its first failure).
+struct Stage<In, Out> {
+    /// What the stage is called in errors and thread names.
+    name: &'static str,
+    input: Option<std::sync::mpsc::SyncSender<In>>,
+    output: Option<std::sync::mpsc::Receiver<Out>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+    /// Items handed over and not yet taken back.
+    in_flight: std::cell::Cell<usize>,
+}
+
+impl<In: Send + 'static, Out: Send + 'static> Stage<In, Out> {
+    /// Starts the thread. At most `input_bound` items wait for it, and at
+    /// most `output_bound` results wait to be taken back.
+    fn start(
+        name: &'static str,
+        input_bound: usize,
+        output_bound: usize,
+        mut work: impl FnMut(In) -> ControlFlow<Out, Out> + Send + 'static,
+    ) -> Result<Self, IngestError> {
+        let (input, items) = std::sync::mpsc::sync_channel::<In>(input_bound);
+        let (results, output) = std::sync::mpsc::sync_channel::<Out>(output_bound);
+        let handle = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                for item in items {
+                    match work(item) {
+                        ControlFlow::Continue(result) => {
+                            if results.send(result).is_err() {
+                                return;
+                            }
+                        }
+                        ControlFlow::Break(last) => {
+                            let _ = results.send(last);
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| IngestError::Writer(format!("cannot start the {name} thread: {e}")))?;
+        Ok(Stage {
+            name,
+            input: Some(input),
+            output: Some(output),
+            handle: Some(handle),
+            in_flight: std::cell::Cell::new(0),
+        })
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.get()
+    }
+
+    fn stopped(&self) -> IngestError {
+        IngestError::Writer(format!("the {} thread stopped", self.name))
+    }
+
+    /// Hands an item over (waits while `input_bound` items are queued).
+    fn submit(&self, item: In) -> Result<(), IngestError> {
+        self.input
+            .as_ref()
+            .expect("the stage is running")
+            .send(item)
+            .map_err(|_| self.stopped())?;
+        self.in_flight.set(self.in_flight.get() + 1);
+        Ok(())
+    }
+
+    /// The oldest result not taken back (waits for it).
+    fn recv(&self) -> Result<Out, IngestError> {
+        assert!(
+            self.in_flight.get() > 0,
+            "nothing is in the {} thread",
+            self.name
+        );
+        let result = self
+            .output
+            .as_ref()
+            .expect("the stage is running")
+            .recv()
+            .map_err(|_| self.stopped())?;
+        self.in_flight.set(self.in_flight.get() - 1);
+        Ok(result)
+    }
+
+    /// The oldest result, if it is ready.
+    fn try_recv(&self) -> Option<Out> {
+        let result = self.output.as_ref()?.try_recv().ok()?;
+        self.in_flight.set(self.in_flight.get() - 1);
+        Some(result)
+    }
+
+    /// Closes the input and waits for the thread (results not taken back
+    /// are dropped).
+    fn stop(&mut self) {
+        drop(self.input.take());
+        drop(self.output.take());
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl<In, Out> Drop for Stage<In, Out> {
+    fn drop(&mut self) {
+        // Closing both channels ends the thread: it sees no more items, or
+        // fails to hand a result back and stops.
+        drop(self.input.take());
+        drop(self.output.take());
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
 /// Batches gathered and being decoded ahead of the one being folded.
 const DECODE_AHEAD: usize = 1;
 
@@ -815,80 +935,41 @@ const DECODE_AHEAD: usize = 1;
 /// batch, so JSON parsing and validation, the largest part of judging, run
 /// beside the fold instead of before it. Batches come back in the order
 /// they were given.
-struct Decoder {
-    batches: Option<std::sync::mpsc::SyncSender<Vec<Polled>>>,
-    decoded: Option<std::sync::mpsc::Receiver<Vec<(Polled, Decoded)>>>,
-    handle: Option<std::thread::JoinHandle<()>>,
-    in_flight: std::cell::Cell<usize>,
-}
+struct Decoder(Stage<Vec<Polled>, Vec<(Polled, Decoded)>>);
 
 impl Decoder {
     fn start() -> Result<Decoder, IngestError> {
-        let (batch_tx, batch_rx) = std::sync::mpsc::sync_channel::<Vec<Polled>>(DECODE_AHEAD);
-        let (done_tx, done_rx) = std::sync::mpsc::sync_channel(DECODE_AHEAD);
-        let handle = std::thread::Builder::new()
-            .name("ledger-decoder".into())
-            .spawn(move || {
-                for batch in batch_rx {
-                    let decoded: Vec<(Polled, Decoded)> = batch
+        let stage = Stage::start(
+            "ledger-decoder",
+            DECODE_AHEAD,
+            DECODE_AHEAD,
+            |batch: Vec<Polled>| {
+                ControlFlow::Continue(
+                    batch
                         .into_iter()
                         .map(|m| {
                             let value = ledger::decode_record(&m.record);
                             (m, value)
                         })
-                        .collect();
-                    if done_tx.send(decoded).is_err() {
-                        return;
-                    }
-                }
-            })
-            .map_err(|e| IngestError::Writer(format!("cannot start the decoder thread: {e}")))?;
-        Ok(Decoder {
-            batches: Some(batch_tx),
-            decoded: Some(done_rx),
-            handle: Some(handle),
-            in_flight: std::cell::Cell::new(0),
-        })
+                        .collect(),
+                )
+            },
+        )?;
+        Ok(Decoder(stage))
     }
 
     /// Batches handed over and not yet taken back.
     fn in_flight(&self) -> usize {
-        self.in_flight.get()
+        self.0.in_flight()
     }
 
     fn submit(&self, batch: Vec<Polled>) -> Result<(), IngestError> {
-        self.batches
-            .as_ref()
-            .expect("the decoder is running")
-            .send(batch)
-            .map_err(|_| IngestError::Writer("the decoder thread stopped".into()))?;
-        self.in_flight.set(self.in_flight.get() + 1);
-        Ok(())
+        self.0.submit(batch)
     }
 
     /// The oldest batch handed over, decoded (waits for it).
     fn next(&self) -> Result<Vec<(Polled, Decoded)>, IngestError> {
-        assert!(self.in_flight.get() > 0, "no batch is being decoded");
-        let decoded = self
-            .decoded
-            .as_ref()
-            .expect("the decoder is running")
-            .recv()
-            .map_err(|_| IngestError::Writer("the decoder thread stopped".into()))?;
-        self.in_flight.set(self.in_flight.get() - 1);
-        Ok(decoded)
-    }
-}
-
-impl Drop for Decoder {
-    fn drop(&mut self) {
-        // Closing both channels ends the thread: it sees no more batches,
-        // or fails to hand one back and stops.
-        drop(self.batches.take());
-        drop(self.decoded.take());
-        if let Some(handle) = self.handle.take() {
-            let _ = handle.join();
-        }
+        self.0.recv()
     }
 }
 
@@ -902,13 +983,9 @@ struct Written {
 }
 
 /// The writer thread: makes batches durable in order, then publishes their
-/// dead letters. Nothing is acknowledged before it is durable.
-struct Writer {
-    batches: Option<std::sync::mpsc::SyncSender<BatchWrite>>,
-    done: std::sync::mpsc::Receiver<Result<Written, StoreError>>,
-    handle: Option<std::thread::JoinHandle<()>>,
-    in_flight: std::cell::Cell<usize>,
-}
+/// dead letters. Nothing is acknowledged before it is durable; after a
+/// failed write it stops (that batch's error is its last result).
+struct Writer(Stage<BatchWrite, Result<Written, StoreError>>);
 
 impl Writer {
     fn start(
@@ -916,95 +993,78 @@ impl Writer {
         dead_letters: Option<DeadLetters>,
         metrics: Arc<Metrics>,
     ) -> Result<Writer, IngestError> {
-        let (batch_tx, batch_rx) = std::sync::mpsc::sync_channel::<BatchWrite>(PIPELINE_DEPTH);
-        let (done_tx, done_rx) = std::sync::mpsc::channel();
-        let handle = std::thread::Builder::new()
-            .name("ledger-writer".into())
-            .spawn(move || {
-                let mut since_release = 0u64;
-                for write in batch_rx {
-                    let written = store.write_batch(&write).and_then(|stats| {
-                        // sled keeps what it wrote in memory far beyond its
-                        // cache size: let it go now and then (skipped while a
-                        // query or the fold holds sled).
-                        since_release += stats.entries as u64;
-                        if since_release >= store.release_every() && store.release_memory_to_os()? {
-                            since_release = 0;
+        let mut since_release = 0u64;
+        // Results wait for the loop: at most the batches in flight.
+        let stage = Stage::start(
+            "ledger-writer",
+            PIPELINE_DEPTH,
+            PIPELINE_DEPTH + 1,
+            move |write: BatchWrite| {
+                let written = store.write_batch(&write).and_then(|stats| {
+                    // sled keeps what it wrote in memory far beyond its cache
+                    // size: let it go now and then (skipped while a query or
+                    // the fold holds sled).
+                    since_release += stats.entries as u64;
+                    if since_release >= store.release_every() && store.release_memory_to_os()? {
+                        since_release = 0;
+                    }
+                    Ok(stats)
+                });
+                match written {
+                    Ok(stats) => {
+                        metrics.batch_written(
+                            stats.entries,
+                            stats.bytes,
+                            stats.apply,
+                            stats.durable,
+                        );
+                        if let Some(dlq) = &dead_letters {
+                            dlq.publish(&write, &metrics);
                         }
-                        Ok(stats)
-                    });
-                    match written {
-                        Ok(stats) => {
-                            metrics.batch_written(
-                                stats.entries,
-                                stats.bytes,
-                                stats.apply,
-                                stats.durable,
-                            );
-                            if let Some(dlq) = &dead_letters {
-                                dlq.publish(&write, &metrics);
-                            }
-                            if done_tx.send(Ok(Written { write })).is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            metrics.set_ingest_state(IngestState::Failed(e.to_string()));
-                            let _ = done_tx.send(Err(e));
-                            return;
-                        }
+                        ControlFlow::Continue(Ok(Written { write }))
+                    }
+                    Err(e) => {
+                        metrics.set_ingest_state(IngestState::Failed(e.to_string()));
+                        ControlFlow::Break(Err(e))
                     }
                 }
-            })
-            .map_err(|e| IngestError::Writer(format!("cannot start the writer thread: {e}")))?;
-        Ok(Writer {
-            batches: Some(batch_tx),
-            done: done_rx,
-            handle: Some(handle),
-            in_flight: std::cell::Cell::new(0),
-        })
+            },
+        )?;
+        Ok(Writer(stage))
+    }
+
+    fn in_flight(&self) -> usize {
+        self.0.in_flight()
     }
 
     /// Hands a batch over; when the pipeline is full, first waits for the
     /// oldest batch to become durable and returns it.
     fn submit(&self, write: BatchWrite) -> Result<Option<Written>, IngestError> {
         let mut acknowledged = None;
-        if self.in_flight.get() >= PIPELINE_DEPTH {
+        if self.in_flight() >= PIPELINE_DEPTH {
             acknowledged = Some(self.wait_done()?);
         }
-        self.batches
-            .as_ref()
-            .expect("the writer is running")
-            .send(write)
-            .map_err(|_| IngestError::Writer("the writer thread stopped".into()))?;
-        self.in_flight.set(self.in_flight.get() + 1);
+        self.0.submit(write)?;
         Ok(acknowledged)
     }
 
+    /// The oldest batch in flight, once durable (waits for it).
     fn wait_done(&self) -> Result<Written, IngestError> {
-        let result = self
-            .done
-            .recv()
-            .map_err(|_| IngestError::Writer("the writer thread stopped".into()))?;
-        self.in_flight.set(self.in_flight.get() - 1);
-        Ok(result?)
+        Ok(self.0.recv()??)
     }
 
     /// A batch made durable since the last call, if any.
     fn try_done(&self) -> Result<Option<Written>, IngestError> {
-        match self.done.try_recv() {
-            Ok(result) => {
-                self.in_flight.set(self.in_flight.get() - 1);
-                Ok(Some(result?))
-            }
-            Err(_) => Ok(None),
+        match self.0.try_recv() {
+            Some(result) => Ok(Some(result?)),
+            None => Ok(None),
         }
     }
 
     /// Waits for every batch in flight, acknowledging each, then stops the thread.
     fn finish(mut self, mut acknowledge: impl FnMut(Written)) -> Result<(), IngestError> {
         let mut first_error = None;
-        while self.in_flight.get() > 0 {
+        while self.in_flight() > 0 {
             match self.wait_done() {
                 Ok(written) => acknowledge(written),
                 Err(e) => {
@@ -1013,10 +1073,7 @@ impl Writer {
                 }
             }
         }
-        drop(self.batches.take());
-        if let Some(handle) = self.handle.take() {
-            let _ = handle.join();
-        }
+        self.0.stop();
         first_error.map_or(Ok(()), Err)
     }
 }
