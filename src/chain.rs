@@ -1388,6 +1388,19 @@ impl ChainVerifier {
         }
     }
 
+    /// A verifier that continues after `head` (a snapshot's head, say):
+    /// it takes the entries before it as given, and checks the next ones
+    /// exactly as a verifier from genesis would. Tying `head` to the stored
+    /// chain is the caller's part.
+    pub fn resume(head: &ChainHead) -> Self {
+        ChainVerifier {
+            stream: head.stream().clone(),
+            next_seq: head.next_seq(),
+            last_offset: head.last_offset(),
+            head: head.head(),
+        }
+    }
+
     /// Checks the next stored entry: stream, seq contiguity, offset order,
     /// `prev_hash` linkage, then the stored hash against the recomputed one.
     pub fn push(&mut self, entry: &Entry) -> Result<(), ChainBreak> {
@@ -2314,6 +2327,41 @@ mod tests {
             assert_eq!(verifier.last_offset(), head.last_offset());
             assert_eq!(verifier.stream(), &stream);
             verifier.check_head(head.next_seq(), &head.head()).unwrap();
+        }
+    }
+
+    /// A verifier resumed at the head after any prefix ends where the one
+    /// from genesis does, and reports a break after it exactly as that one
+    /// does.
+    #[test]
+    fn a_resumed_verifier_checks_what_follows_like_one_from_genesis() {
+        for (stream, records) in vector_chains() {
+            let (_, entries) = build(&stream, records);
+            let mut from_genesis = ChainVerifier::new(stream.clone());
+            let mut prefix = ChainHead::genesis(stream.clone());
+            for cut in 0..=entries.len() {
+                let mut resumed = ChainVerifier::resume(&prefix);
+                assert_eq!(resumed, from_genesis, "cut {cut}");
+                for e in &entries[cut..] {
+                    resumed.push(e).unwrap();
+                }
+                let mut all = ChainVerifier::new(stream.clone());
+                for e in &entries {
+                    all.push(e).unwrap();
+                }
+                assert_eq!(resumed, all, "cut {cut}");
+                if let Some(next) = entries.get(cut) {
+                    let mut damaged = next.clone();
+                    damaged.record.offset += 1_000;
+                    assert_eq!(
+                        ChainVerifier::resume(&prefix).push(&damaged),
+                        from_genesis.clone().push(&damaged),
+                        "cut {cut}"
+                    );
+                    from_genesis.push(next).unwrap();
+                    prefix.append(next.record.clone()).unwrap();
+                }
+            }
         }
     }
 

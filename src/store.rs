@@ -2345,7 +2345,7 @@ impl Store {
                 }
                 let cursor = cursors.entry(partition).or_insert_with(|| Cursor {
                     pages: PageCursor::from_start(self.sled(), partition),
-                    verifier: Link::Genesis(ChainVerifier::new(self.stream(partition))),
+                    verifier: ChainVerifier::new(self.stream(partition)),
                 });
                 if run.first_seq != cursor.verifier.next_seq() {
                     return Err(self.corrupt(
@@ -2427,7 +2427,7 @@ impl Store {
                 // (the fold reading an earlier entry), it is tried again
                 // after the next batch.
                 drop(batches);
-                let links: Vec<(i32, Link)> = std::mem::take(&mut cursors)
+                let links: Vec<(i32, ChainVerifier)> = std::mem::take(&mut cursors)
                     .into_iter()
                     .map(|(partition, cursor)| (partition, cursor.verifier))
                     .collect();
@@ -2886,7 +2886,7 @@ type SnapshotStart = (LedgerState, BTreeMap<i32, Cursor>);
 /// One partition's read position and verifier during a walk.
 struct Cursor {
     pages: PageCursor,
-    verifier: Link,
+    verifier: ChainVerifier,
 }
 
 /// How many verified entries a walk counts before reporting progress.
@@ -3612,12 +3612,6 @@ impl Store {
         let mut cursors = BTreeMap::new();
         for (partition, head) in state.heads() {
             let partition = *partition;
-            let resumed = Resumed {
-                stream: head.stream().clone(),
-                next_seq: head.next_seq(),
-                last_offset: head.last_offset(),
-                head: head.head(),
-            };
             if let Some(last) = head.next_seq().checked_sub(1) {
                 let location = Location {
                     partition,
@@ -3654,117 +3648,11 @@ impl Store {
                 partition,
                 Cursor {
                     pages: PageCursor::at(self.sled(), partition, head.next_seq()),
-                    verifier: Link::Resumed(resumed),
+                    verifier: ChainVerifier::resume(head),
                 },
             );
         }
         Ok(Ok((state, cursors)))
-    }
-}
-
-/// A stream's link verifier during a walk.
-enum Link {
-    /// From seq 0: the chain's own verifier.
-    Genesis(ChainVerifier),
-    /// Resumed at a snapshot's head: the same checks, in the same order.
-    Resumed(Resumed),
-}
-
-/// [`ChainVerifier`]'s state, resumed at a head instead of genesis.
-struct Resumed {
-    stream: StreamId,
-    next_seq: u64,
-    last_offset: Option<i64>,
-    head: Hash,
-}
-
-impl Link {
-    /// Checks the next entry as [`ChainVerifier::push`] does: stream, seq,
-    /// offset order, prev hash, then the stored hash (docs/FORMAT.md,
-    /// "Verification").
-    fn push(&mut self, entry: &Entry) -> Result<(), ChainBreak> {
-        let state = match self {
-            Link::Genesis(verifier) => return verifier.push(entry),
-            Link::Resumed(state) => state,
-        };
-        let brk = |state: &Resumed, kind: BreakKind| ChainBreak {
-            stream: state.stream.clone(),
-            seq: state.next_seq,
-            offset: Some(entry.record.offset),
-            kind: Box::new(kind),
-        };
-        if !entry.record.belongs_to(&state.stream) {
-            return Err(brk(
-                state,
-                BreakKind::WrongStream {
-                    found: entry.record.stream(),
-                },
-            ));
-        }
-        if entry.seq != state.next_seq {
-            return Err(brk(
-                state,
-                BreakKind::SeqGap {
-                    expected: state.next_seq,
-                    found: entry.seq,
-                },
-            ));
-        }
-        if let Some(previous) = state.last_offset
-            && entry.record.offset <= previous
-        {
-            return Err(brk(
-                state,
-                BreakKind::OffsetNotIncreasing {
-                    previous,
-                    found: entry.record.offset,
-                },
-            ));
-        }
-        if entry.prev_hash != state.head {
-            return Err(brk(
-                state,
-                BreakKind::PrevHashMismatch {
-                    expected: state.head,
-                    found: entry.prev_hash,
-                },
-            ));
-        }
-        let recomputed = chain::entry_hash(&entry.prev_hash, entry.seq, &entry.record);
-        if entry.hash != recomputed {
-            return Err(brk(
-                state,
-                BreakKind::HashMismatch {
-                    expected: recomputed,
-                    found: entry.hash,
-                },
-            ));
-        }
-        state.next_seq += 1;
-        state.last_offset = Some(entry.record.offset);
-        state.head = entry.hash;
-        Ok(())
-    }
-
-    fn next_seq(&self) -> u64 {
-        match self {
-            Link::Genesis(v) => v.next_seq(),
-            Link::Resumed(r) => r.next_seq,
-        }
-    }
-
-    fn last_offset(&self) -> Option<i64> {
-        match self {
-            Link::Genesis(v) => v.last_offset(),
-            Link::Resumed(r) => r.last_offset,
-        }
-    }
-
-    fn head(&self) -> Hash {
-        match self {
-            Link::Genesis(v) => v.head(),
-            Link::Resumed(r) => r.head,
-        }
     }
 }
 
