@@ -711,7 +711,7 @@ fn ingest_loop(
     targets: &BTreeMap<i32, i64>,
     summary: &mut IngestSummary,
 ) -> Result<(), IngestError> {
-    let decoder = Decoder::start()?;
+    let decoder = start_decoder()?;
     loop {
         if let Some(reason) = consumer.context().fatal.lock().expect("fatal lock").take() {
             metrics.set_ingest_state(IngestState::Failed(reason.clone()));
@@ -743,7 +743,7 @@ fn ingest_loop(
         if decoder.in_flight() == 0 || (gathered && decoder.in_flight() <= DECODE_AHEAD) {
             continue;
         }
-        let decoded = decoder.next()?;
+        let decoded = decoder.recv()?;
         // Drop messages whose partition was revoked or re-assigned since they were polled.
         let mut records = Vec::with_capacity(decoded.len());
         for (m, value) in decoded {
@@ -903,9 +903,12 @@ impl<In: Send + 'static, Out: Send + 'static> Stage<In, Out> {
         self.in_flight.set(self.in_flight.get() - 1);
         Some(result)
     }
+}
 
-    /// Closes the input and waits for the thread (results not taken back
-    /// are dropped).
+impl<In, Out> Stage<In, Out> {
+    /// Closes both channels and waits for the thread, which then sees no
+    /// more items or fails to hand a result back, and ends (results not
+    /// taken back are dropped).
     fn stop(&mut self) {
         drop(self.input.take());
         drop(self.output.take());
@@ -917,13 +920,7 @@ impl<In: Send + 'static, Out: Send + 'static> Stage<In, Out> {
 
 impl<In, Out> Drop for Stage<In, Out> {
     fn drop(&mut self) {
-        // Closing both channels ends the thread: it sees no more items, or
-        // fails to hand a result back and stops.
-        drop(self.input.take());
-        drop(self.output.take());
-        if let Some(handle) = self.handle.take() {
-            let _ = handle.join();
-        }
+        self.stop();
     }
 }
 
@@ -935,42 +932,26 @@ const DECODE_AHEAD: usize = 1;
 /// batch, so JSON parsing and validation, the largest part of judging, run
 /// beside the fold instead of before it. Batches come back in the order
 /// they were given.
-struct Decoder(Stage<Vec<Polled>, Vec<(Polled, Decoded)>>);
+type Decoder = Stage<Vec<Polled>, Vec<(Polled, Decoded)>>;
 
-impl Decoder {
-    fn start() -> Result<Decoder, IngestError> {
-        let stage = Stage::start(
-            "ledger-decoder",
-            DECODE_AHEAD,
-            DECODE_AHEAD,
-            |batch: Vec<Polled>| {
-                ControlFlow::Continue(
-                    batch
-                        .into_iter()
-                        .map(|m| {
-                            let value = ledger::decode_record(&m.record);
-                            (m, value)
-                        })
-                        .collect(),
-                )
-            },
-        )?;
-        Ok(Decoder(stage))
-    }
-
-    /// Batches handed over and not yet taken back.
-    fn in_flight(&self) -> usize {
-        self.0.in_flight()
-    }
-
-    fn submit(&self, batch: Vec<Polled>) -> Result<(), IngestError> {
-        self.0.submit(batch)
-    }
-
-    /// The oldest batch handed over, decoded (waits for it).
-    fn next(&self) -> Result<Vec<(Polled, Decoded)>, IngestError> {
-        self.0.recv()
-    }
+/// Starts the [`Decoder`].
+fn start_decoder() -> Result<Decoder, IngestError> {
+    Stage::start(
+        "ledger-decoder",
+        DECODE_AHEAD,
+        DECODE_AHEAD,
+        |batch: Vec<Polled>| {
+            ControlFlow::Continue(
+                batch
+                    .into_iter()
+                    .map(|m| {
+                        let value = ledger::decode_record(&m.record);
+                        (m, value)
+                    })
+                    .collect(),
+            )
+        },
+    )
 }
 
 /// Most batches applied in memory but not yet durable: one batch is gathered
