@@ -574,20 +574,44 @@ pub fn genesis(stream: &StreamId) -> Hash {
 /// If any length (topic, key, value, header count, header name or value) does
 /// not fit a u32. Records that pass [`validate_record`] always fit.
 pub fn entry_hash(prev: &Hash, seq: u64, record: &Record) -> Hash {
-    // Deriving the context key costs a hash of its own: do it once and
-    // clone the keyed hasher (a copy of its state) for every entry.
-    static ENTRY_HASHER: std::sync::OnceLock<blake3::Hasher> = std::sync::OnceLock::new();
-    let hasher = ENTRY_HASHER
-        .get_or_init(|| blake3::Hasher::new_derive_key(ENTRY_CONTEXT))
-        .clone();
     let mut sink = BufferedHasher {
-        hasher,
+        hasher: entry_hasher(),
         buffer: [0; HASH_BUFFER_BYTES],
         len: 0,
     };
     put_entry_body(&mut sink, prev, seq, record);
     sink.flush();
     Hash::from(sink.hasher.finalize())
+}
+
+/// The entry hash of an entry's stored bytes (the output of
+/// [`encode_entry`]: version byte, body, hash), computed over the body as
+/// stored. For bytes that [`decode_entry`] accepted this equals
+/// [`entry_hash`] of the decoded entry, because decoding accepts only the
+/// canonical encoding (the `entry_decode` fuzz target checks it), and it
+/// spares encoding the entry again: what verifying a stored chain does.
+///
+/// # Panics
+/// If `stored` is too short to hold a version byte and a hash, which no
+/// accepted entry is.
+pub fn stored_entry_hash(stored: &[u8]) -> Hash {
+    assert!(
+        stored.len() > 1 + HASH_LEN,
+        "an encoded entry is longer than its version byte and hash"
+    );
+    let mut hasher = entry_hasher();
+    hasher.update(&stored[1..stored.len() - HASH_LEN]);
+    Hash::from(hasher.finalize())
+}
+
+/// blake3 in `derive_key` mode for [`ENTRY_CONTEXT`]. Deriving the context
+/// key costs a hash of its own: it is done once, and the keyed hasher (a
+/// copy of its state) cloned for every entry.
+fn entry_hasher() -> blake3::Hasher {
+    static ENTRY_HASHER: std::sync::OnceLock<blake3::Hasher> = std::sync::OnceLock::new();
+    ENTRY_HASHER
+        .get_or_init(|| blake3::Hasher::new_derive_key(ENTRY_CONTEXT))
+        .clone()
 }
 
 /// Bytes gathered before they are fed to blake3 (whose per-call cost is
@@ -1404,6 +1428,29 @@ impl ChainVerifier {
     /// Checks the next stored entry: stream, seq contiguity, offset order,
     /// `prev_hash` linkage, then the stored hash against the recomputed one.
     pub fn push(&mut self, entry: &Entry) -> Result<(), ChainBreak> {
+        self.push_checked(entry, || {
+            entry_hash(&entry.prev_hash, entry.seq, &entry.record)
+        })
+    }
+
+    /// [`ChainVerifier::push`] for an entry decoded from stored bytes, given
+    /// [`stored_entry_hash`] of those bytes (which spares encoding it again).
+    pub fn push_stored(&mut self, entry: &Entry, recomputed: Hash) -> Result<(), ChainBreak> {
+        debug_assert_eq!(
+            recomputed,
+            entry_hash(&entry.prev_hash, entry.seq, &entry.record),
+            "stored_entry_hash of an entry's stored bytes equals its entry_hash"
+        );
+        self.push_checked(entry, || recomputed)
+    }
+
+    /// The checks of [`ChainVerifier::push`], with the recomputed hash
+    /// asked for only once the links before it hold.
+    fn push_checked(
+        &mut self,
+        entry: &Entry,
+        recompute: impl FnOnce() -> Hash,
+    ) -> Result<(), ChainBreak> {
         let brk = |kind: BreakKind| ChainBreak {
             stream: self.stream.clone(),
             seq: self.next_seq,
@@ -1435,7 +1482,7 @@ impl ChainVerifier {
                 found: entry.prev_hash,
             }));
         }
-        let recomputed = entry_hash(&entry.prev_hash, entry.seq, &entry.record);
+        let recomputed = recompute();
         if entry.hash != recomputed {
             return Err(brk(BreakKind::HashMismatch {
                 expected: recomputed,
@@ -2522,7 +2569,13 @@ mod tests {
                 prop_assert!(bytes.len() <= MAX_ENCODED_ENTRY_BYTES);
                 let decoded = decode_entry(&bytes).unwrap();
                 prop_assert_eq!(&decoded, entry);
-                prop_assert_eq!(encode_entry(&decoded), bytes);
+                prop_assert_eq!(&encode_entry(&decoded), &bytes);
+                // Hashing the stored bytes gives the entry hash.
+                prop_assert_eq!(stored_entry_hash(&bytes), entry.hash);
+                prop_assert_eq!(
+                    stored_entry_hash(&bytes),
+                    entry_hash(&entry.prev_hash, entry.seq, &entry.record)
+                );
             }
         }
 
@@ -2535,8 +2588,13 @@ mod tests {
                 bytes[0] = ENTRY_FORMAT_VERSION;
             }
             if let Ok(entry) = decode_entry(&bytes) {
-                // Canonical: whatever decodes re-encodes to the same bytes.
-                prop_assert_eq!(encode_entry(&entry), bytes);
+                // Canonical: whatever decodes re-encodes to the same bytes,
+                // so the hash of its stored bytes is its entry hash.
+                prop_assert_eq!(&encode_entry(&entry), &bytes);
+                prop_assert_eq!(
+                    stored_entry_hash(&bytes),
+                    entry_hash(&entry.prev_hash, entry.seq, &entry.record)
+                );
             }
         }
 

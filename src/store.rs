@@ -207,7 +207,13 @@ struct StreamCheck {
     partition: i32,
     verifier: ChainVerifier,
     problem: Option<StreamProblem>,
-    /// The stream's stored entries are all read.
+}
+
+/// Whole pages of one stream read ahead for a verify round.
+struct PagesRead {
+    partition: i32,
+    pages: Vec<RawPage>,
+    /// The stream has no further pages.
     ended: bool,
 }
 
@@ -980,27 +986,39 @@ enum CursorFault {
 /// entry's seq (its page's first seq + its place in the page) and the
 /// entry as decoded from its bytes. Does not check that pages continue
 /// each other: callers compare the seqs with the ones they expect.
-struct PageCursor {
-    /// Keeps sled's handles from being swapped while the cursor lives
-    /// ([`Store::release_read_memory`]).
-    _sled: Arc<Sled>,
-    pages: sled::Iter,
+///
+/// `P` yields the raw pages: a live sled iterator, or pages read ahead into
+/// memory ([`PageCursor::over`], for [`Store::verify`]), which hold no
+/// sled handle and so do not stop [`Store::release_read_memory`].
+struct PageCursor<P = sled::Iter> {
+    /// Keeps sled's handles from being swapped while the cursor reads from
+    /// them ([`Store::release_read_memory`]); `None` over pages read ahead.
+    _sled: Option<Arc<Sled>>,
+    pages: P,
     page: Option<PageReader>,
     /// A fault found while positioning, yielded first.
     pending: Option<CursorFault>,
+    /// Whether items carry [`chain::stored_entry_hash`] of their bytes.
+    hash_stored: bool,
 }
 
-/// One item of a [`PageCursor`]: the entry's seq and its decoding.
-type RawEntry = (u64, Result<Entry, DecodeEntryError>);
+/// One raw page as sled yields it: key and value.
+type RawPage = sled::Result<(sled::IVec, sled::IVec)>;
+
+/// One item of a [`PageCursor`]: the entry's seq, its decoding and, from a
+/// cursor made with [`PageCursor::hashing`], the entry hash of its stored
+/// bytes ([`chain::stored_entry_hash`], for [`ChainVerifier::push_stored`]).
+type RawEntry = (u64, Result<Entry, DecodeEntryError>, Option<Hash>);
 
 impl PageCursor {
     /// All pages of `partition`, from the first.
     fn from_start(sled: Arc<Sled>, partition: i32) -> PageCursor {
         PageCursor {
             pages: sled.tree.scan_prefix(entry_prefix(partition)),
-            _sled: sled,
+            _sled: Some(sled),
             page: None,
             pending: None,
+            hash_stored: false,
         }
     }
 
@@ -1012,9 +1030,10 @@ impl PageCursor {
         let tree = sled.tree.clone();
         let mut cursor = PageCursor {
             pages: tree.range(page_key(partition, seq)..=page_key(partition, u64::MAX)),
-            _sled: sled,
+            _sled: Some(sled),
             page: None,
             pending: None,
+            hash_stored: false,
         };
         let prefix = entry_prefix(partition);
         let start = page_key(partition, seq);
@@ -1057,7 +1076,32 @@ impl PageCursor {
     }
 }
 
-impl Iterator for PageCursor {
+impl PageCursor<std::vec::IntoIter<RawPage>> {
+    /// The entries of whole pages read ahead (in key order, one partition):
+    /// the same items a cursor reading those pages from sled would yield.
+    fn over(pages: Vec<RawPage>) -> Self {
+        PageCursor {
+            _sled: None,
+            pages: pages.into_iter(),
+            page: None,
+            pending: None,
+            hash_stored: false,
+        }
+    }
+}
+
+impl<P> PageCursor<P> {
+    /// The same cursor, its items carrying the entry hash of their stored
+    /// bytes (for cursors whose entries are verified).
+    fn hashing(self) -> Self {
+        PageCursor {
+            hash_stored: true,
+            ..self
+        }
+    }
+}
+
+impl<P: Iterator<Item = RawPage>> Iterator for PageCursor<P> {
     type Item = Result<RawEntry, CursorFault>;
 
     fn next(&mut self) -> Option<Self::Item> {
@@ -1068,7 +1112,11 @@ impl Iterator for PageCursor {
             if let Some(page) = &mut self.page {
                 match page.next_entry() {
                     Some(Ok((seq, range))) => {
-                        return Some(Ok((seq, chain::decode_entry(&page.value[range]))));
+                        let bytes = &page.value[range];
+                        let decoded = chain::decode_entry(bytes);
+                        let hash = (self.hash_stored && decoded.is_ok())
+                            .then(|| chain::stored_entry_hash(bytes));
+                        return Some(Ok((seq, decoded, hash)));
                     }
                     Some(Err(damage)) => {
                         self.page = None;
@@ -2028,7 +2076,7 @@ impl Store {
         from_seq: u64,
     ) -> impl Iterator<Item = Result<Entry, StoreError>> {
         PageCursor::at(self.sled(), partition, from_seq).map(move |item| {
-            let (seq, decoded) = item.map_err(|fault| {
+            let (seq, decoded, _) = item.map_err(|fault| {
                 self.cursor_fault(
                     partition,
                     &format!("entries of partition {partition}"),
@@ -2344,7 +2392,7 @@ impl Store {
                     ));
                 }
                 let cursor = cursors.entry(partition).or_insert_with(|| Cursor {
-                    pages: PageCursor::from_start(self.sled(), partition),
+                    pages: PageCursor::from_start(self.sled(), partition).hashing(),
                     verifier: ChainVerifier::new(self.stream(partition)),
                 });
                 if run.first_seq != cursor.verifier.next_seq() {
@@ -2375,7 +2423,7 @@ impl Store {
                             ),
                         )
                     };
-                    let (seq, decoded) = match cursor.pages.next() {
+                    let (seq, decoded, recomputed) = match cursor.pages.next() {
                         None => return Err(missing("no entry is stored there")),
                         // A damaged page after a gap: the gap comes first.
                         Some(Err(CursorFault::Page(damage))) if damage.seq > location.seq => {
@@ -2403,9 +2451,10 @@ impl Store {
                         return Err(missing(&format!("the next stored entry is seq {seq}")));
                     }
                     let entry = self.stored_entry(location, decoded)?;
+                    let recomputed = recomputed.expect("a hashing cursor hashes decoded entries");
                     cursor
                         .verifier
-                        .push(&entry)
+                        .push_stored(&entry, recomputed)
                         .map_err(|brk| self.chain_broken(&brk))?;
                     visit(WalkStep::Entry(entry));
                     unreported += 1;
@@ -2435,7 +2484,8 @@ impl Store {
                     since_release = 0;
                 }
                 for (partition, verifier) in links {
-                    let pages = PageCursor::at(self.sled(), partition, verifier.next_seq());
+                    let pages =
+                        PageCursor::at(self.sled(), partition, verifier.next_seq()).hashing();
                     cursors.insert(partition, Cursor { pages, verifier });
                 }
                 batches = self.batches(expected_no);
@@ -2492,7 +2542,7 @@ impl Store {
             }
             match cursor.pages.next() {
                 None => {}
-                Some(Ok((seq, _))) => {
+                Some(Ok((seq, _, _))) => {
                     let extra = Location {
                         partition: *partition,
                         seq,
@@ -2557,10 +2607,14 @@ impl Store {
         self.verify_with_progress(|_| {})
     }
 
-    /// Verifies up to `budget` more entries of one stream, from where its
-    /// check stands (a cursor opened for this part alone); returns how many
-    /// verified. Stops at the stream's end (`ended`) or its first problem.
-    fn verify_stream_part(&self, check: &mut StreamCheck, budget: u64) -> Result<u64, StoreError> {
+    /// Verifies the entries of whole pages of one stream read ahead
+    /// ([`Store::read_pages`]), continuing where its check stands; returns
+    /// how many verified. Stops at the stream's first problem.
+    fn verify_pages(
+        &self,
+        check: &mut StreamCheck,
+        pages: Vec<RawPage>,
+    ) -> Result<u64, StoreError> {
         let partition = check.partition;
         let stream = self.stream(partition);
         let verifier = &mut check.verifier;
@@ -2570,19 +2624,10 @@ impl Store {
             offset,
             kind,
         };
-        let cursor = match verifier.next_seq() {
-            0 => PageCursor::from_start(self.sled(), partition),
-            seq => PageCursor::at(self.sled(), partition, seq),
-        };
         let mut checked = 0;
-        let mut cursor = cursor.peekable();
-        while checked < budget {
-            let Some(item) = cursor.next() else {
-                check.ended = true;
-                break;
-            };
+        for item in PageCursor::over(pages).hashing() {
             let expected = verifier.next_seq();
-            let (seq, decoded) = match item {
+            let (seq, decoded, recomputed) = match item {
                 Ok(item) => item,
                 Err(CursorFault::Read(e)) => {
                     return Err(
@@ -2651,7 +2696,8 @@ impl Store {
                 ));
                 break;
             }
-            if let Err(brk) = verifier.push(&entry) {
+            let recomputed = recomputed.expect("a hashing cursor hashes decoded entries");
+            if let Err(brk) = verifier.push_stored(&entry, recomputed) {
                 check.problem = Some(problem_at(
                     brk.seq,
                     brk.offset,
@@ -2661,21 +2707,69 @@ impl Store {
             }
             checked += 1;
         }
-        if checked == budget && cursor.peek().is_none() {
-            check.ended = true;
-        }
         Ok(checked)
     }
 
+    /// Reads whole pages of `partition`, after the page key `after` (from
+    /// its first page without), until they hold at least `budget` entries
+    /// (by their headers) or the partition's keys end. Returns them, in key
+    /// order, and whether the partition ended. A read error is returned as
+    /// the last page, for [`Store::verify_pages`] to report in its place.
+    fn read_pages(&self, partition: i32, after: Option<&[u8]>, budget: u64) -> PagesRead {
+        let sled = self.sled();
+        let prefix = entry_prefix(partition);
+        let keys = match after {
+            None => sled.tree.scan_prefix(prefix),
+            Some(key) => sled
+                .tree
+                .range::<&[u8], _>((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded)),
+        };
+        let mut read = PagesRead {
+            partition,
+            pages: Vec::new(),
+            ended: true,
+        };
+        let mut entries = 0u64;
+        for item in keys {
+            let (key, value) = match item {
+                Ok(page) => page,
+                Err(e) => {
+                    read.pages.push(Err(e));
+                    return read;
+                }
+            };
+            if !key.starts_with(&prefix) {
+                return read;
+            }
+            // A damaged header counts as one entry; verify_pages reports it.
+            let count = match value.get(..PAGE_HEADER_BYTES) {
+                Some(header) if header[0] == PAGE_FORMAT => {
+                    u32::from_be_bytes(header[1..].try_into().expect("4 bytes")).max(1)
+                }
+                _ => 1,
+            };
+            read.pages.push(Ok((key, value)));
+            entries += u64::from(count);
+            if entries >= budget {
+                read.ended = false;
+                return read;
+            }
+        }
+        read
+    }
+
     /// [`Store::verify`], calling `progress` with the number of entries
-    /// checked so far now and then (after each round of at most
+    /// checked so far now and then (after each round of about
     /// [`RELEASE_READ_MEMORY_ENTRIES`], for progress bars).
     ///
-    /// Streams are read and hashed in parallel (up to [`MAX_VERIFY_THREADS`]),
-    /// in rounds: each stream still going advances by its share of
-    /// [`RELEASE_READ_MEMORY_ENTRIES`], then, with no cursor open,
-    /// [`Store::release_read_memory`] lets sled's memory go. So memory stays
-    /// flat in the ledger's size.
+    /// In rounds: this thread reads each stream's next whole pages (its
+    /// share of [`RELEASE_READ_MEMORY_ENTRIES`]) into memory, then
+    /// [`Store::release_read_memory`] lets sled's memory go, while up to
+    /// [`MAX_VERIFY_THREADS`] workers decode and hash the pages of the round
+    /// before (streams in parallel, each stream's pages in order, each
+    /// entry hashed as stored: [`chain::stored_entry_hash`]). Pages read
+    /// ahead hold no sled handle, so the release never waits for hashing and
+    /// memory stays flat in the ledger's size.
     pub fn verify_with_progress(
         &self,
         mut progress: impl FnMut(u64),
@@ -2698,47 +2792,79 @@ impl Store {
                 partition,
                 verifier: ChainVerifier::new(self.stream(partition)),
                 problem: None,
-                ended: false,
             })
             .collect();
-        // Rounds: each stream still going advances by a share of
-        // RELEASE_READ_MEMORY_ENTRIES, streams in parallel; between rounds
-        // no cursor is open and sled's memory is released.
+        // Rounds: this thread reads each stream's next pages (a share of
+        // RELEASE_READ_MEMORY_ENTRIES) into memory, then lets sled's memory
+        // go, while up to `threads` workers verify the pages read in the
+        // round before (streams in parallel, each stream's pages in order).
+        // The pages read ahead hold no sled handle, so the release never
+        // waits for the workers.
         let threads = std::thread::available_parallelism()
             .map_or(1, usize::from)
             .clamp(1, MAX_VERIFY_THREADS);
-        let mut first_round = true;
-        loop {
-            let going: Vec<&mut StreamCheck> = checks
-                .iter_mut()
-                .filter(|c| !c.ended && c.problem.is_none())
-                .collect();
-            if going.is_empty() {
-                break;
+        let budget = (self.release_every() / checks.len().max(1) as u64).max(1);
+        // Per stream (same order as `checks`): the last page key read, or
+        // `None` once its pages are all read.
+        let mut read_to: Vec<Option<Option<sled::IVec>>> = vec![Some(None); checks.len()];
+        let partitions: Vec<i32> = checks.iter().map(|c| c.partition).collect();
+        let read_round = |read_to: &mut Vec<Option<Option<sled::IVec>>>| {
+            let mut round = Vec::new();
+            for (i, position) in read_to.iter_mut().enumerate() {
+                let Some(after) = position else { continue };
+                let read = self.read_pages(partitions[i], after.as_deref(), budget);
+                *position = match (read.ended, read.pages.last()) {
+                    (false, Some(Ok((key, _)))) => Some(Some(key.clone())),
+                    _ => None,
+                };
+                if !read.pages.is_empty() {
+                    round.push((i, read));
+                }
             }
-            if !first_round {
-                self.release_read_memory()?;
+            round
+        };
+        let mut round = read_round(&mut read_to);
+        while !round.is_empty() {
+            let workers = threads.min(round.len());
+            let mut parts: Vec<(&mut StreamCheck, Vec<RawPage>)> = Vec::new();
+            let mut round_parts = std::mem::take(&mut round).into_iter().peekable();
+            for (i, check) in checks.iter_mut().enumerate() {
+                if round_parts.peek().is_some_and(|(j, _)| *j == i) {
+                    let (_, read) = round_parts.next().expect("peeked");
+                    debug_assert_eq!(read.partition, check.partition);
+                    if check.problem.is_none() {
+                        parts.push((check, read.pages));
+                    }
+                }
             }
-            first_round = false;
-            let budget = (self.release_every() / going.len() as u64).max(1);
-            let workers = threads.min(going.len());
-            let queue = Mutex::new(going);
-            let done: Result<u64, StoreError> = std::thread::scope(|scope| {
+            drop(round_parts);
+            let queue = Mutex::new(parts);
+            let (done, next) = std::thread::scope(|scope| {
                 let runs: Vec<_> = (0..workers)
                     .map(|_| {
-                        scope.spawn(|| {
-                            let mut checked = 0u64;
-                            loop {
-                                let next =
-                                    queue.lock().unwrap_or_else(PoisonError::into_inner).pop();
-                                let Some(check) = next else {
-                                    return Ok(checked);
-                                };
-                                checked += self.verify_stream_part(check, budget)?;
-                            }
-                        })
+                        std::thread::Builder::new()
+                            .name("ledger-verify".into())
+                            .spawn_scoped(scope, || {
+                                let mut checked = 0u64;
+                                loop {
+                                    let next =
+                                        queue.lock().unwrap_or_else(PoisonError::into_inner).pop();
+                                    let Some((check, pages)) = next else {
+                                        return Ok(checked);
+                                    };
+                                    checked += self.verify_pages(check, pages)?;
+                                }
+                            })
+                            .expect("can start a verifying thread")
                     })
                     .collect();
+                // Nothing more to read: no release (a ledger read in one
+                // round is never closed and reopened).
+                let next = if read_to.iter().any(Option::is_some) {
+                    self.release_read_memory().map(|_| read_round(&mut read_to))
+                } else {
+                    Ok(Vec::new())
+                };
                 let mut total = 0;
                 let mut first_error = None;
                 for run in runs {
@@ -2749,10 +2875,13 @@ impl Store {
                         }
                     }
                 }
-                first_error.map_or(Ok(total), Err)
+                (first_error.map_or(Ok(total), Err), next)
             });
+            drop(queue);
             checked += done?;
             progress(checked);
+            round = next?;
+            round.retain(|(i, _)| checks[*i].problem.is_none());
         }
 
         let mut streams = Vec::with_capacity(checks.len());
@@ -3647,7 +3776,7 @@ impl Store {
             cursors.insert(
                 partition,
                 Cursor {
-                    pages: PageCursor::at(self.sled(), partition, head.next_seq()),
+                    pages: PageCursor::at(self.sled(), partition, head.next_seq()).hashing(),
                     verifier: ChainVerifier::resume(head),
                 },
             );
