@@ -2967,9 +2967,12 @@ pub struct SnapshotStats {
     pub batch_no: u64,
     /// Size of the stored value.
     pub bytes: usize,
-    /// Encoding the state.
+    /// Encoding the state and writing it to its file.
     pub encode: Duration,
-    /// Writing it and making it durable.
+    /// Making the file durable (fsync).
+    pub sync: Duration,
+    /// Putting it in place: the rename, older snapshots removed, the
+    /// folder synced.
     pub durable: Duration,
 }
 
@@ -3564,9 +3567,11 @@ impl Store {
         let path = self.snapshot_path(batch_no);
         let partial = folder.join(format!(".{}.partial", snapshot_file_name(batch_no)));
         let writing = format!("writing the snapshot after batch {batch_no}");
+        let mut encode = Duration::ZERO;
         let bytes = (|| -> io::Result<u64> {
             let mut file = File::create(&partial)?;
             let bytes = encode_snapshot_to(state, &mut file)?;
+            encode = started.elapsed();
             file.sync_all()?;
             Ok(bytes)
         })();
@@ -3586,7 +3591,7 @@ impl Store {
             );
             return Ok(None);
         }
-        let encode = started.elapsed();
+        let sync = started.elapsed() - encode;
         let started = Instant::now();
         fs::rename(&partial, &path).map_err(|e| io_error(&self.dir, writing.clone(), e))?;
         let drop_count = (taken.len() + 1).saturating_sub(SNAPSHOTS_KEPT);
@@ -3609,6 +3614,7 @@ impl Store {
             batch_no,
             bytes: bytes as usize,
             encode,
+            sync,
             durable: started.elapsed(),
         };
         tracing::debug!(ledger = %self.dir.display(), ?stats, "snapshot written");
