@@ -1,7 +1,7 @@
 //! What a ledger's derived state holds, for memory work: loads the state
 //! of a (stopped) ledger folder from its latest snapshot and prints the
 //! sizes of its parts (fingerprints, deal book as JSON, query index
-//! encoding, deals, proposals, locks) and the process's resident memory
+//! encoding, history items in memory, deals, proposals, locks) and the process's resident memory
 //! once it is loaded.
 //!
 //! Usage: cargo run --release --example state_sizes -- LEDGER_DIR
@@ -24,6 +24,11 @@ fn main() {
     let book_json = serde_json::to_vec(state.book()).expect("serialize").len();
     let mut index = Vec::new();
     state.index().encode(&mut index);
+    let (mut items, mut item_bytes) = (0usize, 0usize);
+    for (_, entries) in state.index().deals() {
+        items += entries.items.len();
+        item_bytes += entries.items.heap_bytes();
+    }
     let (mut proposals, mut locks) = (0usize, 0usize);
     for (_, deal) in state.book().iter() {
         proposals += deal.proposals.len();
@@ -36,6 +41,10 @@ fn main() {
     println!("locks:              {locks}");
     println!("deal book (JSON):   {book_json} bytes");
     println!("index (encoded):    {} bytes", index.len());
+    println!(
+        "history items:      {items} in {item_bytes} bytes ({:.1} per item)",
+        item_bytes as f64 / items.max(1) as f64
+    );
     println!(
         "resident once loaded: {} MiB",
         resident_pages * 4096 / (1024 * 1024)

@@ -15,8 +15,11 @@
 //! code), snapshots store it ([`DealIndex::encode`]), and a replay from
 //! genesis rebuilds it. Part of the pure core: no I/O, no clock.
 //!
-//! Memory: 32 bytes per entry plus a small record per deal and per lock; the
-//! strings of producers (`source`) and rejection kinds are interned once.
+//! Memory: about 12 bytes per entry ([`HistoryItems`]: each entry's item
+//! stored as its difference from the deal's previous one) plus a small
+//! record per deal and per lock; the strings of producers (`source`) and
+//! rejection kinds are interned once. Still a cost per entry: the index
+//! grows with the ledger (see ARCHITECTURE.md, "Memory").
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -100,6 +103,17 @@ impl HistoryItem {
     /// `time_micros` of an entry whose event did not decode.
     pub const NO_TIME: i64 = i64::MIN;
 
+    /// All fields zero: what the first item of a [`HistoryItems`] run is
+    /// stored as a difference from.
+    const ZERO: HistoryItem = HistoryItem {
+        packed: 0,
+        time_micros: 0,
+        record_ms: 0,
+        source: 0,
+        event_type: 0,
+        verdict: 0,
+    };
+
     /// Where the entry is.
     pub fn location(&self) -> Location {
         unpack(self.packed)
@@ -120,6 +134,212 @@ impl HistoryItem {
         (self.time_micros != Self::NO_TIME)
             .then(|| Timestamp::from_unix_micros(self.time_micros))
             .flatten()
+    }
+}
+
+/// How often [`HistoryItems`] stores an item as a difference from
+/// [`HistoryItem::ZERO`] and keeps its byte offset: reading from any
+/// position decodes fewer than this many items in vain.
+const CHECKPOINT_ITEMS: usize = 64;
+
+/// A deal's [`HistoryItem`]s, compactly: about 12 bytes each instead of 32
+/// (the index's largest part: it grows with every entry, and the daemon
+/// keeps it in memory). Each item is stored as its difference from the one
+/// before (zigzag varints: a deal's consecutive entries have close
+/// locations, times and producers), every [`CHECKPOINT_ITEMS`]-th as its
+/// difference from zero, with its byte offset kept, so a page of a deal's
+/// history can start anywhere.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HistoryItems {
+    bytes: Vec<u8>,
+    /// Byte offset of items 0, CHECKPOINT_ITEMS, 2 * CHECKPOINT_ITEMS, ...
+    checkpoints: Vec<usize>,
+    len: usize,
+    /// The last item pushed; [`HistoryItem::ZERO`] while empty.
+    last: HistoryItem,
+}
+
+impl Default for HistoryItem {
+    fn default() -> Self {
+        HistoryItem::ZERO
+    }
+}
+
+impl HistoryItems {
+    /// Appends `item` (the deal's next entry in ledger order).
+    pub fn push(&mut self, item: HistoryItem) {
+        let base = if self.len.is_multiple_of(CHECKPOINT_ITEMS) {
+            self.checkpoints.push(self.bytes.len());
+            HistoryItem::ZERO
+        } else {
+            self.last
+        };
+        put_delta(&mut self.bytes, &base, &item);
+        self.last = item;
+        self.len += 1;
+    }
+
+    /// How many items there are.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The items in order.
+    pub fn iter(&self) -> HistoryIter<'_> {
+        self.iter_from(0)
+    }
+
+    /// The items from position `start` on (none when `start` is past the
+    /// end): decodes from the checkpoint at or before `start`.
+    pub fn iter_from(&self, start: usize) -> HistoryIter<'_> {
+        if start >= self.len {
+            return HistoryIter {
+                bytes: &self.bytes,
+                at: self.bytes.len(),
+                prev: HistoryItem::ZERO,
+                position: self.len,
+                len: self.len,
+            };
+        }
+        let checkpoint = start / CHECKPOINT_ITEMS;
+        let mut iter = HistoryIter {
+            bytes: &self.bytes,
+            at: self.checkpoints[checkpoint],
+            prev: HistoryItem::ZERO,
+            position: checkpoint * CHECKPOINT_ITEMS,
+            len: self.len,
+        };
+        for _ in iter.position..start {
+            iter.next();
+        }
+        iter
+    }
+
+    /// Gives back the room kept for items to come (after a restore).
+    pub fn shrink_to_fit(&mut self) {
+        self.bytes.shrink_to_fit();
+        self.checkpoints.shrink_to_fit();
+    }
+
+    /// Bytes held (for memory accounting).
+    pub fn heap_bytes(&self) -> usize {
+        self.bytes.capacity() + self.checkpoints.capacity() * std::mem::size_of::<usize>()
+    }
+}
+
+impl FromIterator<HistoryItem> for HistoryItems {
+    fn from_iter<I: IntoIterator<Item = HistoryItem>>(items: I) -> Self {
+        let mut out = HistoryItems::default();
+        for item in items {
+            out.push(item);
+        }
+        out
+    }
+}
+
+/// The items of a [`HistoryItems`], by value, in order.
+pub struct HistoryIter<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    prev: HistoryItem,
+    /// Position of the next item.
+    position: usize,
+    len: usize,
+}
+
+impl Iterator for HistoryIter<'_> {
+    type Item = HistoryItem;
+
+    fn next(&mut self) -> Option<HistoryItem> {
+        if self.position == self.len {
+            return None;
+        }
+        let base = if self.position.is_multiple_of(CHECKPOINT_ITEMS) {
+            HistoryItem::ZERO
+        } else {
+            self.prev
+        };
+        let item = get_delta(self.bytes, &mut self.at, &base);
+        self.prev = item;
+        self.position += 1;
+        Some(item)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.len - self.position;
+        (left, Some(left))
+    }
+}
+
+impl ExactSizeIterator for HistoryIter<'_> {}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(u: u64) -> i64 {
+    ((u >> 1) as i64) ^ -((u & 1) as i64)
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Reads a varint [`put_varint`] wrote. Only ever reads bytes this module
+/// wrote, so a malformed one is a bug.
+fn get_varint(bytes: &[u8], at: &mut usize) -> u64 {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = bytes[*at];
+        *at += 1;
+        v |= u64::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            return v;
+        }
+    }
+    unreachable!("a varint written by put_varint ends within 10 bytes")
+}
+
+/// `item` as its difference from `base` (wrapping, so any values round-trip).
+fn put_delta(out: &mut Vec<u8>, base: &HistoryItem, item: &HistoryItem) {
+    put_varint(out, zigzag(item.packed.wrapping_sub(base.packed) as i64));
+    put_varint(out, zigzag(item.time_micros.wrapping_sub(base.time_micros)));
+    put_varint(out, zigzag(item.record_ms.wrapping_sub(base.record_ms)));
+    put_varint(out, zigzag(i64::from(item.source) - i64::from(base.source)));
+    out.push(item.event_type);
+    out.push(item.verdict);
+}
+
+/// The inverse of [`put_delta`].
+fn get_delta(bytes: &[u8], at: &mut usize, base: &HistoryItem) -> HistoryItem {
+    let packed = base
+        .packed
+        .wrapping_add(unzigzag(get_varint(bytes, at)) as u64);
+    let time_micros = base
+        .time_micros
+        .wrapping_add(unzigzag(get_varint(bytes, at)));
+    let record_ms = base.record_ms.wrapping_add(unzigzag(get_varint(bytes, at)));
+    let source = u32::try_from(i64::from(base.source) + unzigzag(get_varint(bytes, at)))
+        .expect("a source position written by put_delta");
+    let event_type = bytes[*at];
+    let verdict = bytes[*at + 1];
+    *at += 2;
+    HistoryItem {
+        packed,
+        time_micros,
+        record_ms,
+        source,
+        event_type,
+        verdict,
     }
 }
 
@@ -145,7 +365,7 @@ pub struct LockRefs {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DealEntries {
     /// Every entry naming the deal, in ledger order.
-    pub items: Vec<HistoryItem>,
+    pub items: HistoryItems,
     /// The accepted `deal.negotiation.opened`.
     pub opened: Option<Cited>,
     /// The accepted `deal.terms.accepted`.
@@ -434,7 +654,11 @@ impl DealIndex {
                 put_bytes(&mut out, name.as_bytes());
             }
         }
-        put_items(&mut out, &self.unattributed);
+        put_items(
+            &mut out,
+            self.unattributed.len(),
+            self.unattributed.iter().copied(),
+        );
         let mut ids: Vec<&Id> = self.deals.keys().collect();
         ids.sort_unstable();
         put_u64(&mut out, ids.len() as u64);
@@ -457,7 +681,7 @@ impl DealIndex {
                 put_cited(&mut out, refs.granted);
                 put_cited(&mut out, refs.ended);
             }
-            put_items(&mut out, &deal.items);
+            put_items(&mut out, deal.items.len(), deal.items.iter());
             if out.len() >= ENCODE_PIECE_BYTES {
                 emit(&out);
                 out.clear();
@@ -516,7 +740,8 @@ impl DealIndex {
                 };
                 deal.locks.insert(lock, refs);
             }
-            deal.items = r.items("deal entries")?;
+            deal.items = r.items("deal entries")?.into_iter().collect();
+            deal.items.shrink_to_fit();
             if deals.insert(id.clone(), deal).is_some() {
                 return Err(format!("deal {id} is listed twice"));
             }
@@ -572,10 +797,12 @@ fn put_cited(out: &mut Vec<u8>, cited: Option<Cited>) {
     }
 }
 
-fn put_items(out: &mut Vec<u8>, items: &[HistoryItem]) {
-    put_u64(out, items.len() as u64);
-    out.reserve(items.len() * ITEM_BYTES);
+fn put_items(out: &mut Vec<u8>, count: usize, items: impl Iterator<Item = HistoryItem>) {
+    put_u64(out, count as u64);
+    out.reserve(count * ITEM_BYTES);
+    let mut written = 0;
     for item in items {
+        written += 1;
         put_u64(out, item.packed);
         out.extend_from_slice(&item.time_micros.to_be_bytes());
         out.extend_from_slice(&item.record_ms.to_be_bytes());
@@ -583,6 +810,7 @@ fn put_items(out: &mut Vec<u8>, items: &[HistoryItem]) {
         out.push(item.event_type);
         out.push(item.verdict);
     }
+    assert_eq!(written, count, "put_items: the count given is the items'");
 }
 
 /// Reads the encoding front to back; every error names what it was reading.
@@ -723,11 +951,12 @@ mod tests {
         index.record_at(loc(2, 6), 14, Judged::Refused(&g, "lock_exists"));
 
         let d1 = index.deal(&Id::new("d1").unwrap()).unwrap();
-        let locations: Vec<Location> = d1.items.iter().map(HistoryItem::location).collect();
+        let items: Vec<HistoryItem> = d1.items.iter().collect();
+        let locations: Vec<Location> = items.iter().map(HistoryItem::location).collect();
         assert_eq!(locations, [loc(0, 0), loc(0, 1), loc(2, 5), loc(2, 6)]);
-        assert_eq!(d1.items[0].verdict(), ItemVerdict::Accepted);
-        assert_eq!(d1.items[1].verdict(), ItemVerdict::Duplicate);
-        let ItemVerdict::Rejected(k) = d1.items[3].verdict() else {
+        assert_eq!(items[0].verdict(), ItemVerdict::Accepted);
+        assert_eq!(items[1].verdict(), ItemVerdict::Duplicate);
+        let ItemVerdict::Rejected(k) = items[3].verdict() else {
             panic!("refused")
         };
         assert_eq!(index.kind_name(k), "lock_exists");
@@ -738,11 +967,11 @@ mod tests {
             loc(2, 5),
             "the refused second grant does not replace the first"
         );
-        assert_eq!(index.source_name(d1.items[2].source), "urn:q");
-        assert_eq!(d1.items[0].event_type(), Some(EventType::NegotiationOpened));
-        assert_eq!(d1.items[0].record_ms, 10);
+        assert_eq!(index.source_name(items[2].source), "urn:q");
+        assert_eq!(items[0].event_type(), Some(EventType::NegotiationOpened));
+        assert_eq!(items[0].record_ms, 10);
         assert_eq!(
-            d1.items[0].time().unwrap(),
+            items[0].time().unwrap(),
             Timestamp::parse("2025-01-01T00:00:00Z").unwrap()
         );
         assert_eq!(index.unattributed().len(), 1);
@@ -836,5 +1065,66 @@ mod tests {
         assert_eq!(interner.names[3], OTHER_SOURCES);
         assert_eq!(interner.intern("s1", 4, OTHER_SOURCES), 1);
         assert_eq!(interner.intern("s9", 4, OTHER_SOURCES), 3);
+    }
+
+    fn arb_item() -> impl proptest::strategy::Strategy<Value = HistoryItem> {
+        use proptest::prelude::*;
+        (
+            any::<u64>(),
+            prop_oneof![any::<i64>(), Just(HistoryItem::NO_TIME), -5i64..5],
+            any::<i64>(),
+            any::<u32>(),
+            any::<u8>(),
+            any::<u8>(),
+        )
+            .prop_map(
+                |(packed, time_micros, record_ms, source, event_type, verdict)| HistoryItem {
+                    packed,
+                    time_micros,
+                    record_ms,
+                    source,
+                    event_type,
+                    verdict,
+                },
+            )
+    }
+
+    proptest::proptest! {
+        /// Any items, extreme values included, come back exactly, in
+        /// order, from the start and from every position.
+        #[test]
+        fn history_items_round_trip_from_any_position(
+            items in proptest::collection::vec(arb_item(), 0..300),
+        ) {
+            let stored: HistoryItems = items.iter().copied().collect();
+            proptest::prop_assert_eq!(stored.len(), items.len());
+            proptest::prop_assert_eq!(stored.iter().collect::<Vec<_>>(), items.clone());
+            for start in 0..=items.len() + 1 {
+                let from: Vec<HistoryItem> = stored.iter_from(start).collect();
+                proptest::prop_assert_eq!(&from[..], items.get(start..).unwrap_or(&[]));
+                proptest::prop_assert_eq!(stored.iter_from(start).len(), from.len());
+            }
+        }
+    }
+
+    /// A deal's typical entries (close seqs and times, one producer) take
+    /// well under half the 32 bytes of a `HistoryItem`.
+    #[test]
+    fn history_items_of_a_typical_deal_are_compact() {
+        let items: HistoryItems = (0..1_000u64)
+            .map(|i| HistoryItem {
+                packed: pack(loc(3, 50_000 + i * 6)),
+                time_micros: 1_735_689_600_000_000 + i as i64 * 3_600_000_000,
+                record_ms: 1_764_000_000_000 + i as i64 * 40,
+                source: 2,
+                event_type: (i % 10) as u8,
+                verdict: 0,
+            })
+            .collect();
+        assert!(
+            items.bytes.len() < 14 * 1_000,
+            "{} bytes",
+            items.bytes.len()
+        );
     }
 }

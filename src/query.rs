@@ -541,8 +541,8 @@ pub fn deal_history(
     let limit = page.limit_or(DEFAULT_HISTORY_PAGE_SIZE)?;
     let end = refs.items.len().min(start.saturating_add(limit));
     let mut items = Vec::with_capacity(end.saturating_sub(start));
-    for (position, item) in refs.items.iter().enumerate().take(end).skip(start) {
-        items.push(history_entry(state.index(), evidence, position, item)?);
+    for (position, item) in (start..end).zip(refs.items.iter_from(start)) {
+        items.push(history_entry(state.index(), evidence, position, &item)?);
     }
     let next_cursor = (end < refs.items.len() && end > start).then(|| (end - 1).to_string());
     Ok(Page { items, next_cursor })
@@ -988,7 +988,7 @@ fn all_findings(
     for (id, refs) in index.deals() {
         let mut last_time: Option<(i64, Location)> = None;
         let mut after_termination: Option<PendingFinding> = None;
-        for item in &refs.items {
+        for item in refs.items.iter() {
             let location = item.location();
             match item.verdict() {
                 ItemVerdict::Accepted => {
@@ -1082,7 +1082,7 @@ fn all_findings(
     let items = index
         .deals()
         .flat_map(|(_, r)| r.items.iter())
-        .chain(index.unattributed().iter());
+        .chain(index.unattributed().iter().copied());
     for item in items {
         let verdict = item.verdict();
         if verdict == ItemVerdict::Accepted {
@@ -1269,7 +1269,7 @@ pub fn stats(state: &LedgerState, page: &PageRequest) -> Result<Stats, QueryErro
         *events_by_type.entry(t.to_string()).or_default() += 1;
     };
     for (_, refs) in index.deals() {
-        refs.items.iter().for_each(&mut tally_item);
+        refs.items.iter().for_each(|item| tally_item(&item));
     }
     index.unattributed().iter().for_each(&mut tally_item);
 
@@ -1307,7 +1307,7 @@ pub fn stats(state: &LedgerState, page: &PageRequest) -> Result<Stats, QueryErro
         .map(|(id, deal)| {
             let mut by_type: BTreeMap<String, u64> = BTreeMap::new();
             let mut tally = VerdictTally::default();
-            for item in index.deal(id).map_or(&[][..], |r| &r.items[..]) {
+            for item in index.deal(id).into_iter().flat_map(|r| r.items.iter()) {
                 tally.add(item.verdict());
                 if let Some(t) = item.event_type() {
                     *by_type.entry(t.as_str().to_string()).or_default() += 1;
