@@ -226,14 +226,19 @@ fn decode_chunk(chunk: &Chunk) -> Vec<Option<Result<crate::event::Id, DecodeErro
         .collect()
 }
 
-/// The first pass: validates every line, decoding chunks on all cores, and
-/// remembers each valid line's deal id.
+/// Chunks read ahead of each validating thread.
+const CHUNKS_AHEAD_PER_THREAD: usize = 2;
+
+/// The first pass: validates every line and remembers each valid line's
+/// deal id. A reader thread cuts the input into chunks of whole lines, up to
+/// 8 threads decode them (chunk `i` on thread `i % threads`), and this
+/// thread takes the results back in input order: reading, decoding and
+/// collecting overlap. At most `threads * (CHUNKS_AHEAD_PER_THREAD + 1)`
+/// chunks of [`CHUNK_BYTES`] are in memory.
 fn validate_file(file: &File) -> anyhow::Result<Validation> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(8);
-    let mut lines = BoundedLines::new(BufReader::with_capacity(1 << 20, file));
-    let mut buf = Vec::with_capacity(4096);
     let mut interned: HashMap<crate::event::Id, u32> = HashMap::new();
     let mut v = Validation {
         line_keys: Vec::new(),
@@ -242,28 +247,49 @@ fn validate_file(file: &File) -> anyhow::Result<Validation> {
         invalid_total: 0,
         invalid: Vec::new(),
     };
-    loop {
-        let mut chunks = Vec::with_capacity(threads);
-        while chunks.len() < threads {
-            match read_chunk(&mut lines, &mut buf)? {
-                Some(chunk) => chunks.push(chunk),
-                None => break,
+    type Decoded = (Chunk, Vec<Option<Result<crate::event::Id, DecodeError>>>);
+    std::thread::scope(|scope| -> anyhow::Result<Validation> {
+        let mut to_workers = Vec::with_capacity(threads);
+        let mut from_workers = Vec::with_capacity(threads);
+        for _ in 0..threads {
+            let (tx, rx) =
+                std::sync::mpsc::sync_channel::<io::Result<Chunk>>(CHUNKS_AHEAD_PER_THREAD);
+            let (dtx, drx) = std::sync::mpsc::sync_channel::<io::Result<Decoded>>(1);
+            scope.spawn(move || {
+                for chunk in rx {
+                    let decoded = chunk.map(|chunk| {
+                        let results = decode_chunk(&chunk);
+                        (chunk, results)
+                    });
+                    if dtx.send(decoded).is_err() {
+                        return;
+                    }
+                }
+            });
+            to_workers.push(tx);
+            from_workers.push(drx);
+        }
+        scope.spawn(move || {
+            let mut lines = BoundedLines::new(BufReader::with_capacity(1 << 20, file));
+            let mut buf = Vec::with_capacity(4096);
+            for worker in to_workers.iter().cycle() {
+                let (chunk, last) = match read_chunk(&mut lines, &mut buf) {
+                    Ok(Some(chunk)) => (Ok(chunk), false),
+                    Ok(None) => return,
+                    Err(e) => (Err(e), true),
+                };
+                // A closed channel: the collector stopped; nothing to do.
+                if worker.send(chunk).is_err() || last {
+                    return;
+                }
             }
-        }
-        if chunks.is_empty() {
-            return Ok(v);
-        }
-        let decoded: Vec<_> = std::thread::scope(|scope| {
-            let handles: Vec<_> = chunks
-                .iter()
-                .map(|chunk| scope.spawn(|| decode_chunk(chunk)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("decoding never panics"))
-                .collect()
         });
-        for (chunk, results) in chunks.iter().zip(decoded) {
+        for worker in from_workers.iter().cycle() {
+            let Ok(decoded) = worker.recv() else {
+                // This worker's input ended: every chunk was read and collected.
+                return Ok(v);
+            };
+            let (chunk, results) = decoded?;
             for (i, outcome) in results.into_iter().enumerate() {
                 let n = chunk.first_line + i as u64;
                 let key = match outcome {
@@ -294,7 +320,8 @@ fn validate_file(file: &File) -> anyhow::Result<Validation> {
                 v.line_keys.push(key);
             }
         }
-    }
+        unreachable!("cycle over a non-empty list of workers never ends")
+    })
 }
 
 fn print_invalid(v: &Validation) {
