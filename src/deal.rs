@@ -243,7 +243,11 @@ mod event_type_serde {
 /// The 64-bit fingerprint under which a deal remembers an amendment id
 /// (blake3, domain-separated): 8 bytes per amendment instead of the id.
 pub fn amendment_fingerprint(id: &Id) -> u64 {
-    let mut h = blake3::Hasher::new_derive_key("dealledger 2026-11 amendment id v1");
+    // The context key is derived once; the keyed hasher's state is cloned.
+    static AMENDMENT_HASHER: std::sync::OnceLock<blake3::Hasher> = std::sync::OnceLock::new();
+    let mut h = AMENDMENT_HASHER
+        .get_or_init(|| blake3::Hasher::new_derive_key("dealledger 2026-11 amendment id v1"))
+        .clone();
     h.update(id.as_str().as_bytes());
     u64::from_be_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
 }

@@ -232,7 +232,12 @@ fn unpack(packed: u64) -> Location {
 
 /// The 64-bit fingerprint of an event identity (`source`, `id`).
 pub fn identity_fingerprint(source: &str, id: &str) -> u64 {
-    let mut h = blake3::Hasher::new_derive_key(IDENTITY_CONTEXT);
+    // Deriving the context key is a hash of its own: done once, the keyed
+    // hasher's initial state cloned per event.
+    static IDENTITY_HASHER: std::sync::OnceLock<blake3::Hasher> = std::sync::OnceLock::new();
+    let mut h = IDENTITY_HASHER
+        .get_or_init(|| blake3::Hasher::new_derive_key(IDENTITY_CONTEXT))
+        .clone();
     h.update(&(source.len() as u64).to_be_bytes());
     h.update(source.as_bytes());
     h.update(&(id.len() as u64).to_be_bytes());
