@@ -74,9 +74,12 @@ pub const SCHEMA_BASE_URI: &str = "https://schemas.dealledger.example/v1/";
 /// An identifier of a deal, party, proposal, lock or scope: 1 to
 /// [`limits::MAX_ID_CHARS`] characters of `A-Z a-z 0-9 . _ : -`, starting
 /// with a letter or digit.
+///
+/// Held as a `Box<str>` (16 bytes, no spare capacity): the deal book and the
+/// index hold several per deal, lock and proposal.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(transparent)]
-pub struct Id(String);
+pub struct Id(Box<str>);
 
 impl Id {
     /// Describes the identifier rule; used in error messages and docs.
@@ -85,12 +88,14 @@ impl Id {
     /// Checks `s` against [`Id::RULE`].
     pub fn new(s: impl Into<String>) -> Result<Self, String> {
         let s = s.into();
-        let mut chars = s.chars();
-        let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+        // Every character the rule allows is ASCII, so bytes suffice: a
+        // byte of a multi-byte character fails both tests.
+        let mut bytes = s.bytes();
+        let first_ok = bytes.next().is_some_and(|b| b.is_ascii_alphanumeric());
         let rest_ok =
-            chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'));
+            bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
         if first_ok && rest_ok && s.len() <= limits::MAX_ID_CHARS {
-            Ok(Id(s))
+            Ok(Id(s.into_boxed_str()))
         } else {
             Err(format!("{s:?} is not {}", Self::RULE))
         }
@@ -131,7 +136,7 @@ impl<'de> Deserialize<'de> for Id {
 /// Free text (descriptions, reasons, names): 1 to [`limits::MAX_TEXT_CHARS`] characters.
 #[derive(Clone, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
-pub struct Text(String);
+pub struct Text(Box<str>);
 
 impl Text {
     /// Checks that `s` is non-empty and within [`limits::MAX_TEXT_CHARS`].
@@ -146,7 +151,7 @@ impl Text {
                 limits::MAX_TEXT_CHARS
             ))
         } else {
-            Ok(Text(s))
+            Ok(Text(s.into_boxed_str()))
         }
     }
 
