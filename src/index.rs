@@ -41,11 +41,12 @@ pub const OTHER_SOURCES: &str = "(other sources)";
 /// The source of entries whose event did not decode.
 pub const UNKNOWN_SOURCE: &str = "(not decodable)";
 
-/// Bytes of one [`HistoryItem`] in the encoding.
-const ITEM_BYTES: usize = 8 + 8 + 8 + 4 + 1 + 1;
+/// Fewest bytes one [`HistoryItem`] takes in its delta encoding: four
+/// one-byte varints, the type and the verdict.
+const MIN_ITEM_BYTES: usize = 4 + 1 + 1;
 
 /// Format byte of [`DealIndex::encode`].
-const INDEX_FORMAT: u8 = 1;
+const INDEX_FORMAT: u8 = 2;
 
 /// Size of the pieces [`DealIndex::encode_in_pieces`] hands out (a piece
 /// ends after the deal that reaches it, so one deal with a long history
@@ -264,7 +265,8 @@ impl Iterator for HistoryIter<'_> {
         } else {
             self.prev
         };
-        let item = get_delta(self.bytes, &mut self.at, &base);
+        let item =
+            get_delta(self.bytes, &mut self.at, &base).expect("items this module encoded decode");
         self.prev = item;
         self.position += 1;
         Some(item)
@@ -294,19 +296,23 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-/// Reads a varint [`put_varint`] wrote. Only ever reads bytes this module
-/// wrote, so a malformed one is a bug.
-fn get_varint(bytes: &[u8], at: &mut usize) -> u64 {
+/// Reads a varint as [`put_varint`] writes it; `None` if the bytes end
+/// first or it does not fit 64 bits (snapshots are read with this too, so
+/// it must not panic on any input).
+fn get_varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
-        let b = bytes[*at];
+        let b = *bytes.get(*at)?;
         *at += 1;
+        if shift == 63 && b > 1 {
+            return None;
+        }
         v |= u64::from(b & 0x7f) << shift;
         if b < 0x80 {
-            return v;
+            return Some(v);
         }
     }
-    unreachable!("a varint written by put_varint ends within 10 bytes")
+    None
 }
 
 /// `item` as its difference from `base` (wrapping, so any values round-trip).
@@ -319,28 +325,31 @@ fn put_delta(out: &mut Vec<u8>, base: &HistoryItem, item: &HistoryItem) {
     out.push(item.verdict);
 }
 
-/// The inverse of [`put_delta`].
-fn get_delta(bytes: &[u8], at: &mut usize, base: &HistoryItem) -> HistoryItem {
+/// The inverse of [`put_delta`]; `None` for bytes it did not write.
+fn get_delta(bytes: &[u8], at: &mut usize, base: &HistoryItem) -> Option<HistoryItem> {
     let packed = base
         .packed
-        .wrapping_add(unzigzag(get_varint(bytes, at)) as u64);
+        .wrapping_add(unzigzag(get_varint(bytes, at)?) as u64);
     let time_micros = base
         .time_micros
-        .wrapping_add(unzigzag(get_varint(bytes, at)));
-    let record_ms = base.record_ms.wrapping_add(unzigzag(get_varint(bytes, at)));
-    let source = u32::try_from(i64::from(base.source) + unzigzag(get_varint(bytes, at)))
-        .expect("a source position written by put_delta");
-    let event_type = bytes[*at];
-    let verdict = bytes[*at + 1];
+        .wrapping_add(unzigzag(get_varint(bytes, at)?));
+    let record_ms = base
+        .record_ms
+        .wrapping_add(unzigzag(get_varint(bytes, at)?));
+    let source = i64::from(base.source).checked_add(unzigzag(get_varint(bytes, at)?))?;
+    let source = u32::try_from(source).ok()?;
+    let [event_type, verdict] = *bytes.get(*at..*at + 2)? else {
+        return None;
+    };
     *at += 2;
-    HistoryItem {
+    Some(HistoryItem {
         packed,
         time_micros,
         record_ms,
         source,
         event_type,
         verdict,
-    }
+    })
 }
 
 /// An entry cited as evidence: where it is and its chain hash.
@@ -644,7 +653,7 @@ impl DealIndex {
     /// [`DealIndex::encode`], handed to `emit` in pieces of about
     /// [`ENCODE_PIECE_BYTES`] (in order; their concatenation is the
     /// encoding), so that a snapshot can stream the index to its file
-    /// without holding its whole encoding (32 bytes per entry) in memory.
+    /// without holding its whole encoding (about 12 bytes per entry) in memory.
     pub fn encode_in_pieces(&self, mut emit: impl FnMut(&[u8])) {
         let mut out = Vec::with_capacity(ENCODE_PIECE_BYTES);
         out.push(INDEX_FORMAT);
@@ -654,10 +663,9 @@ impl DealIndex {
                 put_bytes(&mut out, name.as_bytes());
             }
         }
-        put_items(
+        put_history(
             &mut out,
-            self.unattributed.len(),
-            self.unattributed.iter().copied(),
+            &self.unattributed.iter().copied().collect::<HistoryItems>(),
         );
         let mut ids: Vec<&Id> = self.deals.keys().collect();
         ids.sort_unstable();
@@ -681,7 +689,7 @@ impl DealIndex {
                 put_cited(&mut out, refs.granted);
                 put_cited(&mut out, refs.ended);
             }
-            put_items(&mut out, deal.items.len(), deal.items.iter());
+            put_history(&mut out, &deal.items);
             if out.len() >= ENCODE_PIECE_BYTES {
                 emit(&out);
                 out.clear();
@@ -717,7 +725,7 @@ impl DealIndex {
         }
         let kinds = tables.pop().expect("two tables");
         let sources = tables.pop().expect("two tables");
-        let unattributed = r.items("unattributed entries")?;
+        let unattributed = r.history("unattributed entries")?.iter().collect();
         let n = r.u64("the deal count")?;
         let mut deals = HashMap::with_capacity((n as usize).min(r.remaining() / 8));
         for _ in 0..n {
@@ -740,8 +748,7 @@ impl DealIndex {
                 };
                 deal.locks.insert(lock, refs);
             }
-            deal.items = r.items("deal entries")?.into_iter().collect();
-            deal.items.shrink_to_fit();
+            deal.items = r.history("deal entries")?;
             if deals.insert(id.clone(), deal).is_some() {
                 return Err(format!("deal {id} is listed twice"));
             }
@@ -797,20 +804,13 @@ fn put_cited(out: &mut Vec<u8>, cited: Option<Cited>) {
     }
 }
 
-fn put_items(out: &mut Vec<u8>, count: usize, items: impl Iterator<Item = HistoryItem>) {
-    put_u64(out, count as u64);
-    out.reserve(count * ITEM_BYTES);
-    let mut written = 0;
-    for item in items {
-        written += 1;
-        put_u64(out, item.packed);
-        out.extend_from_slice(&item.time_micros.to_be_bytes());
-        out.extend_from_slice(&item.record_ms.to_be_bytes());
-        put_u32(out, item.source);
-        out.push(item.event_type);
-        out.push(item.verdict);
-    }
-    assert_eq!(written, count, "put_items: the count given is the items'");
+/// A deal's items as [`HistoryItems`] holds them: the count, the byte
+/// length, the delta encoding (a pure function of the items, so the same
+/// items always give the same bytes).
+fn put_history(out: &mut Vec<u8>, items: &HistoryItems) {
+    put_u64(out, items.len() as u64);
+    put_u64(out, items.bytes.len() as u64);
+    out.extend_from_slice(&items.bytes);
 }
 
 /// Reads the encoding front to back; every error names what it was reading.
@@ -873,34 +873,54 @@ impl Reader<'_> {
         }))
     }
 
-    fn items(&mut self, what: &str) -> Result<Vec<HistoryItem>, String> {
+    /// Items written by [`put_history`]: every item is decoded with
+    /// checks (counts, varints, event type codes) and pushed again, so what
+    /// is kept is exactly the canonical encoding.
+    fn history(&mut self, what: &str) -> Result<HistoryItems, String> {
         let n = self.u64(what)?;
-        let n = usize::try_from(n).map_err(|_| format!("{what}: count {n} too large"))?;
-        if n.checked_mul(ITEM_BYTES)
-            .is_none_or(|b| b > self.remaining())
+        let len = self.u64(what)?;
+        let fits = |n: u64, size: usize| {
+            n.checked_mul(size as u64)
+                .is_some_and(|b| b <= self.remaining() as u64)
+        };
+        if !fits(len, 1)
+            || !fits(n, MIN_ITEM_BYTES)
+            || n.saturating_mul(MIN_ITEM_BYTES as u64) > len
         {
             return Err(format!(
-                "{what}: {n} items do not fit in the {} bytes left",
+                "{what}: {n} items in {len} bytes do not fit in the {} bytes left",
                 self.remaining()
             ));
         }
-        let bytes = self.take(n * ITEM_BYTES, what)?;
-        let mut items = Vec::with_capacity(n);
-        let u64_at = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().expect("8"));
-        for b in bytes.chunks_exact(ITEM_BYTES) {
-            let event_type = b[28];
-            if event_type != u8::MAX && usize::from(event_type) >= EventType::ALL.len() {
-                return Err(format!("{what}: event type code {event_type} is unknown"));
+        let bytes = self.take(len as usize, what)?;
+        let mut items = HistoryItems::default();
+        items.bytes.reserve_exact(bytes.len());
+        let mut at = 0;
+        let mut prev = HistoryItem::ZERO;
+        for i in 0..n as usize {
+            let base = if i.is_multiple_of(CHECKPOINT_ITEMS) {
+                HistoryItem::ZERO
+            } else {
+                prev
+            };
+            let item = get_delta(bytes, &mut at, &base)
+                .ok_or_else(|| format!("{what}: item {i} does not decode"))?;
+            if item.event_type != u8::MAX && usize::from(item.event_type) >= EventType::ALL.len() {
+                return Err(format!(
+                    "{what}: event type code {} is unknown",
+                    item.event_type
+                ));
             }
-            items.push(HistoryItem {
-                packed: u64_at(b, 0),
-                time_micros: u64_at(b, 8) as i64,
-                record_ms: u64_at(b, 16) as i64,
-                source: u32::from_be_bytes(b[24..28].try_into().expect("4")),
-                event_type,
-                verdict: b[29],
-            });
+            items.push(item);
+            prev = item;
         }
+        if at != bytes.len() {
+            return Err(format!(
+                "{what}: {} bytes follow the last of its {n} items",
+                bytes.len() - at
+            ));
+        }
+        items.shrink_to_fit();
         Ok(items)
     }
 }
@@ -986,12 +1006,12 @@ mod tests {
     #[test]
     fn encoding_in_pieces_is_the_encoding() {
         let mut index = DealIndex::new();
-        for d in 0..400u64 {
+        for d in 0..2_000u64 {
             let deal = format!("deal-{d}");
             index.record_at(loc(0, d), 1, Judged::Accepted(&opened(&deal, "x")));
             for i in 0..30u64 {
                 index.record_at(
-                    loc((d % 3) as i32, 1_000 + d * 30 + i),
+                    loc((d % 3) as i32, 10_000 + d * 30 + i),
                     2,
                     Judged::Accepted(&granted(&deal, "y", "l")),
                 );
@@ -1053,6 +1073,38 @@ mod tests {
         let at = 1 + 4 + (4 + "urn:p".len()) + 4;
         huge[at..at + 8].copy_from_slice(&(1u64 << 60).to_be_bytes());
         assert!(DealIndex::decode(&huge).unwrap_err().contains("do not fit"));
+    }
+
+    /// An index with many items per deal (several checkpoints) survives
+    /// encoding; any flipped byte is refused or read, never a panic.
+    #[test]
+    fn encoded_history_round_trips_and_damage_never_panics() {
+        let mut index = DealIndex::new();
+        let o = opened("d1", "x");
+        index.record_at(loc(0, 0), 1, Judged::Accepted(&o));
+        for i in 1..200u64 {
+            index.record_at(loc(0, i * 3), 1 + i as i64, Judged::Duplicate(&o));
+        }
+        index.record_at(loc(1, 9), 7, Judged::Undecodable("not_json"));
+        let mut bytes = Vec::new();
+        index.encode(&mut bytes);
+        let (decoded, used) = DealIndex::decode(&bytes).unwrap();
+        assert_eq!(used, bytes.len());
+        let mut again = Vec::new();
+        decoded.encode(&mut again);
+        assert_eq!(again, bytes, "the same index gives the same bytes");
+        let id = Id::new("d1").unwrap();
+        assert_eq!(
+            decoded.deal(&id).unwrap().items.iter().collect::<Vec<_>>(),
+            index.deal(&id).unwrap().items.iter().collect::<Vec<_>>()
+        );
+        for at in 0..bytes.len() {
+            for flip in [0x01, 0x80, 0xff] {
+                let mut damaged = bytes.clone();
+                damaged[at] ^= flip;
+                let _ = DealIndex::decode(&damaged);
+            }
+        }
     }
 
     #[test]

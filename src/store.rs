@@ -3028,7 +3028,7 @@ const PROGRESS_STEP: u64 = 4096;
 const FAMILY_SNAPSHOT: u8 = b'S';
 
 /// Format byte at the start of every snapshot (`S` value).
-pub const SNAPSHOT_FORMAT: u8 = 2;
+pub const SNAPSHOT_FORMAT: u8 = 3;
 
 /// Snapshots kept: the newest, and the one before it as a fallback.
 pub const SNAPSHOTS_KEPT: usize = 2;
