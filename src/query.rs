@@ -984,11 +984,53 @@ fn all_findings(
         }
     }
 
+    // Per producer: refused and duplicate events, tallied in the same pass
+    // over the items as the per-deal checks below (the items are decoded
+    // as they are read: one pass, not two).
+    struct Tally {
+        rejected: u64,
+        duplicate: u64,
+        first: Option<(Timestamp, Location)>,
+        cited: Vec<Location>,
+    }
+    let mut per_source: BTreeMap<u32, Tally> = BTreeMap::new();
+    let mut tally_item = |item: &HistoryItem| {
+        let verdict = item.verdict();
+        if verdict == ItemVerdict::Accepted {
+            return;
+        }
+        let Some(at) = item
+            .time()
+            .or_else(|| Timestamp::from_unix_millis(item.record_ms))
+        else {
+            return;
+        };
+        if filter.from.is_some_and(|f| at < f) || filter.to.is_some_and(|e| at >= e) {
+            return;
+        }
+        let tally = per_source.entry(item.source).or_insert(Tally {
+            rejected: 0,
+            duplicate: 0,
+            first: None,
+            cited: Vec::new(),
+        });
+        match verdict {
+            ItemVerdict::Duplicate => tally.duplicate += 1,
+            _ => tally.rejected += 1,
+        }
+        let location = item.location();
+        if tally.first.is_none_or(|(t, l)| (at, location) < (t, l)) {
+            tally.first = Some((at, location));
+        }
+        tally.cited.push(location);
+    };
+
     // Per deal, over its entries in ledger order.
     for (id, refs) in index.deals() {
         let mut last_time: Option<(i64, Location)> = None;
         let mut after_termination: Option<PendingFinding> = None;
         for item in refs.items.iter() {
+            tally_item(&item);
             let location = item.location();
             match item.verdict() {
                 ItemVerdict::Accepted => {
@@ -1071,48 +1113,7 @@ fn all_findings(
         }
     }
 
-    // Per producer: refused and duplicate events.
-    struct Tally {
-        rejected: u64,
-        duplicate: u64,
-        first: Option<(Timestamp, Location)>,
-        cited: Vec<Location>,
-    }
-    let mut per_source: BTreeMap<u32, Tally> = BTreeMap::new();
-    let items = index
-        .deals()
-        .flat_map(|(_, r)| r.items.iter())
-        .chain(index.unattributed().iter().copied());
-    for item in items {
-        let verdict = item.verdict();
-        if verdict == ItemVerdict::Accepted {
-            continue;
-        }
-        let Some(at) = item
-            .time()
-            .or_else(|| Timestamp::from_unix_millis(item.record_ms))
-        else {
-            continue;
-        };
-        if filter.from.is_some_and(|f| at < f) || filter.to.is_some_and(|e| at >= e) {
-            continue;
-        }
-        let tally = per_source.entry(item.source).or_insert(Tally {
-            rejected: 0,
-            duplicate: 0,
-            first: None,
-            cited: Vec::new(),
-        });
-        match verdict {
-            ItemVerdict::Duplicate => tally.duplicate += 1,
-            _ => tally.rejected += 1,
-        }
-        let location = item.location();
-        if tally.first.is_none_or(|(t, l)| (at, location) < (t, l)) {
-            tally.first = Some((at, location));
-        }
-        tally.cited.push(location);
-    }
+    index.unattributed().iter().for_each(&mut tally_item);
     for (source, mut tally) in per_source {
         let Some((at, first)) = tally.first else {
             continue;
