@@ -211,10 +211,19 @@ struct StreamCheck {
 
 /// Whole pages of one stream read ahead for a verify round.
 struct PagesRead {
-    partition: i32,
     pages: Vec<RawPage>,
     /// The stream has no further pages.
     ended: bool,
+}
+
+/// Where a verify's read-ahead of one stream stands.
+enum ReadPosition {
+    /// Nothing read yet.
+    Start,
+    /// Pages read up to this page key.
+    After(sled::IVec),
+    /// Every page read.
+    Done,
 }
 
 /// Family byte of metadata keys.
@@ -2725,7 +2734,6 @@ impl Store {
                 .range::<&[u8], _>((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded)),
         };
         let mut read = PagesRead {
-            partition,
             pages: Vec::new(),
             ended: true,
         };
@@ -2804,40 +2812,41 @@ impl Store {
             .map_or(1, usize::from)
             .clamp(1, MAX_VERIFY_THREADS);
         let budget = (self.release_every() / checks.len().max(1) as u64).max(1);
-        // Per stream (same order as `checks`): the last page key read, or
-        // `None` once its pages are all read.
-        let mut read_to: Vec<Option<Option<sled::IVec>>> = vec![Some(None); checks.len()];
         let partitions: Vec<i32> = checks.iter().map(|c| c.partition).collect();
-        let read_round = |read_to: &mut Vec<Option<Option<sled::IVec>>>| {
-            let mut round = Vec::new();
-            for (i, position) in read_to.iter_mut().enumerate() {
-                let Some(after) = position else { continue };
-                let read = self.read_pages(partitions[i], after.as_deref(), budget);
-                *position = match (read.ended, read.pages.last()) {
-                    (false, Some(Ok((key, _)))) => Some(Some(key.clone())),
-                    _ => None,
-                };
-                if !read.pages.is_empty() {
-                    round.push((i, read));
-                }
-            }
-            round
+        let mut positions: Vec<ReadPosition> = checks.iter().map(|_| ReadPosition::Start).collect();
+        // One round: per stream (as `checks`), the pages read, if any.
+        let read_round = |positions: &mut Vec<ReadPosition>| -> Vec<Option<Vec<RawPage>>> {
+            positions
+                .iter_mut()
+                .zip(&partitions)
+                .map(|(position, partition)| {
+                    let after = match position {
+                        ReadPosition::Start => None,
+                        ReadPosition::After(key) => Some(&key[..]),
+                        ReadPosition::Done => return None,
+                    };
+                    let read = self.read_pages(*partition, after, budget);
+                    *position = match (read.ended, read.pages.last()) {
+                        (false, Some(Ok((key, _)))) => ReadPosition::After(key.clone()),
+                        _ => ReadPosition::Done,
+                    };
+                    (!read.pages.is_empty()).then_some(read.pages)
+                })
+                .collect()
         };
-        let mut round = read_round(&mut read_to);
-        while !round.is_empty() {
-            let workers = threads.min(round.len());
-            let mut parts: Vec<(&mut StreamCheck, Vec<RawPage>)> = Vec::new();
-            let mut round_parts = std::mem::take(&mut round).into_iter().peekable();
-            for (i, check) in checks.iter_mut().enumerate() {
-                if round_parts.peek().is_some_and(|(j, _)| *j == i) {
-                    let (_, read) = round_parts.next().expect("peeked");
-                    debug_assert_eq!(read.partition, check.partition);
-                    if check.problem.is_none() {
-                        parts.push((check, read.pages));
-                    }
-                }
+        let mut round = read_round(&mut positions);
+        loop {
+            // Streams with a problem take no further part.
+            let parts: Vec<(&mut StreamCheck, Vec<RawPage>)> = checks
+                .iter_mut()
+                .zip(std::mem::take(&mut round))
+                .filter_map(|(check, pages)| Some((check, pages?)))
+                .filter(|(check, _)| check.problem.is_none())
+                .collect();
+            if parts.is_empty() {
+                break;
             }
-            drop(round_parts);
+            let workers = threads.min(parts.len());
             let queue = Mutex::new(parts);
             let (done, next) = std::thread::scope(|scope| {
                 let runs: Vec<_> = (0..workers)
@@ -2860,8 +2869,9 @@ impl Store {
                     .collect();
                 // Nothing more to read: no release (a ledger read in one
                 // round is never closed and reopened).
-                let next = if read_to.iter().any(Option::is_some) {
-                    self.release_read_memory().map(|_| read_round(&mut read_to))
+                let next = if positions.iter().any(|p| !matches!(p, ReadPosition::Done)) {
+                    self.release_read_memory()
+                        .map(|_| read_round(&mut positions))
                 } else {
                     Ok(Vec::new())
                 };
@@ -2881,7 +2891,6 @@ impl Store {
             checked += done?;
             progress(checked);
             round = next?;
-            round.retain(|(i, _)| checks[*i].problem.is_none());
         }
 
         let mut streams = Vec::with_capacity(checks.len());
