@@ -11,6 +11,15 @@ use dealledger::store::Store;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// The process's resident bytes (`/proc/self/statm`).
+fn resident() -> usize {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<usize>().ok())
+        .unwrap_or(0)
+        * 4096
+}
+
 fn main() {
     let dir = std::env::args()
         .nth(1)
@@ -21,6 +30,14 @@ fn main() {
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0);
+    // What each part costs, measured as the resident growth of a copy of it.
+    let before = resident();
+    let book = state.book().clone();
+    let book_heap = resident() - before;
+    let before = resident();
+    let index_copy = state.index().clone();
+    let index_heap = resident() - before;
+    drop((book, index_copy));
     let book_json = serde_json::to_vec(state.book()).expect("serialize").len();
     let mut index = Vec::new();
     state.index().encode(&mut index);
@@ -44,6 +61,14 @@ fn main() {
     println!(
         "history items:      {items} in {item_bytes} bytes ({:.1} per item)",
         item_bytes as f64 / items.max(1) as f64
+    );
+    println!(
+        "  a copy of the deal book: +{} MiB resident",
+        book_heap >> 20
+    );
+    println!(
+        "  a copy of the index:     +{} MiB resident",
+        index_heap >> 20
     );
     println!(
         "resident once loaded: {} MiB",

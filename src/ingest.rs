@@ -764,6 +764,9 @@ fn ingest_loop(
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let before = state.entry_count();
             let write = state.apply_decoded_batch(records, store)?;
+            // A lookup the identity index on disk failed may have missed a
+            // duplicate: the batch is not stored.
+            store.check_identities(&state)?;
             (before, write, state.entry_count())
         };
         if let Some(written) = writer.submit(write)? {

@@ -189,7 +189,7 @@ pub enum LedgerError {
 
 /// Hasher for fingerprints, which are already uniformly distributed.
 #[derive(Default)]
-struct IdentityHasher(u64);
+pub struct IdentityHasher(u64);
 
 impl Hasher for IdentityHasher {
     fn finish(&self) -> u64 {
@@ -206,10 +206,97 @@ impl Hasher for IdentityHasher {
 }
 
 /// Fingerprint -> packed location of the first entry with that identity.
-type FingerprintMap = HashMap<u64, u64, BuildHasherDefault<IdentityHasher>>;
+pub type FingerprintMap = HashMap<u64, u64, BuildHasherDefault<IdentityHasher>>;
+
+/// The first I/O failure an [`IdentityIndex`] met. After one, lookups may
+/// have missed an identity, so the state that holds the index must not be
+/// stored or trusted: the shell stops with this error.
+#[derive(Debug)]
+pub struct IdentityFailure {
+    /// What the index was doing, e.g. `writing run 3 (65536 identities)`.
+    pub action: String,
+    /// The underlying error.
+    pub error: std::io::Error,
+}
+
+impl fmt::Display for IdentityFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "identity index: {}: {}", self.action, self.error)
+    }
+}
+
+/// Where a ledger keeps the first location of every event identity it has
+/// seen, by fingerprint: the one part of the state that grows with every
+/// event rather than with the deals. [`MemoryIdentities`] keeps it in a hash
+/// map (tests, small replays); the storage shell's
+/// [`crate::identities::SpilledIdentities`] keeps it in sorted files with a
+/// filter in memory, so a long-running daemon's memory does not grow with
+/// the number of events.
+///
+/// Lookups of an index on disk can fail; the index records the first
+/// failure ([`IdentityIndex::failure`]) and the shell checks it before it
+/// stores anything derived from the state, so the pure fold never sees an
+/// I/O error.
+pub trait IdentityIndex: Send + Sync {
+    /// The first location recorded for fingerprint `fp`.
+    fn get(&self, fp: u64) -> Option<Location>;
+    /// Records `location` as the first of `fp`, which must be absent.
+    fn insert(&mut self, fp: u64, location: Location);
+    /// Number of fingerprints recorded.
+    fn len(&self) -> usize;
+    /// Whether no fingerprint is recorded.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Records every `(fingerprint, first location)` of `sorted`, whose
+    /// fingerprints strictly increase, in this empty index.
+    fn load_sorted(&mut self, sorted: Vec<(u64, Location)>) {
+        assert!(
+            self.is_empty(),
+            "load_sorted into an index that is not empty"
+        );
+        for (fp, location) in sorted {
+            self.insert(fp, location);
+        }
+    }
+    /// Every `(fingerprint, first location)`, in increasing fingerprint order.
+    fn sorted(&self) -> Box<dyn Iterator<Item = (u64, Location)> + '_>;
+    /// The first I/O failure met, if any.
+    fn failure(&self) -> Option<&IdentityFailure>;
+}
+
+/// An [`IdentityIndex`] in memory: a hash map of 2^k slots of 17 bytes
+/// (34 MB at a million identities).
+#[derive(Default)]
+pub struct MemoryIdentities(FingerprintMap);
+
+impl IdentityIndex for MemoryIdentities {
+    fn get(&self, fp: u64) -> Option<Location> {
+        self.0.get(&fp).map(|packed| unpack(*packed))
+    }
+
+    fn insert(&mut self, fp: u64, location: Location) {
+        let earlier = self.0.insert(fp, pack(location));
+        debug_assert!(earlier.is_none(), "fingerprint {fp:016x} inserted twice");
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn sorted(&self) -> Box<dyn Iterator<Item = (u64, Location)> + '_> {
+        let mut all: Vec<(u64, u64)> = self.0.iter().map(|(fp, p)| (*fp, *p)).collect();
+        all.sort_unstable();
+        Box::new(all.into_iter().map(|(fp, packed)| (fp, unpack(packed))))
+    }
+
+    fn failure(&self) -> Option<&IdentityFailure> {
+        None
+    }
+}
 
 /// Packs a location into 64 bits: 16 bits of partition, 48 of sequence.
-fn pack(location: Location) -> u64 {
+pub fn pack(location: Location) -> u64 {
     assert!(
         (0..=i32::from(u16::MAX)).contains(&location.partition),
         "partition {} outside the supported range 0..=65535",
@@ -223,7 +310,8 @@ fn pack(location: Location) -> u64 {
     (u64::from(location.partition as u16) << 48) | location.seq
 }
 
-fn unpack(packed: u64) -> Location {
+/// The location [`pack`] packed.
+pub fn unpack(packed: u64) -> Location {
     Location {
         partition: i32::from((packed >> 48) as u16),
         seq: packed & ((1 << 48) - 1),
@@ -298,7 +386,7 @@ pub struct LedgerState {
     topic: String,
     heads: BTreeMap<i32, ChainHead>,
     /// First entry of every identity seen, by fingerprint.
-    seen: FingerprintMap,
+    seen: Box<dyn IdentityIndex>,
     /// Identities whose fingerprint collided with an earlier, different one.
     collided: HashMap<(String, String), Location>,
     book: DealBook,
@@ -309,12 +397,22 @@ pub struct LedgerState {
 }
 
 impl LedgerState {
-    /// An empty ledger of `topic`.
+    /// An empty ledger of `topic`, keeping identities in memory.
     pub fn new(topic: impl Into<String>) -> Self {
+        Self::with_identities(topic, Box::new(MemoryIdentities::default()))
+    }
+
+    /// An empty ledger of `topic` keeping identities in `identities`, which
+    /// must be empty.
+    pub fn with_identities(topic: impl Into<String>, identities: Box<dyn IdentityIndex>) -> Self {
+        assert!(
+            identities.is_empty(),
+            "a new ledger state needs an empty identity index"
+        );
         LedgerState {
             topic: topic.into(),
             heads: BTreeMap::new(),
-            seen: FingerprintMap::default(),
+            seen: identities,
             collided: HashMap::new(),
             book: DealBook::new(),
             index: DealIndex::new(),
@@ -364,6 +462,13 @@ impl LedgerState {
     /// Number of distinct event identities seen.
     pub fn identities(&self) -> usize {
         self.seen.len()
+    }
+
+    /// The first failure of the identity index, if it met one: the state
+    /// may then have missed a duplicate and must be neither stored nor
+    /// trusted.
+    pub fn identity_failure(&self) -> Option<&IdentityFailure> {
+        self.seen.failure()
     }
 
     /// Applies a batch of freshly consumed records: appends each to its
@@ -533,30 +638,30 @@ impl LedgerState {
         outcome.event_type = Some(event.event_type());
 
         debug_assert_eq!(fp, identity_fingerprint(&event.source, &event.id));
-        let first_seen = in_batch.as_ref().map(|b| &*b.first_seen);
-        if let Some(of) = self.find_original(fp, &event, originals, first_seen) {
-            self.index.record(
-                location,
-                hash,
-                record.timestamp_ms,
-                Judged::Duplicate(&event),
-            );
-            outcome.verdict = Verdict::Duplicate { of };
-            return outcome;
-        }
-        match self.seen.entry(fp) {
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert(pack(location));
+        match self.seen.get(fp) {
+            Some(first) => {
+                let first_seen = in_batch.as_ref().map(|b| &*b.first_seen);
+                if let Some(of) = self.find_original(fp, first, &event, originals, first_seen) {
+                    self.index.record(
+                        location,
+                        hash,
+                        record.timestamp_ms,
+                        Judged::Duplicate(&event),
+                    );
+                    outcome.verdict = Verdict::Duplicate { of };
+                    return outcome;
+                }
+                // A different identity with the same fingerprint: keep it exactly.
+                self.collided
+                    .insert((event.source.clone(), event.id.clone()), location);
+            }
+            None => {
+                self.seen.insert(fp, location);
                 if let Some(batch) = in_batch.as_mut() {
                     batch
                         .first_seen
                         .insert(fp, (location, event.source.clone(), event.id.clone()));
                 }
-            }
-            std::collections::hash_map::Entry::Occupied(_) => {
-                // A different identity with the same fingerprint: keep it exactly.
-                self.collided
-                    .insert((event.source.clone(), event.id.clone()), location);
             }
         }
         if let Some(batch) = in_batch {
@@ -610,15 +715,16 @@ impl LedgerState {
         }
     }
 
-    /// The location of an earlier event with the same identity, if any.
+    /// The location of an earlier event with the same identity as `event`,
+    /// whose fingerprint `fp` was first seen at `first`, if any.
     fn find_original(
         &self,
         fp: u64,
+        first: Location,
         event: &DealEvent,
         originals: &dyn OriginalLookup,
         in_batch: Option<&HashMap<u64, (Location, String, String)>>,
     ) -> Option<Location> {
-        let first = unpack(*self.seen.get(&fp)?);
         let same = |source: &str, id: &str| source == event.source && id == event.id;
         let first_matches = match in_batch.and_then(|b| b.get(&fp)) {
             Some((loc, source, id)) if *loc == first => same(source, id),
@@ -642,15 +748,10 @@ impl LedgerState {
         location: Location,
         originals: &dyn OriginalLookup,
     ) {
-        match self.seen.entry(fp) {
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert(pack(location));
-            }
-            std::collections::hash_map::Entry::Occupied(_) => {
-                if let Some(identity) = originals.identity(location) {
-                    self.collided.insert(identity, location);
-                }
-            }
+        if self.seen.get(fp).is_none() {
+            self.seen.insert(fp, location);
+        } else if let Some(identity) = originals.identity(location) {
+            self.collided.insert(identity, location);
         }
     }
 
@@ -666,10 +767,11 @@ impl LedgerState {
 
     // ---- snapshots: the state in plain parts, and back ---------------------
 
-    /// The first location of every identity seen, by fingerprint, in no
-    /// particular order.
+    /// The first location of every identity seen, in increasing fingerprint
+    /// order. From an index on disk, an I/O failure ends it early and is
+    /// then [`LedgerState::identity_failure`].
     pub fn fingerprints(&self) -> impl Iterator<Item = (u64, Location)> + '_ {
-        self.seen.iter().map(|(fp, packed)| (*fp, unpack(*packed)))
+        self.seen.sorted()
     }
 
     /// Identities (`source`, `id`) whose fingerprint collided with an earlier,
@@ -680,9 +782,13 @@ impl LedgerState {
 
     /// Rebuilds a state from its parts (as [`LedgerState::heads`],
     /// [`LedgerState::fingerprints`], [`LedgerState::collided`], ... give
-    /// them), checking that they fit together. The parts come from storage,
-    /// so nothing here panics on bad input.
-    pub fn restore(parts: LedgerParts) -> Result<LedgerState, RestoreError> {
+    /// them), checking that they fit together, with its identities in
+    /// `identities` (empty). The parts come from storage, so nothing here
+    /// panics on bad input.
+    pub fn restore(
+        parts: LedgerParts,
+        identities: Box<dyn IdentityIndex>,
+    ) -> Result<LedgerState, RestoreError> {
         let LedgerParts {
             topic,
             heads,
@@ -693,7 +799,7 @@ impl LedgerState {
             next_batch,
             entries,
         } = parts;
-        let mut state = LedgerState::new(topic);
+        let mut state = LedgerState::with_identities(topic, identities);
         let mut chained = 0u64;
         for head in heads {
             let stream = head.stream();
@@ -725,17 +831,24 @@ impl LedgerState {
                 .get(&location.partition)
                 .is_some_and(|h| location.seq < h.next_seq())
         };
-        state.seen.reserve(fingerprints.len());
-        for (fp, location) in fingerprints {
-            if !inside(&state, location) {
+        for (fp, location) in &fingerprints {
+            if !inside(&state, *location) {
                 return Err(RestoreError(format!(
                     "fingerprint {fp:016x} points at {location}, which is not an entry"
                 )));
             }
-            if state.seen.insert(fp, pack(location)).is_some() {
-                return Err(RestoreError(format!(
-                    "fingerprint {fp:016x} is given twice"
-                )));
+        }
+        if fingerprints.windows(2).all(|w| w[0].0 < w[1].0) {
+            // As snapshots list them: loaded in one piece, no lookups.
+            state.seen.load_sorted(fingerprints);
+        } else {
+            for (fp, location) in fingerprints {
+                if state.seen.get(fp).is_some() {
+                    return Err(RestoreError(format!(
+                        "fingerprint {fp:016x} is given twice"
+                    )));
+                }
+                state.seen.insert(fp, location);
             }
         }
         for (identity, location) in collided {

@@ -10,6 +10,7 @@ pub mod deal;
 pub mod event;
 pub mod export;
 pub mod generate;
+pub mod identities;
 pub mod index;
 pub mod ingest;
 pub mod kafka;

@@ -210,13 +210,14 @@ pub fn replay(
         })?;
         (replayed.state, replayed.snapshot)
     } else {
-        let mut state = LedgerState::new(store.topic());
+        let mut state = LedgerState::with_identities(store.topic(), store.new_identities()?);
         store.walk_entries(progress, |entry| {
             if cut.includes(entry) {
                 folded += 1;
                 verdicts.add(&state.judge_entry(entry, store).verdict);
             }
         })?;
+        store.check_identities(&state)?;
         (state, None)
     };
     let heads = store.heads()?;

@@ -92,10 +92,11 @@ use crate::chain::{
     self, BreakKind, ChainBreak, ChainHead, ChainVerifier, DecodeEntryError, Entry, HASH_LEN, Hash,
     StreamId,
 };
+use crate::identities;
 use crate::index::DealIndex;
 use crate::ledger::{
-    self, BatchWrite, LedgerParts, LedgerState, Location, MAX_BATCH_RECORDS, OriginalLookup,
-    Outcome, Verdict,
+    self, BatchWrite, IdentityIndex, LedgerParts, LedgerState, Location, MAX_BATCH_RECORDS,
+    OriginalLookup, Outcome, Verdict,
 };
 
 /// Version of the storage layout (the `M format` key). Bump it whenever a
@@ -1421,7 +1422,35 @@ impl Store {
             releases: AtomicU64::new(0),
         };
         store.sync_at_open(folder.created)?;
+        // Identity indexes a process that died left behind (we hold the
+        // ledger's lock: none of them is in use).
+        identities::remove_leftovers(dir)
+            .map_err(|e| io_error(dir, "removing identity indexes left by an earlier run", e))?;
         Ok(store)
+    }
+
+    /// An empty identity index for a state of this ledger: on disk, in a
+    /// folder of its own inside the ledger folder (see [`crate::identities`]).
+    pub fn new_identities(&self) -> Result<Box<dyn IdentityIndex>, StoreError> {
+        let index = identities::SpilledIdentities::create(&self.dir)
+            .map_err(|e| io_error(&self.dir, "creating an identity index", e))?;
+        Ok(Box::new(index))
+    }
+
+    /// [`StoreError`] for the first failure of `state`'s identity index, if
+    /// it met one: the state must then not be stored or trusted.
+    pub fn check_identities(&self, state: &LedgerState) -> Result<(), StoreError> {
+        match state.identity_failure() {
+            None => Ok(()),
+            Some(failure) => Err(io_error(
+                &self.dir,
+                format!("identity index: {}", failure.action),
+                match failure.error.raw_os_error() {
+                    Some(code) => io::Error::from_raw_os_error(code),
+                    None => io::Error::new(failure.error.kind(), failure.error.to_string()),
+                },
+            )),
+        }
     }
 
     /// The fsyncs done once at open; see the module documentation.
@@ -2250,6 +2279,7 @@ impl Store {
                 self.walk_pipelined(batch_no + 1, cursors, progress, true, |step, value| {
                     replay_step(&mut state, self, step, value, &mut visit)
                 })?;
+                self.check_identities(&state)?;
                 return Ok(Replayed {
                     state,
                     snapshot: Some(batch_no),
@@ -2257,10 +2287,11 @@ impl Store {
                 });
             }
         }
-        let mut state = LedgerState::new(self.topic.clone());
+        let mut state = LedgerState::with_identities(self.topic.clone(), self.new_identities()?);
         self.walk_pipelined(0, BTreeMap::new(), progress, true, |step, value| {
             replay_step(&mut state, self, step, value, &mut visit)
         })?;
+        self.check_identities(&state)?;
         Ok(Replayed {
             state,
             snapshot: None,
@@ -3121,8 +3152,6 @@ fn encode_snapshot(state: &LedgerState) -> Vec<u8> {
 /// only the index's encoding while it is written.
 fn encode_snapshot_to(state: &LedgerState, out: &mut impl std::io::Write) -> io::Result<u64> {
     use std::io::Write;
-    let mut fingerprints: Vec<(u64, Location)> = state.fingerprints().collect();
-    fingerprints.sort_unstable();
     let mut collided: Vec<(&(String, String), Location)> = state.collided().collect();
     collided.sort_unstable();
 
@@ -3143,13 +3172,25 @@ fn encode_snapshot_to(state: &LedgerState, out: &mut impl std::io::Write) -> io:
         out.write_all(&partition_bytes(*partition))?;
         out.write_all(&encode_head(head))?;
     }
-    out.write_all(&(fingerprints.len() as u64).to_be_bytes())?;
-    for (fp, location) in &fingerprints {
+    // Streamed from the identity index, in increasing order: no copy.
+    let identities = state.identities() as u64;
+    out.write_all(&identities.to_be_bytes())?;
+    let mut written = 0u64;
+    for (fp, location) in state.fingerprints() {
         out.write_all(&fp.to_be_bytes())?;
         out.write_all(&partition_bytes(location.partition))?;
         out.write_all(&location.seq.to_be_bytes())?;
+        written += 1;
     }
-    drop(fingerprints);
+    if written != identities {
+        // The index on disk failed a read (kept as its failure).
+        return Err(io::Error::other(format!(
+            "the identity index gave {written} of its {identities} identities: {}",
+            state
+                .identity_failure()
+                .map_or_else(|| "no failure recorded".to_string(), ToString::to_string)
+        )));
+    }
     out.write_all(&(collided.len() as u32).to_be_bytes())?;
     for ((source, id), location) in collided {
         for text in [source, id] {
@@ -3725,7 +3766,14 @@ impl Store {
             })
         });
         Ok(match parts {
-            Ok(parts) => LedgerState::restore(parts).map_err(|e| e.to_string()),
+            Ok(parts) => {
+                let state =
+                    LedgerState::restore(parts, self.new_identities()?).map_err(|e| e.to_string());
+                if let Ok(state) = &state {
+                    self.check_identities(state)?;
+                }
+                state
+            }
             Err(SnapshotFault::Invalid(reason)) => Err(reason),
             Err(SnapshotFault::Io(e)) => Err(format!("cannot read {}: {e}", path.display())),
         })
