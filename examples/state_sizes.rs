@@ -30,7 +30,34 @@ fn main() {
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0);
-    // What each part costs, measured as the resident growth of a copy of it.
+    // What each part costs, measured as the resident growth of a copy of
+    // it (all kept until the end, so no copy reuses another's freed pages).
+    // The locks alone: the book's (deal::Lock) and the index's (LockRefs).
+    let before = resident();
+    let book_locks: Vec<_> = state.book().iter().map(|(_, d)| d.locks.clone()).collect();
+    let book_locks_heap = resident() - before;
+    let before = resident();
+    let index_locks: Vec<_> = state
+        .index()
+        .deals()
+        .map(|(_, e)| e.locks.clone())
+        .collect();
+    let index_locks_heap = resident() - before;
+    let before = resident();
+    let proposals: Vec<_> = state
+        .book()
+        .iter()
+        .map(|(_, d)| d.proposals.clone())
+        .collect();
+    let proposals_heap = resident() - before;
+    let before = resident();
+    let amendments: Vec<_> = state
+        .book()
+        .iter()
+        .map(|(_, d)| d.amendment_ids.clone())
+        .collect();
+    let amendments_heap = resident() - before;
+    let amendment_count: usize = amendments.iter().map(|a| a.len()).sum();
     let before = resident();
     let book = state.book().clone();
     let book_heap = resident() - before;
@@ -38,6 +65,7 @@ fn main() {
     let index_copy = state.index().clone();
     let index_heap = resident() - before;
     drop((book, index_copy));
+    drop((book_locks, index_locks, proposals, amendments));
     let book_json = serde_json::to_vec(state.book()).expect("serialize").len();
     let mut index = Vec::new();
     state.index().encode(&mut index);
@@ -69,6 +97,22 @@ fn main() {
     println!(
         "  a copy of the index:     +{} MiB resident",
         index_heap >> 20
+    );
+    println!(
+        "    its locks:             +{} MiB resident",
+        book_locks_heap >> 20
+    );
+    println!(
+        "    its proposals:         +{} MiB resident",
+        proposals_heap >> 20
+    );
+    println!(
+        "    its amendment ids:     +{} MiB resident ({amendment_count} ids)",
+        amendments_heap >> 20
+    );
+    println!(
+        "    the index's LockRefs:  +{} MiB resident",
+        index_locks_heap >> 20
     );
     println!(
         "resident once loaded: {} MiB",

@@ -10,7 +10,8 @@
 //!
 //! This module is part of the pure core: no I/O, no clock, no async. The only
 //! notion of time is each event's own business `time`. All collections are
-//! `BTreeMap`s, so iteration (and serialization) order is deterministic.
+//! ordered (`BTreeMap`s, and [`IdMap`]s sorted by id for the small per-deal
+//! ones), so iteration (and serialization) order is deterministic.
 //!
 //! The fold's contract:
 //! - [`DealBook::apply`] either applies an event completely or, on `Err`,
@@ -24,7 +25,7 @@
 //!   ([`MAX_PROPOSALS_PER_DEAL`], [`MAX_LOCKS_PER_DEAL`],
 //!   [`MAX_AMENDMENTS_PER_DEAL`]); parties are bounded by the event limits.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -50,6 +51,225 @@ pub const MAX_PARTIES_PER_DEAL: usize = 2 + limits::MAX_LIST_LEN;
 
 /// The reason recorded on locks that end because their deal was terminated.
 pub const LOCK_END_REASON_TERMINATED: &str = "deal terminated";
+
+// ---------------------------------------------------------------------------
+// Small per-deal collections.
+// ---------------------------------------------------------------------------
+
+/// A map from [`Id`] to `V`, kept as one vector sorted by id, for the
+/// per-deal maps (proposals, locks, the index's lock entries): each holds at
+/// most a few hundred entries, and a B-tree's half-empty nodes cost more
+/// than the entries themselves (a deal's locks took ~490 bytes each as a
+/// `BTreeMap`). Grows by a quarter at a time. Same order, same API subset
+/// and same JSON (an object) as a `BTreeMap`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdMap<V> {
+    entries: Vec<(Id, V)>,
+}
+
+impl<V> Default for IdMap<V> {
+    fn default() -> Self {
+        IdMap {
+            entries: Vec::new(),
+        }
+    }
+}
+
+impl<V> IdMap<V> {
+    /// An empty map.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn position(&self, id: &Id) -> Result<usize, usize> {
+        self.entries.binary_search_by(|(key, _)| key.cmp(id))
+    }
+
+    /// The value of `id`.
+    pub fn get(&self, id: &Id) -> Option<&V> {
+        self.position(id).ok().map(|i| &self.entries[i].1)
+    }
+
+    /// The value of `id`, to change it.
+    pub fn get_mut(&mut self, id: &Id) -> Option<&mut V> {
+        self.position(id).ok().map(|i| &mut self.entries[i].1)
+    }
+
+    /// Whether `id` has a value.
+    pub fn contains_key(&self, id: &Id) -> bool {
+        self.position(id).is_ok()
+    }
+
+    /// Sets the value of `id`, returning the one it replaces.
+    pub fn insert(&mut self, id: Id, value: V) -> Option<V> {
+        match self.position(&id) {
+            Ok(i) => Some(std::mem::replace(&mut self.entries[i].1, value)),
+            Err(i) => {
+                if self.entries.len() == self.entries.capacity() {
+                    self.entries.reserve_exact((self.entries.len() / 4).max(1));
+                }
+                self.entries.insert(i, (id, value));
+                None
+            }
+        }
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Entries in id order.
+    pub fn iter(&self) -> IdMapIter<'_, V> {
+        self.entries.iter().map(|(id, value)| (id, value))
+    }
+
+    /// Ids in order.
+    pub fn keys(&self) -> impl DoubleEndedIterator<Item = &Id> + ExactSizeIterator {
+        self.entries.iter().map(|(id, _)| id)
+    }
+
+    /// Values in id order.
+    pub fn values(&self) -> impl DoubleEndedIterator<Item = &V> + ExactSizeIterator {
+        self.entries.iter().map(|(_, value)| value)
+    }
+
+    /// Values in id order, to change them.
+    pub fn values_mut(&mut self) -> impl DoubleEndedIterator<Item = &mut V> + ExactSizeIterator {
+        self.entries.iter_mut().map(|(_, value)| value)
+    }
+}
+
+/// The iterator of [`IdMap::iter`].
+pub type IdMapIter<'a, V> =
+    std::iter::Map<std::slice::Iter<'a, (Id, V)>, fn(&'a (Id, V)) -> (&'a Id, &'a V)>;
+
+impl<'a, V> IntoIterator for &'a IdMap<V> {
+    type Item = (&'a Id, &'a V);
+    type IntoIter = IdMapIter<'a, V>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl<V> std::ops::Index<&Id> for IdMap<V> {
+    type Output = V;
+    fn index(&self, id: &Id) -> &V {
+        self.get(id)
+            .unwrap_or_else(|| panic!("no entry for id {id} in the map"))
+    }
+}
+
+impl<V> FromIterator<(Id, V)> for IdMap<V> {
+    fn from_iter<I: IntoIterator<Item = (Id, V)>>(items: I) -> Self {
+        let mut map = IdMap::new();
+        for (id, value) in items {
+            map.insert(id, value);
+        }
+        map
+    }
+}
+
+impl<V: Serialize> Serialize for IdMap<V> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.iter())
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for IdMap<V> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Visitor<V> {
+            type Value = IdMap<V>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object keyed by identifiers")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut access: A,
+            ) -> Result<IdMap<V>, A::Error> {
+                let mut entries: Vec<(Id, V)> = Vec::new();
+                while let Some((id, value)) = access.next_entry::<Id, V>()? {
+                    entries.push((id, value));
+                }
+                entries.shrink_to_fit();
+                // Written in order; sorted anyway, then checked for repeats.
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                if let Some(w) = entries.windows(2).find(|w| w[0].0 == w[1].0) {
+                    return Err(serde::de::Error::custom(format!(
+                        "identifier {} appears twice",
+                        w[0].0
+                    )));
+                }
+                Ok(IdMap { entries })
+            }
+        }
+        deserializer.deserialize_map(Visitor(std::marker::PhantomData))
+    }
+}
+
+/// The fingerprints ([`amendment_fingerprint`]) of the amendment ids a deal
+/// applied, as one sorted vector (8 bytes each; a `BTreeSet` took ~20).
+/// Serialized as a JSON array, like a `BTreeSet`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct AmendmentIds(Vec<u64>);
+
+impl AmendmentIds {
+    /// Whether `fingerprint` is among them.
+    pub fn contains(&self, fingerprint: &u64) -> bool {
+        self.0.binary_search(fingerprint).is_ok()
+    }
+
+    /// Adds `fingerprint`; false if it was there already.
+    pub fn insert(&mut self, fingerprint: u64) -> bool {
+        match self.0.binary_search(&fingerprint) {
+            Ok(_) => false,
+            Err(i) => {
+                if self.0.len() == self.0.capacity() {
+                    self.0.reserve_exact((self.0.len() / 4).max(1));
+                }
+                self.0.insert(i, fingerprint);
+                true
+            }
+        }
+    }
+
+    /// Number of fingerprints.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The fingerprints in increasing order.
+    pub fn iter(&self) -> impl Iterator<Item = &u64> {
+        self.0.iter()
+    }
+}
+
+impl<'de> Deserialize<'de> for AmendmentIds {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut ids = Vec::<u64>::deserialize(deserializer)?;
+        ids.sort_unstable();
+        if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(serde::de::Error::custom(format!(
+                "amendment fingerprint {} appears twice",
+                w[0]
+            )));
+        }
+        ids.shrink_to_fit();
+        Ok(AmendmentIds(ids))
+    }
+}
 
 // ---------------------------------------------------------------------------
 // State.
@@ -182,7 +402,7 @@ pub struct LockEnd {
     /// When (business time).
     pub at: Timestamp,
     /// Why: the release reason, or [`LOCK_END_REASON_TERMINATED`].
-    pub reason: String,
+    pub reason: Text,
 }
 
 /// An exclusivity lock granted by a deal: `holder` has a lock over
@@ -272,7 +492,7 @@ pub struct Deal {
     /// When negotiation opened (business time).
     pub opened_at: Timestamp,
     /// Every proposal and counter-proposal, by id.
-    pub proposals: BTreeMap<Id, Proposal>,
+    pub proposals: IdMap<Proposal>,
     /// The latest acceptance, if any.
     pub accepted: Option<Accepted>,
     /// The signing, once finalized.
@@ -284,9 +504,9 @@ pub struct Deal {
     pub amendment_count: u32,
     /// Fingerprints ([`amendment_fingerprint`]) of the amendment ids applied
     /// (a reused id is rejected); at most [`MAX_AMENDMENTS_PER_DEAL`].
-    pub amendment_ids: BTreeSet<u64>,
+    pub amendment_ids: AmendmentIds,
     /// Every lock this deal granted, by id.
-    pub locks: BTreeMap<Id, Lock>,
+    pub locks: IdMap<Lock>,
     /// The end, once terminated.
     pub termination: Option<Termination>,
     /// How many events were applied to this deal.
@@ -311,13 +531,13 @@ impl Deal {
             partners: opened.partners.as_slice().to_vec(),
             status: Status::Negotiating,
             opened_at: at,
-            proposals: BTreeMap::new(),
+            proposals: IdMap::new(),
             accepted: None,
             finalization: None,
             current_terms: None,
             amendment_count: 0,
-            amendment_ids: BTreeSet::new(),
-            locks: BTreeMap::new(),
+            amendment_ids: AmendmentIds::default(),
+            locks: IdMap::new(),
             termination: None,
             event_count: 0,
             last_event_at: at,
@@ -678,7 +898,7 @@ impl Deal {
                     .expect("checked: released lock exists");
                 lock.ended = Some(LockEnd {
                     at: t,
-                    reason: r.reason.as_str().to_string(),
+                    reason: r.reason.clone(),
                 });
             }
             Payload::Finalized(f) => {
@@ -711,7 +931,7 @@ impl Deal {
                 for lock in self.locks.values_mut().filter(|l| l.ended.is_none()) {
                     lock.ended = Some(LockEnd {
                         at: t,
-                        reason: LOCK_END_REASON_TERMINATED.to_string(),
+                        reason: Text::new(LOCK_END_REASON_TERMINATED).expect("a valid text"),
                     });
                 }
             }
@@ -1929,7 +2149,7 @@ mod tests {
             lock.ended,
             Some(LockEnd {
                 at: at(5),
-                reason: "no longer needed".into()
+                reason: Text::new("no longer needed").unwrap()
             })
         );
         assert!(!lock.active_at(at(5)));
@@ -2178,7 +2398,10 @@ mod tests {
         assert_eq!(deal.amendment_count, 1);
         let lock = &deal.locks[&id("l1")];
         assert_eq!(lock.ended.as_ref().unwrap().at, at(7));
-        assert_eq!(lock.ended.as_ref().unwrap().reason, "no longer needed");
+        assert_eq!(
+            lock.ended.as_ref().unwrap().reason.as_str(),
+            "no longer needed"
+        );
         assert_eq!(deal.termination.as_ref().unwrap().by, id("acme"));
 
         // The free-function shape gives the same book.
@@ -2220,7 +2443,7 @@ mod tests {
 
     #[test]
     fn kinds_are_distinct_snake_case() {
-        let distinct: BTreeSet<&str> = Rejection::KINDS.into_iter().collect();
+        let distinct: std::collections::BTreeSet<&str> = Rejection::KINDS.into_iter().collect();
         assert_eq!(distinct.len(), Rejection::KINDS.len());
         for kind in Rejection::KINDS {
             assert!(
@@ -2447,6 +2670,62 @@ mod tests {
                 }
             }
         }
+    }
+
+    proptest! {
+        /// An `IdMap` answers, orders and serializes as a `BTreeMap` does.
+        #[test]
+        fn id_map_behaves_like_a_btree_map(
+            ops in proptest::collection::vec((0u8..40, any::<u16>()), 0..200),
+            probes in proptest::collection::vec(0u8..50, 0..50),
+        ) {
+            let mut map = IdMap::new();
+            let mut model = BTreeMap::new();
+            for (key, value) in ops {
+                let key = id(&format!("k{key}"));
+                prop_assert_eq!(map.insert(key.clone(), value), model.insert(key, value));
+            }
+            prop_assert_eq!(map.len(), model.len());
+            prop_assert!(map.iter().eq(model.iter()));
+            for key in probes {
+                let key = id(&format!("k{key}"));
+                prop_assert_eq!(map.get(&key), model.get(&key));
+                prop_assert_eq!(map.contains_key(&key), model.contains_key(&key));
+            }
+            let json = serde_json::to_string(&map).unwrap();
+            prop_assert_eq!(&json, &serde_json::to_string(&model).unwrap());
+            let back: IdMap<u16> = serde_json::from_str(&json).unwrap();
+            prop_assert_eq!(back, map);
+        }
+
+        /// `AmendmentIds` keeps a set, in order, serialized as a `BTreeSet`.
+        #[test]
+        fn amendment_ids_behave_like_a_btree_set(values in proptest::collection::vec(any::<u64>(), 0..300)) {
+            let mut set = AmendmentIds::default();
+            let mut model = std::collections::BTreeSet::new();
+            for v in values {
+                prop_assert_eq!(set.insert(v), model.insert(v));
+                prop_assert!(set.contains(&v));
+            }
+            prop_assert!(set.iter().eq(model.iter()));
+            let json = serde_json::to_string(&set).unwrap();
+            prop_assert_eq!(&json, &serde_json::to_string(&model).unwrap());
+            prop_assert_eq!(serde_json::from_str::<AmendmentIds>(&json).unwrap(), set);
+        }
+    }
+
+    #[test]
+    fn repeated_ids_are_refused_when_read() {
+        let err = serde_json::from_str::<IdMap<u8>>(r#"{"a":1,"b":2,"a":3}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("identifier a appears twice"),
+            "{err}"
+        );
+        let err = serde_json::from_str::<AmendmentIds>("[3,1,3]").unwrap_err();
+        assert!(err.to_string().contains("appears twice"), "{err}");
+        // Out of order is read in order.
+        let map: IdMap<u8> = serde_json::from_str(r#"{"b":2,"a":1}"#).unwrap();
+        assert_eq!(map.keys().map(Id::as_str).collect::<Vec<_>>(), ["a", "b"]);
     }
 
     proptest! {

@@ -21,9 +21,10 @@
 //! rejection kinds are interned once. Still a cost per entry: the index
 //! grows with the ledger (see ARCHITECTURE.md, "Memory").
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use crate::chain::{HASH_LEN, Hash};
+use crate::deal::IdMap;
 use crate::event::{DealEvent, EventType, Id, Payload, Timestamp};
 use crate::ledger::Location;
 
@@ -389,7 +390,7 @@ pub struct DealEntries {
     /// The last accepted event.
     pub last: Option<Cited>,
     /// Each lock granted by the deal.
-    pub locks: BTreeMap<Id, LockRefs>,
+    pub locks: IdMap<LockRefs>,
 }
 
 /// A string table: each distinct string once, referred to by position.

@@ -284,7 +284,7 @@ impl LockInfo {
             granted_by: lock_refs.and_then(|r| r.granted).map(EntryRef::from),
             ended: lock.ended.as_ref().map(|end| LockEnded {
                 at: end.at,
-                reason: end.reason.clone(),
+                reason: end.reason.as_str().to_string(),
                 entry: lock_refs.and_then(|r| r.ended).map(EntryRef::from),
             }),
         }
