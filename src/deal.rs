@@ -9,9 +9,10 @@
 //! deal's history does not allow.
 //!
 //! This module is part of the pure core: no I/O, no clock, no async. The only
-//! notion of time is each event's own business `time`. All collections are
-//! ordered (`BTreeMap`s, and [`IdMap`]s sorted by id for the small per-deal
-//! ones), so iteration (and serialization) order is deterministic.
+//! notion of time is each event's own business `time`. Every collection is
+//! iterated (and serialized) in a deterministic order: the book's deals in
+//! id order (a hash map for lookups, a `BTreeSet` of ids for order), the
+//! per-deal maps as [`IdMap`]s sorted by id.
 //!
 //! The fold's contract:
 //! - [`DealBook::apply`] either applies an event completely or, on `Err`,
@@ -25,7 +26,7 @@
 //!   ([`MAX_PROPOSALS_PER_DEAL`], [`MAX_LOCKS_PER_DEAL`],
 //!   [`MAX_AMENDMENTS_PER_DEAL`]); parties are bounded by the event limits.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -1025,9 +1026,49 @@ impl Deal {
 }
 
 /// The state of every deal, keyed by deal id.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+///
+/// The fold looks a deal up for every event: a hash map serves that (a
+/// B-tree's search compared ~14 deal ids per event at 10,000 deals, about
+/// 8 % of an ingest's CPU in profiles). Iteration and serialization follow
+/// `order`, so they are in deal-id order, deterministic, as with a
+/// `BTreeMap` (and the JSON is the same object).
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct DealBook {
-    deals: BTreeMap<Id, Deal>,
+    deals: HashMap<Id, Box<Deal>>,
+    /// The ids of `deals`, in order.
+    order: BTreeSet<Id>,
+}
+
+impl Serialize for DealBook {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for DealBook {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = DealBook;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object of deals keyed by deal id")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut access: A,
+            ) -> Result<DealBook, A::Error> {
+                let mut book = DealBook::new();
+                while let Some((id, deal)) = access.next_entry::<Id, Deal>()? {
+                    if book.deals.insert(id.clone(), Box::new(deal)).is_some() {
+                        return Err(serde::de::Error::custom(format!("deal {id} appears twice")));
+                    }
+                    book.order.insert(id);
+                }
+                Ok(book)
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
 }
 
 impl DealBook {
@@ -1038,12 +1079,12 @@ impl DealBook {
 
     /// The deal `id`, if it was opened.
     pub fn get(&self, id: &Id) -> Option<&Deal> {
-        self.deals.get(id)
+        self.deals.get(id).map(|deal| &**deal)
     }
 
     /// Every deal, in deal-id order.
     pub fn iter(&self) -> impl Iterator<Item = (&Id, &Deal)> {
-        self.deals.iter()
+        self.order.iter().map(|id| (id, &*self.deals[id]))
     }
 
     /// How many deals were opened.
@@ -1058,7 +1099,7 @@ impl DealBook {
 
     /// Every lock of every deal, in (deal id, lock id) order, ended or not.
     pub fn locks(&self) -> impl Iterator<Item = &Lock> {
-        self.deals.values().flat_map(|d| d.locks.values())
+        self.iter().flat_map(|(_, d)| d.locks.values())
     }
 
     /// Applies one event. On `Err` the book is exactly unchanged.
@@ -1074,7 +1115,9 @@ impl DealBook {
             };
             let mut deal = Deal::open(event.deal_id.clone(), opened, event.time);
             Self::commit_to(&mut deal, event);
-            self.deals.insert(event.deal_id.clone(), deal);
+            self.deals.insert(event.deal_id.clone(), Box::new(deal));
+            self.order.insert(event.deal_id.clone());
+            debug_assert_eq!(self.deals.len(), self.order.len());
             return Ok(());
         };
         debug_assert_eq!(deal.id, event.deal_id);
@@ -1505,6 +1548,7 @@ mod tests {
     use proptest::prelude::*;
     use proptest::strategy::ValueTree;
     use proptest::test_runner::TestRunner;
+    use std::collections::BTreeMap;
 
     // -- Builders -----------------------------------------------------------
 
@@ -2712,6 +2756,26 @@ mod tests {
             prop_assert_eq!(&json, &serde_json::to_string(&model).unwrap());
             prop_assert_eq!(serde_json::from_str::<AmendmentIds>(&json).unwrap(), set);
         }
+    }
+
+    #[test]
+    fn the_book_iterates_and_serializes_in_deal_id_order() {
+        let book = book_of(&[
+            ev("d3", 0, opened("c", "p", &[])),
+            ev("d1", 1, opened("c", "p", &[])),
+            ev("d2", 2, opened("c", "p", &[])),
+        ]);
+        let ids: Vec<&str> = book.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, ["d1", "d2", "d3"]);
+        let json = serde_json::to_string(&book).unwrap();
+        let at = |key: &str| json.find(&format!(r#""{key}":{{"id""#)).unwrap();
+        assert!(at("d1") < at("d2") && at("d2") < at("d3"), "{json}");
+        let back: DealBook = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, book);
+        let one = serde_json::to_string(book.get(&id("d1")).unwrap()).unwrap();
+        let twice = format!(r#"{{"d1":{one},"d1":{one}}}"#);
+        let err = serde_json::from_str::<DealBook>(&twice).unwrap_err();
+        assert!(err.to_string().contains("deal d1 appears twice"), "{err}");
     }
 
     #[test]

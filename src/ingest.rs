@@ -965,7 +965,7 @@ fn start_decoder() -> Result<Decoder, IngestError> {
 /// and applied while the previous one is being written.
 const PIPELINE_DEPTH: usize = 1;
 
-/// A batch the writer made durable.
+/// A batch the writer made durable (its entries already dropped).
 struct Written {
     write: BatchWrite,
 }
@@ -1009,6 +1009,10 @@ impl Writer {
                         if let Some(dlq) = &dead_letters {
                             dlq.publish(&write, &metrics);
                         }
+                        // Acknowledging needs the outcomes and heads, not the
+                        // entries: free them here, off the ingest loop's thread.
+                        let mut write = write;
+                        write.entries = Vec::new();
                         ControlFlow::Continue(Ok(Written { write }))
                     }
                     Err(e) => {
