@@ -20,52 +20,63 @@ fn resident() -> usize {
         * 4096
 }
 
+/// What `make` returns, and how much the resident size grew while it made it.
+fn copied<T>(make: impl FnOnce() -> T) -> (T, usize) {
+    let before = resident();
+    let made = make();
+    (made, resident().saturating_sub(before))
+}
+
 fn main() {
     let dir = std::env::args()
         .nth(1)
         .expect("usage: state_sizes LEDGER_DIR");
     let store = Store::open_existing(std::path::Path::new(&dir)).expect("open the ledger");
     let state = store.load_state().expect("load the state");
+    // Loading frees what it decoded from (the snapshot's parts); return
+    // those pages to the OS, as the daemon does every 50,000 entries, so
+    // what follows is what the state holds.
+    // SAFETY: a NUL-terminated mallctl name that takes no old or new value.
+    unsafe {
+        tikv_jemalloc_sys::mallctl(
+            c"arena.4096.purge".as_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        );
+    }
     let resident_pages: u64 = std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0);
     // What each part costs, measured as the resident growth of a copy of
     // it (all kept until the end, so no copy reuses another's freed pages).
-    // The locks alone: the book's (deal::Lock) and the index's (LockRefs).
-    let before = resident();
-    let book_locks: Vec<_> = state.book().iter().map(|(_, d)| d.locks.clone()).collect();
-    let book_locks_heap = resident() - before;
-    let before = resident();
-    let index_locks: Vec<_> = state
-        .index()
-        .deals()
-        .map(|(_, e)| e.locks.clone())
-        .collect();
-    let index_locks_heap = resident() - before;
-    let before = resident();
-    let proposals: Vec<_> = state
-        .book()
-        .iter()
-        .map(|(_, d)| d.proposals.clone())
-        .collect();
-    let proposals_heap = resident() - before;
-    let before = resident();
-    let amendments: Vec<_> = state
-        .book()
-        .iter()
-        .map(|(_, d)| d.amendment_ids.clone())
-        .collect();
-    let amendments_heap = resident() - before;
+    let book = state.book();
+    let (book_locks, book_locks_heap) = copied(|| {
+        book.iter()
+            .map(|(_, d)| d.locks.clone())
+            .collect::<Vec<_>>()
+    });
+    let (index_locks, index_locks_heap) = copied(|| {
+        let deals = state.index().deals();
+        deals.map(|(_, e)| e.locks.clone()).collect::<Vec<_>>()
+    });
+    let (proposal_maps, proposals_heap) = copied(|| {
+        book.iter()
+            .map(|(_, d)| d.proposals.clone())
+            .collect::<Vec<_>>()
+    });
+    let (amendments, amendments_heap) = copied(|| {
+        book.iter()
+            .map(|(_, d)| d.amendment_ids.clone())
+            .collect::<Vec<_>>()
+    });
     let amendment_count: usize = amendments.iter().map(|a| a.len()).sum();
-    let before = resident();
-    let book = state.book().clone();
-    let book_heap = resident() - before;
-    let before = resident();
-    let index_copy = state.index().clone();
-    let index_heap = resident() - before;
-    drop((book, index_copy));
-    drop((book_locks, index_locks, proposals, amendments));
+    let (book_copy, book_heap) = copied(|| book.clone());
+    let (index_copy, index_heap) = copied(|| state.index().clone());
+    drop((book_copy, index_copy));
+    drop((book_locks, index_locks, proposal_maps, amendments));
     let book_json = serde_json::to_vec(state.book()).expect("serialize").len();
     let mut index = Vec::new();
     state.index().encode(&mut index);

@@ -1898,7 +1898,7 @@ pub fn import_export<R: Read>(
             dir: store.dir().to_path_buf(),
         });
     }
-    let mut state = LedgerState::with_identities(header.topic.clone(), store.new_identities()?);
+    let mut state = store.new_state()?;
     let mut verifiers: BTreeMap<i32, ChainVerifier> = BTreeMap::new();
     let mut current: Option<ImportBatch> = None;
     while let Some(item) = reader.next() {
@@ -1998,7 +1998,7 @@ fn apply(state: &mut LedgerState, store: &Store, batch: ImportBatch) -> Result<(
         detail,
     };
     let write = state.apply_batch(records, store)?;
-    store.check_identities(state)?;
+    store.check_derived(state)?;
     if write.batch_no != record.batch_no || write.entries.len() != hashes.len() {
         return Err(differs(
             None,

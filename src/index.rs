@@ -21,7 +21,10 @@
 //! rejection kinds are interned once. Still a cost per entry: the index
 //! grows with the ledger (see ARCHITECTURE.md, "Memory").
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::sync::Arc;
 
 use crate::chain::{HASH_LEN, Hash};
 use crate::deal::IdMap;
@@ -151,15 +154,73 @@ const CHECKPOINT_ITEMS: usize = 64;
 /// locations, times and producers), every [`CHECKPOINT_ITEMS`]-th as its
 /// difference from zero, with its byte offset kept, so a page of a deal's
 /// history can start anywhere.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+///
+/// With a [`SegmentStore`] ([`HistoryItems::spill_to`]), each run of
+/// [`CHECKPOINT_ITEMS`] items from a checkpoint (a *segment*, decodable on
+/// its own) goes to the store once the next item arrives; memory keeps the
+/// segments' places (16 bytes per 64 items) and the unsealed last segment.
+#[derive(Clone, Default)]
 pub struct HistoryItems {
+    /// Without a store: every item. With one: the last segment's items.
     bytes: Vec<u8>,
-    /// Byte offset of items 0, CHECKPOINT_ITEMS, 2 * CHECKPOINT_ITEMS, ...
+    /// Without a store: byte offset of items 0, CHECKPOINT_ITEMS,
+    /// 2 * CHECKPOINT_ITEMS, ... With one: empty (the last segment starts
+    /// at byte 0).
     checkpoints: Vec<usize>,
     len: usize,
     /// The last item pushed; [`HistoryItem::ZERO`] while empty.
     last: HistoryItem,
+    /// Where sealed segments go, once spilled.
+    store: Option<Arc<dyn SegmentStore>>,
+    /// The sealed segments, in order: items 0..64, 64..128, ...
+    sealed: Vec<SegmentRef>,
 }
+
+/// Where a sealed segment of history items is in a [`SegmentStore`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentRef {
+    /// Where it starts.
+    pub offset: u64,
+    /// Its length in bytes.
+    pub len: u32,
+}
+
+/// Where the index keeps sealed segments of history items: the one part of
+/// the index that grows with every event (12.5 bytes each), moved out of
+/// memory by the storage shell (`segments::SegmentFile`). Appends and reads
+/// do not fail from the fold's point of view: the store keeps what it could
+/// not write in memory and records its first failure
+/// ([`SegmentStore::failure`]), which the shell checks before it stores
+/// anything derived from the state; a read that fails ends the iteration
+/// early and is recorded the same way.
+pub trait SegmentStore: Send + Sync {
+    /// Stores `bytes` and says where.
+    fn append(&self, bytes: &[u8]) -> SegmentRef;
+    /// The bytes of the segment at `at` into `out` (replacing its
+    /// contents); false, with the failure recorded, if it cannot.
+    fn read(&self, at: SegmentRef, out: &mut Vec<u8>) -> bool;
+    /// The first failure met, if any.
+    fn failure(&self) -> Option<String>;
+}
+
+impl fmt::Debug for HistoryItems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HistoryItems")
+            .field("len", &self.len)
+            .field("sealed", &self.sealed.len())
+            .field("spilled", &self.store.is_some())
+            .finish()
+    }
+}
+
+/// Equal when they hold the same items, wherever they keep them.
+impl PartialEq for HistoryItems {
+    fn eq(&self, other: &Self) -> bool {
+        self.len == other.len && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for HistoryItems {}
 
 impl Default for HistoryItem {
     fn default() -> Self {
@@ -171,7 +232,16 @@ impl HistoryItems {
     /// Appends `item` (the deal's next entry in ledger order).
     pub fn push(&mut self, item: HistoryItem) {
         let base = if self.len.is_multiple_of(CHECKPOINT_ITEMS) {
-            self.checkpoints.push(self.bytes.len());
+            match &self.store {
+                Some(store) => {
+                    if self.len > 0 {
+                        // The last segment is whole: seal it.
+                        self.sealed.push(store.append(&self.bytes));
+                        self.bytes.clear();
+                    }
+                }
+                None => self.checkpoints.push(self.bytes.len()),
+            }
             HistoryItem::ZERO
         } else {
             self.last
@@ -179,6 +249,39 @@ impl HistoryItems {
         put_delta(&mut self.bytes, &base, &item);
         self.last = item;
         self.len += 1;
+        debug_assert!(self.store.is_none() || self.sealed.len() * CHECKPOINT_ITEMS < self.len);
+    }
+
+    /// Moves every whole segment but the last to `store`, and the segments
+    /// sealed from now on. Items and their order stay as they are.
+    pub fn spill_to(&mut self, store: &Arc<dyn SegmentStore>) {
+        assert!(self.store.is_none(), "history items spilled twice");
+        if self.len > 0 {
+            // The segment of the last item stays in memory, unsealed.
+            let last_segment = (self.len - 1) / CHECKPOINT_ITEMS;
+            let starts = &self.checkpoints;
+            for k in 0..last_segment {
+                self.sealed
+                    .push(store.append(&self.bytes[starts[k]..starts[k + 1]]));
+            }
+            self.bytes.drain(..starts[last_segment]);
+            self.bytes.shrink_to_fit();
+        }
+        self.checkpoints = Vec::new();
+        self.sealed.shrink_to_fit();
+        self.store = Some(Arc::clone(store));
+    }
+
+    /// Byte offset, in `bytes`, of the segment starting at item
+    /// `segment * CHECKPOINT_ITEMS`, which must be in memory.
+    fn start_in_memory(&self, segment: usize) -> usize {
+        match &self.store {
+            Some(_) => {
+                debug_assert_eq!(segment, self.sealed.len());
+                0
+            }
+            None => self.checkpoints[segment],
+        }
     }
 
     /// How many items there are.
@@ -199,22 +302,14 @@ impl HistoryItems {
     /// The items from position `start` on (none when `start` is past the
     /// end): decodes from the checkpoint at or before `start`.
     pub fn iter_from(&self, start: usize) -> HistoryIter<'_> {
-        if start >= self.len {
-            return HistoryIter {
-                bytes: &self.bytes,
-                at: self.bytes.len(),
-                prev: HistoryItem::ZERO,
-                position: self.len,
-                len: self.len,
-            };
-        }
-        let checkpoint = start / CHECKPOINT_ITEMS;
+        let start = start.min(self.len);
         let mut iter = HistoryIter {
-            bytes: &self.bytes,
-            at: self.checkpoints[checkpoint],
+            items: self,
+            buf: Cow::Borrowed(&[]),
+            at: 0,
             prev: HistoryItem::ZERO,
-            position: checkpoint * CHECKPOINT_ITEMS,
-            len: self.len,
+            position: start - start % CHECKPOINT_ITEMS,
+            failed: false,
         };
         for _ in iter.position..start {
             iter.next();
@@ -222,15 +317,38 @@ impl HistoryItems {
         iter
     }
 
+    /// The encoding of every item, as one piece (what [`put_history`]
+    /// stores): the sealed segments read back, then the rest. `None` if a
+    /// segment cannot be read (the store records why).
+    fn encoded(&self) -> Option<Cow<'_, [u8]>> {
+        let Some(store) = &self.store else {
+            return Some(Cow::Borrowed(&self.bytes));
+        };
+        let total = self.sealed.iter().map(|r| r.len as usize).sum::<usize>() + self.bytes.len();
+        let mut out = Vec::with_capacity(total);
+        let mut segment = Vec::new();
+        for at in &self.sealed {
+            if !store.read(*at, &mut segment) {
+                return None;
+            }
+            out.extend_from_slice(&segment);
+        }
+        out.extend_from_slice(&self.bytes);
+        Some(Cow::Owned(out))
+    }
+
     /// Gives back the room kept for items to come (after a restore).
     pub fn shrink_to_fit(&mut self) {
         self.bytes.shrink_to_fit();
         self.checkpoints.shrink_to_fit();
+        self.sealed.shrink_to_fit();
     }
 
-    /// Bytes held (for memory accounting).
+    /// Bytes held in memory (for memory accounting).
     pub fn heap_bytes(&self) -> usize {
-        self.bytes.capacity() + self.checkpoints.capacity() * std::mem::size_of::<usize>()
+        self.bytes.capacity()
+            + self.checkpoints.capacity() * std::mem::size_of::<usize>()
+            + self.sealed.capacity() * std::mem::size_of::<SegmentRef>()
     }
 }
 
@@ -244,42 +362,67 @@ impl FromIterator<HistoryItem> for HistoryItems {
     }
 }
 
-/// The items of a [`HistoryItems`], by value, in order.
+/// The items of a [`HistoryItems`], by value, in order. Ends early if a
+/// sealed segment cannot be read (the store records why).
 pub struct HistoryIter<'a> {
-    bytes: &'a [u8],
+    items: &'a HistoryItems,
+    /// The bytes of the segment being read: borrowed from memory, or read
+    /// from the store.
+    buf: Cow<'a, [u8]>,
     at: usize,
     prev: HistoryItem,
     /// Position of the next item.
     position: usize,
-    len: usize,
+    failed: bool,
 }
 
 impl Iterator for HistoryIter<'_> {
     type Item = HistoryItem;
 
     fn next(&mut self) -> Option<HistoryItem> {
-        if self.position == self.len {
+        if self.position == self.items.len || self.failed {
             return None;
         }
         let base = if self.position.is_multiple_of(CHECKPOINT_ITEMS) {
+            // A segment starts: from the store, or from memory.
+            let segment = self.position / CHECKPOINT_ITEMS;
+            match (&self.items.store, self.items.sealed.get(segment)) {
+                (Some(store), Some(at)) => {
+                    let mut buf = match std::mem::take(&mut self.buf) {
+                        Cow::Owned(buf) => buf,
+                        Cow::Borrowed(_) => Vec::new(),
+                    };
+                    if !store.read(*at, &mut buf) {
+                        self.failed = true;
+                        return None;
+                    }
+                    self.buf = Cow::Owned(buf);
+                    self.at = 0;
+                }
+                _ => {
+                    self.buf = Cow::Borrowed(&self.items.bytes);
+                    self.at = self.items.start_in_memory(segment);
+                }
+            }
             HistoryItem::ZERO
         } else {
             self.prev
         };
-        let item =
-            get_delta(self.bytes, &mut self.at, &base).expect("items this module encoded decode");
+        let Some(item) = get_delta(&self.buf, &mut self.at, &base) else {
+            // Only a store that gave back other bytes than it was given.
+            self.failed = true;
+            return None;
+        };
         self.prev = item;
         self.position += 1;
         Some(item)
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let left = self.len - self.position;
-        (left, Some(left))
+        let left = self.items.len - self.position;
+        (0, Some(left))
     }
 }
-
-impl ExactSizeIterator for HistoryIter<'_> {}
 
 fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64
@@ -440,6 +583,9 @@ impl Interner {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DealIndex {
     deals: HashMap<Id, DealEntries>,
+    /// Where the deals' history items go once spilled
+    /// ([`DealIndex::spill_history_to`]); not part of the index's value.
+    segments: Segments,
     /// Locks not ended, by (the party they bind, scope): (granting deal,
     /// lock id). Derived from the book on restore, not encoded.
     in_force: HashMap<(Id, Id), BTreeSet<(Id, Id)>>,
@@ -447,6 +593,25 @@ pub struct DealIndex {
     unattributed: Vec<HistoryItem>,
     sources: Interner,
     kinds: Interner,
+}
+
+/// The [`SegmentStore`] of a [`DealIndex`], if any: compared equal and
+/// printed as a flag, since it is where the index keeps items, not what.
+#[derive(Clone, Default)]
+struct Segments(Option<Arc<dyn SegmentStore>>);
+
+impl PartialEq for Segments {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Segments {}
+
+impl fmt::Debug for Segments {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Segments(spilled: {})", self.0.is_some())
+    }
 }
 
 /// How one judged entry is described to [`DealIndex::record`].
@@ -466,6 +631,24 @@ impl DealIndex {
     /// An empty index.
     pub fn new() -> DealIndex {
         DealIndex::default()
+    }
+
+    /// Moves the deals' history items to `store`, all but each deal's
+    /// last segment, and those of deals and entries recorded from now on:
+    /// what keeps the index's memory from growing with every entry.
+    pub fn spill_history_to(&mut self, store: Arc<dyn SegmentStore>) {
+        assert!(self.segments.0.is_none(), "history spilled twice");
+        for deal in self.deals.values_mut() {
+            deal.items.spill_to(&store);
+        }
+        self.segments = Segments(Some(store));
+    }
+
+    /// The first failure of the segment store, if the history is spilled
+    /// and it met one: the index may then have lost items and must be
+    /// neither stored nor trusted.
+    pub fn segment_failure(&self) -> Option<String> {
+        self.segments.0.as_ref().and_then(|store| store.failure())
     }
 
     /// Records one judged entry. Entries come in ledger order.
@@ -506,7 +689,13 @@ impl DealIndex {
             event_type: position,
             verdict: verdict.code(),
         };
-        let deal = self.deals.entry(event.deal_id.clone()).or_default();
+        let deal = self.deals.entry(event.deal_id.clone()).or_insert_with(|| {
+            let mut deal = DealEntries::default();
+            if let Some(store) = &self.segments.0 {
+                deal.items.spill_to(store);
+            }
+            deal
+        });
         deal.items.push(item);
         if verdict != ItemVerdict::Accepted {
             return;
@@ -757,6 +946,7 @@ impl DealIndex {
         Ok((
             DealIndex {
                 deals,
+                segments: Segments::default(),
                 in_force: HashMap::new(),
                 unattributed,
                 sources,
@@ -808,10 +998,18 @@ fn put_cited(out: &mut Vec<u8>, cited: Option<Cited>) {
 /// A deal's items as [`HistoryItems`] holds them: the count, the byte
 /// length, the delta encoding (a pure function of the items, so the same
 /// items always give the same bytes).
+///
+/// Items whose spilled segments cannot be read back are written as none:
+/// the store has recorded the failure ([`DealIndex::segment_failure`]), and
+/// whoever encodes checks it afterwards and discards the encoding.
 fn put_history(out: &mut Vec<u8>, items: &HistoryItems) {
-    put_u64(out, items.len() as u64);
-    put_u64(out, items.bytes.len() as u64);
-    out.extend_from_slice(&items.bytes);
+    let (len, bytes) = match items.encoded() {
+        Some(bytes) => (items.len(), bytes),
+        None => (0, Cow::Borrowed(&[][..])),
+    };
+    put_u64(out, len as u64);
+    put_u64(out, bytes.len() as u64);
+    out.extend_from_slice(&bytes);
 }
 
 /// Reads the encoding front to back; every error names what it was reading.
@@ -1155,9 +1353,113 @@ mod tests {
             for start in 0..=items.len() + 1 {
                 let from: Vec<HistoryItem> = stored.iter_from(start).collect();
                 proptest::prop_assert_eq!(&from[..], items.get(start..).unwrap_or(&[]));
-                proptest::prop_assert_eq!(stored.iter_from(start).len(), from.len());
             }
         }
+
+        /// Spilled to a store, before or while they are pushed, items come
+        /// back the same from every position, and encode to the same bytes.
+        #[test]
+        fn spilled_history_items_are_the_same_items(
+            items in proptest::collection::vec(arb_item(), 0..300),
+            spill_after in 0usize..300,
+        ) {
+            let store: Arc<dyn SegmentStore> = Arc::new(MemorySegments::default());
+            let in_memory: HistoryItems = items.iter().copied().collect();
+            let mut spilled = HistoryItems::default();
+            let split = spill_after.min(items.len());
+            for item in &items[..split] {
+                spilled.push(*item);
+            }
+            spilled.spill_to(&store);
+            for item in &items[split..] {
+                spilled.push(*item);
+            }
+            proptest::prop_assert_eq!(&spilled, &in_memory);
+            proptest::prop_assert_eq!(spilled.sealed.len(), items.len().saturating_sub(1) / CHECKPOINT_ITEMS);
+            for start in 0..=items.len() + 1 {
+                let from: Vec<HistoryItem> = spilled.iter_from(start).collect();
+                proptest::prop_assert_eq!(&from[..], items.get(start..).unwrap_or(&[]));
+            }
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            put_history(&mut a, &spilled);
+            put_history(&mut b, &in_memory);
+            proptest::prop_assert_eq!(a, b);
+        }
+    }
+
+    /// A [`SegmentStore`] in memory, for tests; fails every read once told to.
+    #[derive(Default)]
+    struct MemorySegments {
+        bytes: std::sync::Mutex<Vec<u8>>,
+        fail_reads: std::sync::atomic::AtomicBool,
+    }
+
+    impl SegmentStore for MemorySegments {
+        fn append(&self, bytes: &[u8]) -> SegmentRef {
+            let mut all = self.bytes.lock().unwrap();
+            let at = SegmentRef {
+                offset: all.len() as u64,
+                len: bytes.len() as u32,
+            };
+            all.extend_from_slice(bytes);
+            at
+        }
+
+        fn read(&self, at: SegmentRef, out: &mut Vec<u8>) -> bool {
+            if self.fail_reads.load(std::sync::atomic::Ordering::Relaxed) {
+                return false;
+            }
+            let all = self.bytes.lock().unwrap();
+            out.clear();
+            out.extend_from_slice(&all[at.offset as usize..at.offset as usize + at.len as usize]);
+            true
+        }
+
+        fn failure(&self) -> Option<String> {
+            self.fail_reads
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .then(|| "reads fail".to_string())
+        }
+    }
+
+    #[test]
+    fn a_spilled_index_records_and_encodes_as_one_in_memory() {
+        let store = Arc::new(MemorySegments::default());
+        let mut memory = DealIndex::new();
+        let mut spilled = DealIndex::new();
+        spilled.spill_history_to(store.clone());
+        for i in 0..500u64 {
+            let event = if i == 0 {
+                opened("d1", "e0")
+            } else {
+                granted("d1", &format!("e{i}"), &format!("l{i}"))
+            };
+            for index in [&mut memory, &mut spilled] {
+                index.record_at(loc(0, i), 1_000 + i as i64, Judged::Accepted(&event));
+            }
+        }
+        assert_eq!(spilled, memory);
+        assert_eq!(
+            spilled
+                .deal(&Id::new("d1").unwrap())
+                .unwrap()
+                .items
+                .sealed
+                .len(),
+            7
+        );
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        spilled.encode(&mut a);
+        memory.encode(&mut b);
+        assert_eq!(a, b);
+        assert!(spilled.segment_failure().is_none());
+        // A store that cannot read: iteration ends early, the failure shows.
+        store
+            .fail_reads
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let items = &spilled.deal(&Id::new("d1").unwrap()).unwrap().items;
+        assert!(items.iter().count() < 500);
+        assert_eq!(spilled.segment_failure().as_deref(), Some("reads fail"));
     }
 
     /// A deal's typical entries (close seqs and times, one producer) take

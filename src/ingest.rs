@@ -770,7 +770,7 @@ fn ingest_loop(
             let write = state.apply_decoded_batch(records, store)?;
             // A lookup the identity index on disk failed may have missed a
             // duplicate: the batch is not stored.
-            store.check_identities(&state)?;
+            store.check_derived(&state)?;
             (before, write, state.entry_count())
         };
         if let Some(written) = writer.submit(write)? {

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::chain::{AppendError, ChainHead, Entry, Record, StreamId};
 use crate::deal::DealBook;
 use crate::event::{DealEvent, DecodeError, EventType, Id, Payload};
-use crate::index::{DealIndex, Judged};
+use crate::index::{DealIndex, Judged, SegmentStore};
 
 /// Context string of the event-identity fingerprint (blake3 derive_key mode).
 pub const IDENTITY_CONTEXT: &str = "dealledger 2026-11 event identity v1";
@@ -469,6 +469,12 @@ impl LedgerState {
     /// trusted.
     pub fn identity_failure(&self) -> Option<&IdentityFailure> {
         self.seen.failure()
+    }
+
+    /// Moves the index's history items to `store` from now on (see
+    /// [`DealIndex::spill_history_to`]).
+    pub fn spill_history_to(&mut self, store: std::sync::Arc<dyn SegmentStore>) {
+        self.index.spill_history_to(store);
     }
 
     /// Applies a batch of freshly consumed records: appends each to its

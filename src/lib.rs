@@ -19,4 +19,5 @@ pub mod metrics;
 pub mod producer;
 pub mod query;
 pub mod replay;
+pub mod segments;
 pub mod store;

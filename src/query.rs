@@ -544,6 +544,7 @@ pub fn deal_history(
     for (position, item) in (start..end).zip(refs.items.iter_from(start)) {
         items.push(history_entry(state.index(), evidence, position, &item)?);
     }
+    history_intact(state)?;
     let next_cursor = (end < refs.items.len() && end > start).then(|| (end - 1).to_string());
     Ok(Page { items, next_cursor })
 }
@@ -817,6 +818,7 @@ pub fn findings(
         return Err(QueryError::bad("max_backdate", "must not be negative"));
     }
     let mut all = all_findings(state, filter)?;
+    history_intact(state)?;
     let in_range =
         |t: Timestamp| filter.from.is_none_or(|f| t >= f) && filter.to.is_none_or(|e| t < e);
     all.retain(|f| in_range(f.at) && filter.kind.as_ref().is_none_or(|k| *k == f.kind));
@@ -1326,10 +1328,21 @@ pub fn stats(state: &LedgerState, page: &PageRequest) -> Result<Stats, QueryErro
                 },
             )
         });
-    Ok(Stats {
-        overall,
-        deals: paginate(keyed, page)?,
-    })
+    let deals = paginate(keyed, page)?;
+    history_intact(state)?;
+    Ok(Stats { overall, deals })
+}
+
+/// An error if the index's history items are spilled to a file that failed
+/// (a read of it ended an iteration early): what was counted or listed from
+/// them may be incomplete.
+fn history_intact(state: &LedgerState) -> Result<(), QueryError> {
+    match state.index().segment_failure() {
+        None => Ok(()),
+        Some(failure) => Err(QueryError::Evidence(format!(
+            "the deals' history cannot be read back: {failure}"
+        ))),
+    }
 }
 
 fn seconds_to_finalize(deal: &Deal) -> Option<i64> {

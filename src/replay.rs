@@ -210,14 +210,14 @@ pub fn replay(
         })?;
         (replayed.state, replayed.snapshot)
     } else {
-        let mut state = LedgerState::with_identities(store.topic(), store.new_identities()?);
+        let mut state = store.new_state()?;
         store.walk_entries(progress, |entry| {
             if cut.includes(entry) {
                 folded += 1;
                 verdicts.add(&state.judge_entry(entry, store).verdict);
             }
         })?;
-        store.check_identities(&state)?;
+        store.check_derived(&state)?;
         (state, None)
     };
     let heads = store.heads()?;

@@ -98,6 +98,7 @@ use crate::ledger::{
     self, BatchWrite, IdentityIndex, LedgerParts, LedgerState, Location, MAX_BATCH_RECORDS,
     OriginalLookup, Outcome, Verdict,
 };
+use crate::segments;
 
 /// Version of the storage layout (the `M format` key). Bump it whenever a
 /// key family or value encoding changes. Version 2 stores entries in pages;
@@ -1422,10 +1423,11 @@ impl Store {
             releases: AtomicU64::new(0),
         };
         store.sync_at_open(folder.created)?;
-        // Identity indexes a process that died left behind (we hold the
+        // Scratch files a process that died left behind (we hold the
         // ledger's lock: none of them is in use).
         identities::remove_leftovers(dir)
-            .map_err(|e| io_error(dir, "removing identity indexes left by an earlier run", e))?;
+            .and_then(|()| segments::remove_leftovers(dir))
+            .map_err(|e| io_error(dir, "removing scratch files left by an earlier run", e))?;
         Ok(store)
     }
 
@@ -1437,20 +1439,45 @@ impl Store {
         Ok(Box::new(index))
     }
 
-    /// [`StoreError`] for the first failure of `state`'s identity index, if
-    /// it met one: the state must then not be stored or trusted.
-    pub fn check_identities(&self, state: &LedgerState) -> Result<(), StoreError> {
-        match state.identity_failure() {
-            None => Ok(()),
-            Some(failure) => Err(io_error(
+    /// An empty state of this ledger whose identity index and history
+    /// items live in scratch files in the ledger folder, not in memory.
+    pub fn new_state(&self) -> Result<LedgerState, StoreError> {
+        let mut state = LedgerState::with_identities(self.topic.clone(), self.new_identities()?);
+        self.spill_history(&mut state)?;
+        Ok(state)
+    }
+
+    /// Moves `state`'s history items to a new scratch file in the ledger
+    /// folder (see [`crate::segments`]).
+    pub fn spill_history(&self, state: &mut LedgerState) -> Result<(), StoreError> {
+        let file = segments::SegmentFile::create(&self.dir)
+            .map_err(|e| io_error(&self.dir, "creating a history segment file", e))?;
+        state.spill_history_to(Arc::new(file));
+        Ok(())
+    }
+
+    /// [`StoreError`] for the first failure of `state`'s scratch files (its
+    /// identity index or history segments), if they met one: the state
+    /// must then not be stored or trusted.
+    pub fn check_derived(&self, state: &LedgerState) -> Result<(), StoreError> {
+        if let Some(failure) = state.identity_failure() {
+            return Err(io_error(
                 &self.dir,
                 format!("identity index: {}", failure.action),
                 match failure.error.raw_os_error() {
                     Some(code) => io::Error::from_raw_os_error(code),
                     None => io::Error::new(failure.error.kind(), failure.error.to_string()),
                 },
-            )),
+            ));
         }
+        if let Some(failure) = state.index().segment_failure() {
+            return Err(StoreError::Io {
+                dir: self.dir.clone(),
+                action: "history segments".into(),
+                source: io::Error::other(failure),
+            });
+        }
+        Ok(())
     }
 
     /// The fsyncs done once at open; see the module documentation.
@@ -2279,7 +2306,7 @@ impl Store {
                 self.walk_pipelined(batch_no + 1, cursors, progress, true, |step, value| {
                     replay_step(&mut state, self, step, value, &mut visit)
                 })?;
-                self.check_identities(&state)?;
+                self.check_derived(&state)?;
                 return Ok(Replayed {
                     state,
                     snapshot: Some(batch_no),
@@ -2287,11 +2314,11 @@ impl Store {
                 });
             }
         }
-        let mut state = LedgerState::with_identities(self.topic.clone(), self.new_identities()?);
+        let mut state = self.new_state()?;
         self.walk_pipelined(0, BTreeMap::new(), progress, true, |step, value| {
             replay_step(&mut state, self, step, value, &mut visit)
         })?;
-        self.check_identities(&state)?;
+        self.check_derived(&state)?;
         Ok(Replayed {
             state,
             snapshot: None,
@@ -3218,6 +3245,11 @@ fn encode_snapshot_to(state: &LedgerState, out: &mut impl std::io::Write) -> io:
     if let Some(e) = failed {
         return Err(e);
     }
+    // A spilled history segment that could not be read was encoded as no
+    // items: such an encoding is never finished.
+    if let Some(failure) = state.index().segment_failure() {
+        return Err(io::Error::other(failure));
+    }
     let out = out.into_inner().map_err(io::IntoInnerError::into_error)?;
     let checksum = out.hasher.finalize();
     out.inner.write_all(checksum.as_bytes())?;
@@ -3767,10 +3799,11 @@ impl Store {
         });
         Ok(match parts {
             Ok(parts) => {
-                let state =
+                let mut state =
                     LedgerState::restore(parts, self.new_identities()?).map_err(|e| e.to_string());
-                if let Ok(state) = &state {
-                    self.check_identities(state)?;
+                if let Ok(state) = &mut state {
+                    self.spill_history(state)?;
+                    self.check_derived(state)?;
                 }
                 state
             }

@@ -1,0 +1,208 @@
+//! The deals' history items on disk: sealed segments of the query index
+//! ([`crate::index::HistoryItems`]) appended to one scratch file beside the
+//! ledger instead of kept in memory.
+//!
+//! Every entry adds an item (about 12.5 bytes) to the history of the deal
+//! it names; in memory that is the one part of the index that grows with
+//! every event however few deals there are. The index seals each deal's
+//! items in segments of 64 (each decodable on its own) and hands them to a
+//! [`SegmentStore`]; [`SegmentFile`] appends them to a file and reads them
+//! back with `pread` when a query pages through a history, a snapshot is
+//! written or findings are counted. Memory keeps 16 bytes per segment and
+//! each deal's last, unsealed one.
+//!
+//! Like the identity index's runs ([`crate::identities`]), the file is
+//! scratch: derived, never hashed or exported, rebuilt from a snapshot or a
+//! replay on every start, removed when dropped, and removed at open when a
+//! process that died left it. Nothing is fsynced. A write that fails keeps
+//! the segment in memory and records the failure
+//! ([`SegmentStore::failure`]); the shell checks it before it stores
+//! anything derived from the state.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use crate::index::{SegmentRef, SegmentStore};
+
+/// Prefix of the files segment stores write.
+const FILE_PREFIX: &str = "history-";
+
+/// Removes the files of segment stores a dead process left under `parent`
+/// (only call it while holding the ledger's lock).
+pub fn remove_leftovers(parent: &Path) -> io::Result<()> {
+    let entries = match fs::read_dir(parent) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with(FILE_PREFIX) {
+            fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// A [`SegmentStore`] in a scratch file; see the module documentation.
+pub struct SegmentFile {
+    path: PathBuf,
+    file: File,
+    /// Where the next segment goes.
+    end: AtomicU64,
+    /// Segments whose write failed, by offset: kept so reads stay right
+    /// until the shell stops.
+    kept: Mutex<HashMap<u64, Vec<u8>>>,
+    failure: OnceLock<String>,
+}
+
+impl SegmentFile {
+    /// An empty store in a new file under `parent`.
+    pub fn create(parent: &Path) -> io::Result<SegmentFile> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = parent.join(format!(
+            "{FILE_PREFIX}{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok(SegmentFile {
+            path,
+            file,
+            end: AtomicU64::new(0),
+            kept: Mutex::new(HashMap::new()),
+            failure: OnceLock::new(),
+        })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes appended so far.
+    pub fn len(&self) -> u64 {
+        self.end.load(Ordering::Relaxed)
+    }
+
+    /// Whether nothing was appended.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn fail(&self, what: String) {
+        let _ = self.failure.set(what);
+    }
+}
+
+impl SegmentStore for SegmentFile {
+    fn append(&self, bytes: &[u8]) -> SegmentRef {
+        let len = u32::try_from(bytes.len()).expect("a segment is 64 items, far below 4 GiB");
+        let offset = self.end.fetch_add(u64::from(len), Ordering::Relaxed);
+        if let Err(e) = self.file.write_all_at(bytes, offset) {
+            self.fail(format!(
+                "history segments: writing {len} bytes at {offset} of {}: {e}",
+                self.path.display()
+            ));
+            self.kept
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(offset, bytes.to_vec());
+        }
+        SegmentRef { offset, len }
+    }
+
+    fn read(&self, at: SegmentRef, out: &mut Vec<u8>) -> bool {
+        out.clear();
+        if self.failure.get().is_some() {
+            let kept = self
+                .kept
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(bytes) = kept.get(&at.offset) {
+                out.extend_from_slice(bytes);
+                return true;
+            }
+        }
+        out.resize(at.len as usize, 0);
+        match self.file.read_exact_at(out, at.offset) {
+            Ok(()) => true,
+            Err(e) => {
+                self.fail(format!(
+                    "history segments: reading {} bytes at {} of {}: {e}",
+                    at.len,
+                    at.offset,
+                    self.path.display()
+                ));
+                out.clear();
+                false
+            }
+        }
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure.get().cloned()
+    }
+}
+
+impl Drop for SegmentFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_come_back_as_written() {
+        let parent = tempfile::tempdir().unwrap();
+        let store = SegmentFile::create(parent.path()).unwrap();
+        let a = store.append(b"first segment");
+        let b = store.append(b"second");
+        let mut out = Vec::new();
+        assert!(store.read(b, &mut out));
+        assert_eq!(out, b"second");
+        assert!(store.read(a, &mut out));
+        assert_eq!(out, b"first segment");
+        assert_eq!(store.len(), 19);
+        assert!(store.failure().is_none());
+    }
+
+    #[test]
+    fn a_failed_read_is_reported_and_drop_removes_the_file() {
+        let parent = tempfile::tempdir().unwrap();
+        let store = SegmentFile::create(parent.path()).unwrap();
+        let a = store.append(b"0123456789");
+        store.file.set_len(4).unwrap();
+        let mut out = Vec::new();
+        assert!(!store.read(a, &mut out));
+        assert!(out.is_empty());
+        let failure = store.failure().expect("the failure is kept");
+        assert!(failure.contains("history-"), "{failure}");
+        let path = store.path().to_path_buf();
+        assert!(path.exists());
+        drop(store);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn leftovers_are_removed_and_nothing_else() {
+        let parent = tempfile::tempdir().unwrap();
+        fs::write(parent.path().join("history-1-2"), b"x").unwrap();
+        fs::write(parent.path().join("db"), b"x").unwrap();
+        remove_leftovers(parent.path()).unwrap();
+        assert!(!parent.path().join("history-1-2").exists());
+        assert!(parent.path().join("db").exists());
+    }
+}
