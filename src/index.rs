@@ -13,13 +13,16 @@
 //! It is derived data like the deal book: [`LedgerState`](crate::ledger::LedgerState)
 //! updates it for every entry it judges (ingest and replay run the same
 //! code), snapshots store it ([`DealIndex::encode`]), and a replay from
-//! genesis rebuilds it. Part of the pure core: no I/O, no clock.
+//! genesis rebuilds it. Part of the pure core: no I/O, no clock; the
+//! storage shell gives it a [`SegmentStore`] to keep history items in.
 //!
 //! Memory: about 12 bytes per entry ([`HistoryItems`]: each entry's item
-//! stored as its difference from the deal's previous one) plus a small
-//! record per deal and per lock; the strings of producers (`source`) and
-//! rejection kinds are interned once. Still a cost per entry: the index
-//! grows with the ledger (see ARCHITECTURE.md, "Memory").
+//! stored as its difference from the deal's previous one), most of which
+//! goes to the [`SegmentStore`] once spilled
+//! ([`DealIndex::spill_history_to`]: then 16 bytes per 64 entries and each
+//! deal's last segment stay), plus a small record per deal and per lock; the
+//! strings of producers (`source`) and rejection kinds are interned once
+//! (see ARCHITECTURE.md, "Memory").
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
