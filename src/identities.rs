@@ -47,7 +47,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::ledger::{
-    FingerprintMap, IdentityFailure, IdentityIndex, Location, MemoryIdentities, pack, unpack,
+    FingerprintMap, IdentityIndex, Location, MemoryIdentities, ScratchFailure, pack, unpack,
 };
 
 /// Most fingerprints held in memory before they are written as a run: 2 MiB
@@ -116,7 +116,7 @@ pub struct SpilledIdentities {
     len: usize,
     /// Number of the next run file.
     next_run: u64,
-    failure: OnceLock<IdentityFailure>,
+    failure: OnceLock<ScratchFailure>,
 }
 
 impl SpilledIdentities {
@@ -165,7 +165,7 @@ impl SpilledIdentities {
 
     fn fail(&self, action: String, error: io::Error) {
         // The first failure is the one to report; later ones follow from it.
-        let _ = self.failure.set(IdentityFailure { action, error });
+        let _ = self.failure.set(ScratchFailure { action, error });
     }
 
     fn run_path(&mut self) -> PathBuf {
@@ -349,7 +349,7 @@ impl IdentityIndex for SpilledIdentities {
         )
     }
 
-    fn failure(&self) -> Option<&IdentityFailure> {
+    fn failure(&self) -> Option<&ScratchFailure> {
         self.failure.get()
     }
 }

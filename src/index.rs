@@ -32,7 +32,7 @@ use std::sync::Arc;
 use crate::chain::{HASH_LEN, Hash};
 use crate::deal::IdMap;
 use crate::event::{DealEvent, EventType, Id, Payload, Timestamp};
-use crate::ledger::Location;
+use crate::ledger::{Location, ScratchFailure};
 
 /// Largest number of distinct producers (`source` values) kept by name;
 /// events of further sources are counted under [`OTHER_SOURCES`].
@@ -203,7 +203,7 @@ pub trait SegmentStore: Send + Sync {
     /// contents); false, with the failure recorded, if it cannot.
     fn read(&self, at: SegmentRef, out: &mut Vec<u8>) -> bool;
     /// The first failure met, if any.
-    fn failure(&self) -> Option<String>;
+    fn failure(&self) -> Option<&ScratchFailure>;
 }
 
 impl fmt::Debug for HistoryItems {
@@ -650,7 +650,7 @@ impl DealIndex {
     /// The first failure of the segment store, if the history is spilled
     /// and it met one: the index may then have lost items and must be
     /// neither stored nor trusted.
-    pub fn segment_failure(&self) -> Option<String> {
+    pub fn segment_failure(&self) -> Option<&ScratchFailure> {
         self.segments.0.as_ref().and_then(|store| store.failure())
     }
 
@@ -1395,6 +1395,7 @@ mod tests {
     struct MemorySegments {
         bytes: std::sync::Mutex<Vec<u8>>,
         fail_reads: std::sync::atomic::AtomicBool,
+        failure: std::sync::OnceLock<ScratchFailure>,
     }
 
     impl SegmentStore for MemorySegments {
@@ -1410,6 +1411,10 @@ mod tests {
 
         fn read(&self, at: SegmentRef, out: &mut Vec<u8>) -> bool {
             if self.fail_reads.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = self.failure.set(ScratchFailure {
+                    action: "reading a segment".into(),
+                    error: std::io::Error::other("reads fail"),
+                });
                 return false;
             }
             let all = self.bytes.lock().unwrap();
@@ -1418,10 +1423,8 @@ mod tests {
             true
         }
 
-        fn failure(&self) -> Option<String> {
-            self.fail_reads
-                .load(std::sync::atomic::Ordering::Relaxed)
-                .then(|| "reads fail".to_string())
+        fn failure(&self) -> Option<&ScratchFailure> {
+            self.failure.get()
         }
     }
 
@@ -1462,7 +1465,13 @@ mod tests {
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let items = &spilled.deal(&Id::new("d1").unwrap()).unwrap().items;
         assert!(items.iter().count() < 500);
-        assert_eq!(spilled.segment_failure().as_deref(), Some("reads fail"));
+        assert_eq!(
+            spilled
+                .segment_failure()
+                .map(ToString::to_string)
+                .as_deref(),
+            Some("reading a segment: reads fail")
+        );
     }
 
     /// A deal's typical entries (close seqs and times, one producer) take

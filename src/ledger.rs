@@ -208,20 +208,22 @@ impl Hasher for IdentityHasher {
 /// Fingerprint -> packed location of the first entry with that identity.
 pub type FingerprintMap = HashMap<u64, u64, BuildHasherDefault<IdentityHasher>>;
 
-/// The first I/O failure an [`IdentityIndex`] met. After one, lookups may
-/// have missed an identity, so the state that holds the index must not be
-/// stored or trusted: the shell stops with this error.
+/// The first I/O failure of a scratch file of the derived state: the
+/// identity index ([`IdentityIndex`]) or the history segments
+/// ([`crate::index::SegmentStore`]). After one, a lookup may have missed an
+/// identity or a history lost items, so the state must not be stored or
+/// trusted: the shell stops with this error.
 #[derive(Debug)]
-pub struct IdentityFailure {
-    /// What the index was doing, e.g. `writing run 3 (65536 identities)`.
+pub struct ScratchFailure {
+    /// What was being done, e.g. `writing run 3 (65536 identities)`.
     pub action: String,
     /// The underlying error.
     pub error: std::io::Error,
 }
 
-impl fmt::Display for IdentityFailure {
+impl fmt::Display for ScratchFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "identity index: {}: {}", self.action, self.error)
+        write!(f, "{}: {}", self.action, self.error)
     }
 }
 
@@ -262,7 +264,7 @@ pub trait IdentityIndex: Send + Sync {
     /// Every `(fingerprint, first location)`, in increasing fingerprint order.
     fn sorted(&self) -> Box<dyn Iterator<Item = (u64, Location)> + '_>;
     /// The first I/O failure met, if any.
-    fn failure(&self) -> Option<&IdentityFailure>;
+    fn failure(&self) -> Option<&ScratchFailure>;
 }
 
 /// An [`IdentityIndex`] in memory: a hash map of 2^k slots of 17 bytes
@@ -290,7 +292,7 @@ impl IdentityIndex for MemoryIdentities {
         Box::new(all.into_iter().map(|(fp, packed)| (fp, unpack(packed))))
     }
 
-    fn failure(&self) -> Option<&IdentityFailure> {
+    fn failure(&self) -> Option<&ScratchFailure> {
         None
     }
 }
@@ -467,7 +469,7 @@ impl LedgerState {
     /// The first failure of the identity index, if it met one: the state
     /// may then have missed a duplicate and must be neither stored nor
     /// trusted.
-    pub fn identity_failure(&self) -> Option<&IdentityFailure> {
+    pub fn identity_failure(&self) -> Option<&ScratchFailure> {
         self.seen.failure()
     }
 

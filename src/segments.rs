@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use crate::index::{SegmentRef, SegmentStore};
+use crate::ledger::ScratchFailure;
 
 /// Prefix of the files segment stores write.
 const FILE_PREFIX: &str = "history-";
@@ -58,7 +59,7 @@ pub struct SegmentFile {
     /// Segments whose write failed, by offset: kept so reads stay right
     /// until the shell stops.
     kept: Mutex<HashMap<u64, Vec<u8>>>,
-    failure: OnceLock<String>,
+    failure: OnceLock<ScratchFailure>,
 }
 
 impl SegmentFile {
@@ -99,8 +100,9 @@ impl SegmentFile {
         self.len() == 0
     }
 
-    fn fail(&self, what: String) {
-        let _ = self.failure.set(what);
+    fn fail(&self, action: String, error: io::Error) {
+        // The first failure is the one to report; later ones follow from it.
+        let _ = self.failure.set(ScratchFailure { action, error });
     }
 }
 
@@ -109,10 +111,10 @@ impl SegmentStore for SegmentFile {
         let len = u32::try_from(bytes.len()).expect("a segment is 64 items, far below 4 GiB");
         let offset = self.end.fetch_add(u64::from(len), Ordering::Relaxed);
         if let Err(e) = self.file.write_all_at(bytes, offset) {
-            self.fail(format!(
-                "history segments: writing {len} bytes at {offset} of {}: {e}",
-                self.path.display()
-            ));
+            self.fail(
+                format!("writing {len} bytes at {offset} of {}", self.path.display()),
+                e,
+            );
             self.kept
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -137,20 +139,23 @@ impl SegmentStore for SegmentFile {
         match self.file.read_exact_at(out, at.offset) {
             Ok(()) => true,
             Err(e) => {
-                self.fail(format!(
-                    "history segments: reading {} bytes at {} of {}: {e}",
-                    at.len,
-                    at.offset,
-                    self.path.display()
-                ));
+                self.fail(
+                    format!(
+                        "reading {} bytes at {} of {}",
+                        at.len,
+                        at.offset,
+                        self.path.display()
+                    ),
+                    e,
+                );
                 out.clear();
                 false
             }
         }
     }
 
-    fn failure(&self) -> Option<String> {
-        self.failure.get().cloned()
+    fn failure(&self) -> Option<&ScratchFailure> {
+        self.failure.get()
     }
 }
 
@@ -188,7 +193,7 @@ mod tests {
         let mut out = Vec::new();
         assert!(!store.read(a, &mut out));
         assert!(out.is_empty());
-        let failure = store.failure().expect("the failure is kept");
+        let failure = store.failure().expect("the failure is kept").to_string();
         assert!(failure.contains("history-"), "{failure}");
         let path = store.path().to_path_buf();
         assert!(path.exists());

@@ -1460,22 +1460,24 @@ impl Store {
     /// identity index or history segments), if they met one: the state
     /// must then not be stored or trusted.
     pub fn check_derived(&self, state: &LedgerState) -> Result<(), StoreError> {
-        if let Some(failure) = state.identity_failure() {
-            return Err(io_error(
+        let failed = |what: &str, failure: &ledger::ScratchFailure| {
+            // A copy of the error (io::Error is not Clone) that keeps what
+            // tells a full disk: its OS code or kind.
+            let error = match failure.error.raw_os_error() {
+                Some(code) => io::Error::from_raw_os_error(code),
+                None => io::Error::new(failure.error.kind(), failure.error.to_string()),
+            };
+            Err(io_error(
                 &self.dir,
-                format!("identity index: {}", failure.action),
-                match failure.error.raw_os_error() {
-                    Some(code) => io::Error::from_raw_os_error(code),
-                    None => io::Error::new(failure.error.kind(), failure.error.to_string()),
-                },
-            ));
+                format!("{what}: {}", failure.action),
+                error,
+            ))
+        };
+        if let Some(failure) = state.identity_failure() {
+            return failed("identity index", failure);
         }
         if let Some(failure) = state.index().segment_failure() {
-            return Err(StoreError::Io {
-                dir: self.dir.clone(),
-                action: "history segments".into(),
-                source: io::Error::other(failure),
-            });
+            return failed("history segments", failure);
         }
         Ok(())
     }
@@ -3248,7 +3250,7 @@ fn encode_snapshot_to(state: &LedgerState, out: &mut impl std::io::Write) -> io:
     // A spilled history segment that could not be read was encoded as no
     // items: such an encoding is never finished.
     if let Some(failure) = state.index().segment_failure() {
-        return Err(io::Error::other(failure));
+        return Err(io::Error::other(failure.to_string()));
     }
     let out = out.into_inner().map_err(io::IntoInnerError::into_error)?;
     let checksum = out.hasher.finalize();
