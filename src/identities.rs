@@ -29,7 +29,7 @@
 //! The files are scratch, not part of the ledger: derived, never hashed,
 //! never exported. Each index lives in its own folder, removed when the
 //! index is dropped; the store removes folders left by a process that died
-//! ([`remove_leftovers`]) and rebuilds the index from a snapshot or a
+//! (named [`FOLDER_PREFIX`]...) and rebuilds the index from a snapshot or a
 //! replay on every start, so nothing here has to survive a crash and
 //! nothing is fsynced.
 //!
@@ -78,30 +78,8 @@ const STREAM_BUFFER_BYTES: usize = 256 * 1024;
 /// memory.
 type Records<'a> = Box<dyn Iterator<Item = io::Result<(u64, u64)>> + 'a>;
 
-/// Prefix of the folders indexes live in.
-const FOLDER_PREFIX: &str = "identities-";
-
-/// Removes the folders of indexes a dead process left under `parent` (only
-/// call it while holding the ledger's lock: a live index of this process
-/// would go too).
-pub fn remove_leftovers(parent: &Path) -> io::Result<()> {
-    let entries = match fs::read_dir(parent) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    for entry in entries {
-        let entry = entry?;
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with(FOLDER_PREFIX)
-        {
-            fs::remove_dir_all(entry.path())?;
-        }
-    }
-    Ok(())
-}
+/// Prefix of the folders indexes live in (`identities-<pid>-<n>`).
+pub const FOLDER_PREFIX: &str = "identities-";
 
 /// An [`IdentityIndex`] on disk; see the module documentation.
 pub struct SpilledIdentities {
@@ -701,20 +679,15 @@ mod tests {
     }
 
     #[test]
-    fn drop_removes_the_folder_and_leftovers_are_removed() {
+    fn drop_removes_the_folder() {
         let parent = scratch();
         let index = SpilledIdentities::create(parent.path()).unwrap();
         let dir = index.dir().to_path_buf();
         assert!(dir.is_dir());
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with(FOLDER_PREFIX), "{name}");
         drop(index);
         assert!(!dir.exists());
-        let left = parent.path().join(format!("{FOLDER_PREFIX}1-2"));
-        fs::create_dir(&left).unwrap();
-        fs::write(left.join("run-000000"), b"x").unwrap();
-        fs::write(parent.path().join("keep"), b"x").unwrap();
-        remove_leftovers(parent.path()).unwrap();
-        assert!(!left.exists());
-        assert!(parent.path().join("keep").exists());
     }
 
     #[test]

@@ -14,10 +14,10 @@
 //! Like the identity index's runs ([`crate::identities`]), the file is
 //! scratch: derived, never hashed or exported, rebuilt from a snapshot or a
 //! replay on every start, removed when dropped, and removed at open when a
-//! process that died left it. Nothing is fsynced. A write that fails keeps
-//! the segment in memory and records the failure
-//! ([`SegmentStore::failure`]); the shell checks it before it stores
-//! anything derived from the state.
+//! process that died left it (named [`FILE_PREFIX`]...). Nothing is
+//! fsynced. A write that fails keeps the segment in memory and records the
+//! failure ([`SegmentStore::failure`]); the shell checks it before it
+//! stores anything derived from the state.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -30,25 +30,8 @@ use std::sync::{Mutex, OnceLock};
 use crate::index::{SegmentRef, SegmentStore};
 use crate::ledger::ScratchFailure;
 
-/// Prefix of the files segment stores write.
-const FILE_PREFIX: &str = "history-";
-
-/// Removes the files of segment stores a dead process left under `parent`
-/// (only call it while holding the ledger's lock).
-pub fn remove_leftovers(parent: &Path) -> io::Result<()> {
-    let entries = match fs::read_dir(parent) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    for entry in entries {
-        let entry = entry?;
-        if entry.file_name().to_string_lossy().starts_with(FILE_PREFIX) {
-            fs::remove_file(entry.path())?;
-        }
-    }
-    Ok(())
-}
+/// Prefix of the files segment stores write (`history-<pid>-<n>`).
+pub const FILE_PREFIX: &str = "history-";
 
 /// A [`SegmentStore`] in a scratch file; see the module documentation.
 pub struct SegmentFile {
@@ -199,15 +182,5 @@ mod tests {
         assert!(path.exists());
         drop(store);
         assert!(!path.exists());
-    }
-
-    #[test]
-    fn leftovers_are_removed_and_nothing_else() {
-        let parent = tempfile::tempdir().unwrap();
-        fs::write(parent.path().join("history-1-2"), b"x").unwrap();
-        fs::write(parent.path().join("db"), b"x").unwrap();
-        remove_leftovers(parent.path()).unwrap();
-        assert!(!parent.path().join("history-1-2").exists());
-        assert!(parent.path().join("db").exists());
     }
 }

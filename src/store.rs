@@ -491,6 +491,24 @@ fn sled_error(dir: &Path, action: impl Into<String>, error: sled::Error) -> Stor
     }
 }
 
+/// Removes the scratch files of the derived state (identity index folders,
+/// history segment files) that a process which died left in the ledger
+/// folder `dir`. Only while holding the ledger's lock: a live one of this
+/// process would go too.
+fn remove_scratch_leftovers(dir: &Path) -> io::Result<()> {
+    for item in fs::read_dir(dir)? {
+        let item = item?;
+        let name = item.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(identities::FOLDER_PREFIX) {
+            fs::remove_dir_all(item.path())?;
+        } else if name.starts_with(segments::FILE_PREFIX) {
+            fs::remove_file(item.path())?;
+        }
+    }
+    Ok(())
+}
+
 fn io_error(dir: &Path, action: impl Into<String>, source: io::Error) -> StoreError {
     if is_disk_full(&source) {
         return StoreError::DiskFull {
@@ -1425,8 +1443,7 @@ impl Store {
         store.sync_at_open(folder.created)?;
         // Scratch files a process that died left behind (we hold the
         // ledger's lock: none of them is in use).
-        identities::remove_leftovers(dir)
-            .and_then(|()| segments::remove_leftovers(dir))
+        remove_scratch_leftovers(dir)
             .map_err(|e| io_error(dir, "removing scratch files left by an earlier run", e))?;
         Ok(store)
     }
@@ -5884,6 +5901,35 @@ mod tests {
                 .contains("the disk is full while fsync of db"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn scratch_files_left_by_a_dead_process_are_removed_at_open() {
+        let (_tmp, path) = ledger_dir();
+        small_ledger(&path);
+        let left_index = path.join(format!("{}4242-0", identities::FOLDER_PREFIX));
+        fs::create_dir(&left_index).unwrap();
+        fs::write(left_index.join("run-000000"), b"x").unwrap();
+        let left_history = path.join(format!("{}4242-1", segments::FILE_PREFIX));
+        fs::write(&left_history, b"x").unwrap();
+        let store = Store::open_existing(&path).unwrap();
+        assert!(!left_index.exists() && !left_history.exists());
+        // A state's own scratch files live while it does, then go.
+        let state = store.load_state().unwrap();
+        let scratch = |path: &Path| {
+            fs::read_dir(path)
+                .unwrap()
+                .filter(|e| {
+                    let name = e.as_ref().unwrap().file_name();
+                    let name = name.to_string_lossy();
+                    name.starts_with(identities::FOLDER_PREFIX)
+                        || name.starts_with(segments::FILE_PREFIX)
+                })
+                .count()
+        };
+        assert_eq!(scratch(&path), 2);
+        drop(state);
+        assert_eq!(scratch(&path), 0);
     }
 
     #[test]
