@@ -79,7 +79,7 @@ pub const MAX_RECORD_BYTES: usize = 16 * MIB;
 const ENTRY_FIXED_BYTES: usize = 1 + 8 + HASH_LEN + 4 + 4 + 8 + 1 + 8 + 5 + 5 + 4 + HASH_LEN;
 
 /// Per-header framing: name length, value presence, value length.
-const HEADER_FRAMING_BYTES: usize = 4 + 1 + 4;
+pub const HEADER_FRAMING_BYTES: usize = 4 + 1 + 4;
 
 /// Largest stored entry [`encode_entry`] can produce and [`decode_entry`]
 /// accepts (header framing is part of [`MAX_RECORD_BYTES`]).

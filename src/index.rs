@@ -145,10 +145,11 @@ impl HistoryItem {
     }
 }
 
-/// How often [`HistoryItems`] stores an item as a difference from
-/// [`HistoryItem::ZERO`] and keeps its byte offset: reading from any
-/// position decodes fewer than this many items in vain.
-const CHECKPOINT_ITEMS: usize = 64;
+/// How often [`HistoryItems`] stores an item as a difference from zero
+/// (all fields zero) and keeps its byte offset: reading from any position
+/// decodes fewer than this many items in vain. Also the size of a sealed
+/// segment.
+pub const CHECKPOINT_ITEMS: usize = 64;
 
 /// A deal's [`HistoryItem`]s, compactly: about 12 bytes each instead of 32
 /// (the index's largest part: it grows with every entry, and the daemon

@@ -1554,7 +1554,7 @@ impl Store {
     /// hold no cursor, and carry on from where they were.
     ///
     /// No other process can open the ledger between closing and opening:
-    /// the folder stays locked ([`lock_folder`]). Should sled still not
+    /// the folder stays locked (`lock_folder`). Should sled still not
     /// open again (its lock not released within [`MAX_LOCK_RELEASE_WAIT`],
     /// an I/O error), this returns the error and the store cannot be used
     /// any more (every later use panics); callers stop with the error.
