@@ -152,8 +152,26 @@ impl SpilledIdentities {
         path
     }
 
+    /// Writes `records` as a new run; `None`, with the failure recorded
+    /// (`what` says what was written), if it cannot.
+    fn write_run(
+        &mut self,
+        what: &str,
+        records: impl Iterator<Item = io::Result<(u64, u64)>>,
+    ) -> Option<Run> {
+        let path = self.run_path();
+        match Run::write(&path, records) {
+            Ok(run) => Some(run),
+            Err(e) => {
+                self.fail(format!("writing {} ({what})", path.display()), e);
+                None
+            }
+        }
+    }
+
     /// Writes the pending fingerprints as a run, then merges runs of equal
-    /// size. On failure the pending ones stay in memory.
+    /// size. On failure what was to be written stays where it was: the
+    /// pending ones in memory, the runs to merge on disk.
     fn spill(&mut self) {
         if self.failure.get().is_some() {
             // Stopped: keep everything in memory, the shell stops soon.
@@ -161,42 +179,26 @@ impl SpilledIdentities {
         }
         let mut records: Vec<(u64, u64)> = self.pending.iter().map(|(f, p)| (*f, *p)).collect();
         records.sort_unstable();
-        let path = self.run_path();
-        match Run::write(&path, records.into_iter().map(Ok)) {
-            Ok(run) => {
-                self.runs.push(run);
-                self.pending.clear();
-            }
-            Err(e) => {
-                let _ = fs::remove_file(&path);
-                self.fail(
-                    format!(
-                        "writing {} ({} identities)",
-                        path.display(),
-                        self.pending.len()
-                    ),
-                    e,
-                );
-                return;
-            }
-        }
+        let what = format!("{} identities", records.len());
+        let Some(run) = self.write_run(&what, records.into_iter().map(Ok)) else {
+            return;
+        };
+        self.runs.push(run);
+        self.pending.clear();
         while self.runs.len() >= 2
             && self.runs[self.runs.len() - 2].len <= self.runs[self.runs.len() - 1].len
         {
             let newer = self.runs.pop().expect("two runs");
             let older = self.runs.pop().expect("two runs");
-            let path = self.run_path();
             let merged = merge(vec![older.records(), newer.records()]);
-            match Run::write(&path, merged) {
-                Ok(run) => {
+            match self.write_run("merging two runs", merged) {
+                Some(run) => {
                     debug_assert_eq!(run.len, older.len + newer.len);
                     self.runs.push(run);
                     older.remove();
                     newer.remove();
                 }
-                Err(e) => {
-                    let _ = fs::remove_file(&path);
-                    self.fail(format!("merging runs into {}", path.display()), e);
+                None => {
                     self.runs.push(older);
                     self.runs.push(newer);
                     return;
@@ -286,25 +288,17 @@ impl IdentityIndex for SpilledIdentities {
             );
             return;
         }
-        let path = self.run_path();
         let records = sorted
             .iter()
             .map(|(fp, location)| Ok((*fp, pack(*location))));
-        match Run::write(&path, records) {
-            Ok(run) => self.runs.push(run),
-            Err(e) => {
-                let _ = fs::remove_file(&path);
-                self.fail(
-                    format!("writing {} ({count} identities)", path.display()),
-                    e,
-                );
-                // Kept in memory: lookups stay right until the shell stops.
-                self.pending.extend(
-                    sorted
-                        .into_iter()
-                        .map(|(fp, location)| (fp, pack(location))),
-                );
-            }
+        match self.write_run(&format!("{count} identities"), records) {
+            Some(run) => self.runs.push(run),
+            // Kept in memory: lookups stay right until the shell stops.
+            None => self.pending.extend(
+                sorted
+                    .into_iter()
+                    .map(|(fp, location)| (fp, pack(location))),
+            ),
         }
     }
 
@@ -359,8 +353,19 @@ struct Run {
 
 impl Run {
     /// Writes `records` (strictly increasing fingerprints) to a new file at
-    /// `path`.
+    /// `path`; on failure the file is removed again.
     fn write(
+        path: &Path,
+        records: impl Iterator<Item = io::Result<(u64, u64)>>,
+    ) -> io::Result<Run> {
+        let written = Self::write_file(path, records);
+        if written.is_err() {
+            let _ = fs::remove_file(path);
+        }
+        written
+    }
+
+    fn write_file(
         path: &Path,
         records: impl Iterator<Item = io::Result<(u64, u64)>>,
     ) -> io::Result<Run> {

@@ -987,7 +987,7 @@ impl Writer {
             "ledger-writer",
             PIPELINE_DEPTH,
             PIPELINE_DEPTH + 1,
-            move |write: BatchWrite| {
+            move |mut write: BatchWrite| {
                 let written = store.write_batch(&write).and_then(|stats| {
                     // sled keeps what it wrote in memory far beyond its cache
                     // size: let it go now and then (skipped while a query or
@@ -1011,7 +1011,6 @@ impl Writer {
                         }
                         // Acknowledging needs the outcomes and heads, not the
                         // entries: free them here, off the ingest loop's thread.
-                        let mut write = write;
                         write.entries = Vec::new();
                         ControlFlow::Continue(Ok(Written { write }))
                     }

@@ -748,21 +748,6 @@ impl LedgerState {
             .copied()
     }
 
-    /// Records the first entry of an identity (when loading from storage).
-    /// A fingerprint already present means a collision, resolved on lookup.
-    pub fn remember_fingerprint(
-        &mut self,
-        fp: u64,
-        location: Location,
-        originals: &dyn OriginalLookup,
-    ) {
-        if self.seen.get(fp).is_none() {
-            self.seen.insert(fp, location);
-        } else if let Some(identity) = originals.identity(location) {
-            self.collided.insert(identity, location);
-        }
-    }
-
     /// Judges one stored entry and folds it into the deal book *without*
     /// advancing its stream's chain head. For replays that fold only some
     /// entries (cut at a business or record time): the skipped entries
