@@ -22,11 +22,12 @@
 //! Rules that need the deal's history (who may accept what, and when) belong
 //! to the fold in [`crate::deal`], not here.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
 use chrono::{DateTime, Datelike, NaiveDate, SecondsFormat, Utc};
-use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
 
@@ -1012,6 +1013,36 @@ impl Payload {
         })
     }
 
+    /// Deserializes `data` as the payload of `event_type` straight from the
+    /// envelope's deserializer, refusing anything but a JSON object (the
+    /// derived struct impls would also take an array). Errors carry no
+    /// path: [`DealEvent::decode`] then decodes again the slow way, which
+    /// names the field.
+    fn deserialize_inline<'de, D: Deserializer<'de>>(
+        event_type: EventType,
+        d: D,
+    ) -> Result<Payload, D::Error> {
+        let d = ObjectOnly(d);
+        Ok(match event_type {
+            EventType::NegotiationOpened => {
+                Payload::NegotiationOpened(Deserialize::deserialize(d)?)
+            }
+            EventType::TermsProposed => Payload::TermsProposed(Deserialize::deserialize(d)?),
+            EventType::TermsCountered => Payload::TermsCountered(Deserialize::deserialize(d)?),
+            EventType::TermsAccepted => Payload::TermsAccepted(Deserialize::deserialize(d)?),
+            EventType::TermsRejected => Payload::TermsRejected(Deserialize::deserialize(d)?),
+            EventType::ExclusivityGranted => {
+                Payload::ExclusivityGranted(Deserialize::deserialize(d)?)
+            }
+            EventType::ExclusivityReleased => {
+                Payload::ExclusivityReleased(Deserialize::deserialize(d)?)
+            }
+            EventType::Finalized => Payload::Finalized(Deserialize::deserialize(d)?),
+            EventType::Amended => Payload::Amended(Deserialize::deserialize(d)?),
+            EventType::Terminated => Payload::Terminated(Deserialize::deserialize(d)?),
+        })
+    }
+
     /// The rules a payload must satisfy on its own (beyond its schema).
     fn validate(&self) -> Result<(), DecodeError> {
         let invalid = |path: &str, reason: String| {
@@ -1168,6 +1199,12 @@ impl DealEvent {
 
     /// Decodes and validates one encoded CloudEvent (JSON structured mode).
     pub fn decode(bytes: &[u8]) -> Result<DealEvent, DecodeError> {
+        Self::decode_with(bytes, EnvelopeSeed { inline_data: true })
+    }
+
+    /// [`DealEvent::decode`], trying `first` before the slower parses: the
+    /// result must not depend on it (tested).
+    fn decode_with(bytes: &[u8], first: EnvelopeSeed) -> Result<DealEvent, DecodeError> {
         if bytes.len() > limits::MAX_EVENT_BYTES {
             return Err(DecodeError::TooLarge {
                 size: bytes.len(),
@@ -1177,7 +1214,7 @@ impl DealEvent {
         let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::NotUtf8 {
             byte: e.valid_up_to(),
         })?;
-        let decoded = parse_envelope(text).and_then(|raw| {
+        let decoded = parse_envelope(text, first).and_then(|raw| {
             let event = raw.into_event()?;
             event.payload.validate()?;
             Ok(event)
@@ -1435,24 +1472,42 @@ fn clean_serde_message(msg: &str) -> String {
 // ---------------------------------------------------------------------------
 
 /// The envelope as parsed, before the required attributes are checked.
+/// Attributes that only get checked borrow from the input when they can;
+/// those kept in the event are owned.
 #[derive(Default)]
 struct RawEnvelope<'a> {
-    specversion: Option<String>,
+    specversion: Option<Cow<'a, str>>,
     id: Option<String>,
     source: Option<String>,
-    event_type: Option<String>,
+    event_type: Option<Cow<'a, str>>,
     subject: Option<String>,
-    time: Option<String>,
-    datacontenttype: Option<String>,
+    time: Option<Cow<'a, str>>,
+    datacontenttype: Option<Cow<'a, str>>,
     dataschema: Option<String>,
+    /// `data` as written, when it was not decoded while parsing.
     data: Option<&'a RawValue>,
+    /// `data` decoded while parsing ([`EnvelopeSeed::inline_data`]).
+    payload: Option<Payload>,
     extensions: Vec<(String, ExtensionValue)>,
 }
 
-fn parse_envelope(text: &str) -> Result<RawEnvelope<'_>, DecodeError> {
-    // Fast path: one untracked parse. Only on failure do we work out whether
-    // the text is JSON at all ("not JSON" vs "not a CloudEvent") and, with a
-    // second, path-tracking parse, which attribute is at fault.
+fn parse_envelope(text: &str, first: EnvelopeSeed) -> Result<RawEnvelope<'_>, DecodeError> {
+    // Fastest path, taken by valid events: one untracked parse that decodes
+    // `data` as the type's payload on the way (when `type` comes first, as
+    // producers write it). Any failure, whatever its cause, falls back to the
+    // paths below, which decide as if this one had not been tried: it only
+    // succeeds where they would, with the same payload (see `into_event`).
+    let mut de = serde_json::Deserializer::from_str(text);
+    if first.inline_data
+        && let Ok(envelope) = first.deserialize(&mut de)
+        && de.end().is_ok()
+    {
+        return Ok(envelope);
+    }
+    // Fast path: one untracked parse keeping `data` as text. Only on failure
+    // do we work out whether the text is JSON at all ("not JSON" vs "not a
+    // CloudEvent") and, with a second, path-tracking parse, which attribute
+    // is at fault.
     if let Ok(envelope) = serde_json::from_str(text) {
         return Ok(envelope);
     }
@@ -1473,15 +1528,14 @@ fn parse_envelope(text: &str) -> Result<RawEnvelope<'_>, DecodeError> {
 
 impl<'a> RawEnvelope<'a> {
     fn into_event(self) -> Result<DealEvent, DecodeError> {
-        fn required(v: Option<String>, name: &str) -> Result<String, DecodeError> {
+        fn required<T>(v: Option<T>, name: &str) -> Result<T, DecodeError> {
             v.ok_or_else(|| DecodeError::NotCloudEvent {
                 path: name.to_string(),
                 reason: "missing (a required CloudEvents attribute)".into(),
             })
         }
         fn attribute(v: String, name: &str) -> Result<String, DecodeError> {
-            let n = v.chars().count();
-            if n == 0 || n > limits::MAX_ATTRIBUTE_CHARS || v.chars().any(char::is_whitespace) {
+            if !is_attribute_value(&v) {
                 return Err(DecodeError::NotCloudEvent {
                     path: name.to_string(),
                     reason: format!(
@@ -1523,22 +1577,32 @@ impl<'a> RawEnvelope<'a> {
             .dataschema
             .map(|s| attribute(s, "dataschema"))
             .transpose()?;
-        let event_type = EventType::parse(&type_name).ok_or(DecodeError::UnknownType {
-            event_type: type_name,
+        let event_type = EventType::parse(&type_name).ok_or_else(|| DecodeError::UnknownType {
+            event_type: type_name.into_owned(),
         })?;
-        let data = self.data.ok_or_else(|| {
-            bad(
-                "data",
-                format!("missing; a {event_type} event carries its details in data"),
-            )
-        })?;
-        if !data.get().starts_with('{') {
-            return Err(DecodeError::Schema {
-                path: "data".into(),
-                reason: "must be a JSON object".into(),
-            });
-        }
-        let payload = Payload::decode(event_type, data.get())?;
+        let payload = match self.payload {
+            // Decoded while parsing, as the type's payload from a JSON object:
+            // what the branch below accepts, and the same value.
+            Some(payload) => {
+                debug_assert_eq!(payload.event_type(), event_type);
+                payload
+            }
+            None => {
+                let data = self.data.ok_or_else(|| {
+                    bad(
+                        "data",
+                        format!("missing; a {event_type} event carries its details in data"),
+                    )
+                })?;
+                if !data.get().starts_with('{') {
+                    return Err(DecodeError::Schema {
+                        path: "data".into(),
+                        reason: "must be a JSON object".into(),
+                    });
+                }
+                Payload::decode(event_type, data.get())?
+            }
+        };
         Ok(DealEvent {
             id,
             source,
@@ -1594,9 +1658,28 @@ impl<'de> Deserialize<'de> for Attribute {
 
 impl<'de: 'a, 'a> Deserialize<'de> for RawEnvelope<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = RawEnvelope<'a>;
+        EnvelopeSeed { inline_data: false }.deserialize(d)
+    }
+}
+
+/// How an envelope is parsed.
+struct EnvelopeSeed {
+    /// Decode `data` as the payload of the event's type while parsing, when
+    /// `type` came before it and names a known type; otherwise `data` is
+    /// kept as text and decoded afterwards. Any error in `data` then fails
+    /// the parse, without saying where: only for a first, fast attempt.
+    inline_data: bool,
+}
+
+impl<'de> de::DeserializeSeed<'de> for EnvelopeSeed {
+    type Value = RawEnvelope<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        struct V {
+            inline_data: bool,
+        }
+        impl<'de> Visitor<'de> for V {
+            type Value = RawEnvelope<'de>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a CloudEvents 1.0 JSON object")
             }
@@ -1612,24 +1695,46 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawEnvelope<'a> {
                 while let Some(key) = map.next_key::<Attribute>()? {
                     match key {
                         Attribute::Specversion => {
-                            set(&mut env.specversion, map.next_value()?, "specversion")?
+                            let v: BorrowedStr<'de> = map.next_value()?;
+                            set(&mut env.specversion, v.0, "specversion")?
                         }
                         Attribute::Id => set(&mut env.id, map.next_value()?, "id")?,
                         Attribute::Source => set(&mut env.source, map.next_value()?, "source")?,
-                        Attribute::Type => set(&mut env.event_type, map.next_value()?, "type")?,
+                        Attribute::Type => {
+                            let v: BorrowedStr<'de> = map.next_value()?;
+                            set(&mut env.event_type, v.0, "type")?
+                        }
                         Attribute::Subject => set(&mut env.subject, map.next_value()?, "subject")?,
-                        Attribute::Time => set(&mut env.time, map.next_value()?, "time")?,
-                        Attribute::Datacontenttype => set(
-                            &mut env.datacontenttype,
-                            map.next_value()?,
-                            "datacontenttype",
-                        )?,
+                        Attribute::Time => {
+                            let v: BorrowedStr<'de> = map.next_value()?;
+                            set(&mut env.time, v.0, "time")?
+                        }
+                        Attribute::Datacontenttype => {
+                            let v: BorrowedStr<'de> = map.next_value()?;
+                            set(&mut env.datacontenttype, v.0, "datacontenttype")?
+                        }
                         Attribute::Dataschema => {
                             set(&mut env.dataschema, map.next_value()?, "dataschema")?
                         }
                         Attribute::Data => {
-                            let raw: &'de RawValue = map.next_value()?;
-                            set(&mut env.data, raw, "data")?
+                            let inline_type = env
+                                .event_type
+                                .as_deref()
+                                .filter(|_| self.inline_data)
+                                .and_then(EventType::parse);
+                            match inline_type {
+                                Some(_) if env.payload.is_some() => {
+                                    return Err(de::Error::custom("attribute data appears twice"));
+                                }
+                                Some(event_type) => {
+                                    let payload = map.next_value_seed(PayloadSeed(event_type))?;
+                                    env.payload = Some(payload);
+                                }
+                                None => {
+                                    let raw: &'de RawValue = map.next_value()?;
+                                    set(&mut env.data, raw, "data")?
+                                }
+                            }
                         }
                         Attribute::Extension(name) => {
                             let valid_name = (1..=20).contains(&name.len())
@@ -1660,7 +1765,86 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawEnvelope<'a> {
                 Ok(env)
             }
         }
-        d.deserialize_map(V(std::marker::PhantomData))
+        d.deserialize_map(V {
+            inline_data: self.inline_data,
+        })
+    }
+}
+
+/// Whether `v` is a valid `id`, `source` or `dataschema`: 1 to
+/// [`limits::MAX_ATTRIBUTE_CHARS`] characters, none of them white space.
+fn is_attribute_value(v: &str) -> bool {
+    if v.is_ascii() {
+        // The ASCII characters `char::is_whitespace` matches.
+        let white = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | 0x0B | 0x0C | b'\r');
+        return (1..=limits::MAX_ATTRIBUTE_CHARS).contains(&v.len())
+            && !v.as_bytes().iter().any(white);
+    }
+    let n = v.chars().count();
+    (1..=limits::MAX_ATTRIBUTE_CHARS).contains(&n) && !v.chars().any(char::is_whitespace)
+}
+
+/// A JSON string, borrowed from the input unless it has escapes.
+struct BorrowedStr<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for BorrowedStr<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = BorrowedStr<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Self::Value, E> {
+                Ok(BorrowedStr(Cow::Borrowed(s)))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                Ok(BorrowedStr(Cow::Owned(s.to_string())))
+            }
+            fn visit_string<E: de::Error>(self, s: String) -> Result<Self::Value, E> {
+                Ok(BorrowedStr(Cow::Owned(s)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Decodes `data` as the payload of a known event type
+/// ([`EnvelopeSeed::inline_data`]).
+struct PayloadSeed(EventType);
+
+impl<'de> de::DeserializeSeed<'de> for PayloadSeed {
+    type Value = Payload;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Payload, D::Error> {
+        Payload::deserialize_inline(self.0, d)
+    }
+}
+
+/// A deserializer that reads a struct only from a JSON object (a map): the
+/// derived impls would also read one from an array, which `data` must not be.
+struct ObjectOnly<D>(D);
+
+impl<'de, D: Deserializer<'de>> Deserializer<'de> for ObjectOnly<D> {
+    type Error = D::Error;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, D::Error> {
+        self.0.deserialize_any(visitor)
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, D::Error> {
+        self.0.deserialize_map(visitor)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+        bytes byte_buf option unit unit_struct newtype_struct seq tuple
+        tuple_struct map enum identifier ignored_any
     }
 }
 
@@ -1703,6 +1887,66 @@ impl<'de> Deserialize<'de> for ExtensionValueIn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Valid events of every type, as producers write them.
+    fn generated(seed: u64) -> Vec<Vec<u8>> {
+        crate::generate::Generator::new(20, seed)
+            .take(300)
+            .map(|e| e.to_json())
+            .collect()
+    }
+
+    /// `bytes` with `data` moved before `type`, so a parse meets it first.
+    fn data_first(bytes: &[u8]) -> Vec<u8> {
+        let mut value: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(bytes).unwrap();
+        let data = value.remove("data").unwrap();
+        let mut out = serde_json::Map::new();
+        out.insert("data".into(), data);
+        out.extend(value);
+        serde_json::to_vec(&out).unwrap()
+    }
+
+    /// Decodes with and without the inline fast path and checks both agree.
+    fn same_either_way(bytes: &[u8]) -> Result<DealEvent, DecodeError> {
+        let fast = DealEvent::decode(bytes);
+        let slow = DealEvent::decode_with(bytes, EnvelopeSeed { inline_data: false });
+        assert_eq!(fast, slow, "input {:?}", String::from_utf8_lossy(bytes));
+        fast
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Decoding `data` while parsing the envelope is only a shortcut:
+        /// valid events, the same events with `data` first, and damaged
+        /// copies (bytes overwritten, cut, `data` an array) decode to the
+        /// same event or the same error with it as without it.
+        #[test]
+        fn decoding_data_inline_changes_no_outcome(
+            seed in any::<u64>(),
+            pick in any::<prop::sample::Index>(),
+            damage in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            cut in any::<Option<prop::sample::Index>>(),
+        ) {
+            let events = generated(seed);
+            let original = &events[pick.index(events.len())];
+            let event = same_either_way(original).expect("generated events are valid");
+            prop_assert_eq!(&same_either_way(&data_first(original)).unwrap(), &event);
+
+            let mut damaged = original.clone();
+            for (at, byte) in &damage {
+                let i = at.index(damaged.len());
+                damaged[i] = *byte;
+            }
+            if let Some(cut) = cut {
+                damaged.truncate(cut.index(damaged.len()));
+            }
+            let _ = same_either_way(&damaged);
+
+        }
+    }
 
     fn event(ty: &str, data: &str) -> String {
         format!(
@@ -1717,6 +1961,24 @@ mod tests {
             "deal.terms.proposed",
             &format!(r#"{{"proposal_id":"p1","proposer":"openai","terms":{terms}}}"#),
         )
+    }
+
+    /// serde's derived impls read a struct from an array of its fields too;
+    /// `data` must be an object on every path.
+    #[test]
+    fn data_as_an_array_of_its_fields_is_refused() {
+        for bytes in [
+            event("deal.terms.rejected", r#"["p1","openai"]"#),
+            event("deal.terms.rejected", r#"["p1","openai","too high"]"#),
+        ] {
+            let want = DecodeError::Schema {
+                path: "data".into(),
+                reason: "must be a JSON object".into(),
+            };
+            assert_eq!(same_either_way(bytes.as_bytes()), Err(want.clone()));
+            let first = data_first(bytes.as_bytes());
+            assert_eq!(same_either_way(&first), Err(want));
+        }
     }
 
     #[test]
