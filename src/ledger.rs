@@ -642,7 +642,6 @@ impl LedgerState {
                 return outcome;
             }
         };
-        outcome.deal_id = Some(event.deal_id.clone());
         outcome.event_type = Some(event.event_type());
 
         debug_assert_eq!(fp, identity_fingerprint(&event.source, &event.id));
@@ -657,6 +656,7 @@ impl LedgerState {
                         Judged::Duplicate(&event),
                     );
                     outcome.verdict = Verdict::Duplicate { of };
+                    outcome.deal_id = Some(event.deal_id);
                     return outcome;
                 }
                 // A different identity with the same fingerprint: keep it exactly.
@@ -699,6 +699,8 @@ impl LedgerState {
                 };
             }
         }
+        // The event ends here: its deal id moves to the outcome.
+        outcome.deal_id = Some(event.deal_id);
         outcome
     }
 
