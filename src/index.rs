@@ -693,13 +693,19 @@ impl DealIndex {
             event_type: position,
             verdict: verdict.code(),
         };
-        let deal = self.deals.entry(event.deal_id.clone()).or_insert_with(|| {
+        // Looked up by reference: `entry` would need a copy of the id for
+        // every event, and nearly every event is of a deal seen before.
+        if !self.deals.contains_key(&event.deal_id) {
             let mut deal = DealEntries::default();
             if let Some(store) = &self.segments.0 {
                 deal.items.spill_to(store);
             }
-            deal
-        });
+            self.deals.insert(event.deal_id.clone(), deal);
+        }
+        let deal = self
+            .deals
+            .get_mut(&event.deal_id)
+            .expect("inserted above if it was missing");
         deal.items.push(item);
         if verdict != ItemVerdict::Accepted {
             return;
