@@ -880,6 +880,7 @@ struct PageDamage {
 /// the header, then each entry's length against the bytes left, and at the
 /// end that no bytes follow the last counted entry. Entries themselves are
 /// not decoded here.
+#[derive(Clone)]
 struct PageReader {
     first_seq: u64,
     count: u32,
@@ -1029,6 +1030,11 @@ struct PageCursor<P = sled::Iter> {
     pending: Option<CursorFault>,
     /// Whether items carry [`chain::stored_entry_hash`] of their bytes.
     hash_stored: bool,
+    /// With `hash_stored`: the hashes of the current page's entries, in
+    /// order, computed together when the page was opened
+    /// ([`chain::stored_entry_hashes`]; `None` for bytes too short to be an
+    /// entry). Empty for a page the cursor was positioned in.
+    page_hashes: std::vec::IntoIter<Option<Hash>>,
 }
 
 /// One raw page as sled yields it: key and value.
@@ -1048,6 +1054,7 @@ impl PageCursor {
             page: None,
             pending: None,
             hash_stored: false,
+            page_hashes: Vec::new().into_iter(),
         }
     }
 
@@ -1063,6 +1070,7 @@ impl PageCursor {
             page: None,
             pending: None,
             hash_stored: false,
+            page_hashes: Vec::new().into_iter(),
         };
         let prefix = entry_prefix(partition);
         let start = page_key(partition, seq);
@@ -1115,6 +1123,7 @@ impl PageCursor<std::vec::IntoIter<RawPage>> {
             page: None,
             pending: None,
             hash_stored: false,
+            page_hashes: Vec::new().into_iter(),
         }
     }
 }
@@ -1143,8 +1152,9 @@ impl<P: Iterator<Item = RawPage>> Iterator for PageCursor<P> {
                     Some(Ok((seq, range))) => {
                         let bytes = &page.value[range];
                         let decoded = chain::decode_entry(bytes);
+                        let computed = self.page_hashes.next().flatten();
                         let hash = (self.hash_stored && decoded.is_ok())
-                            .then(|| chain::stored_entry_hash(bytes));
+                            .then(|| computed.unwrap_or_else(|| chain::stored_entry_hash(bytes)));
                         return Some(Ok((seq, decoded, hash)));
                     }
                     Some(Err(damage)) => {
@@ -1162,11 +1172,37 @@ impl<P: Iterator<Item = RawPage>> Iterator for PageCursor<P> {
                 return Some(Err(CursorFault::MalformedKey(key.to_vec())));
             };
             match PageReader::open(first_seq, value) {
-                Ok(reader) => self.page = Some(reader),
+                Ok(reader) => {
+                    if self.hash_stored {
+                        self.page_hashes = page_hashes(reader.clone()).into_iter();
+                    }
+                    self.page = Some(reader);
+                }
                 Err(damage) => return Some(Err(CursorFault::Page(damage))),
             }
         }
     }
+}
+
+/// The stored entry hash of each entry of a page, up to its end or its
+/// first damage, hashed together ([`chain::stored_entry_hashes`]); `None`
+/// for bytes too short to be an entry (they do not decode either).
+fn page_hashes(mut reader: PageReader) -> Vec<Option<Hash>> {
+    let mut ranges = Vec::with_capacity(reader.count as usize);
+    while let Some(Ok((_, range))) = reader.next_entry() {
+        ranges.push(range);
+    }
+    let long_enough = |r: &std::ops::Range<usize>| r.len() > 1 + HASH_LEN;
+    let entries: Vec<&[u8]> = ranges
+        .iter()
+        .filter(|r| long_enough(r))
+        .map(|r| &reader.value[r.clone()])
+        .collect();
+    let mut hashes = chain::stored_entry_hashes(&entries).into_iter();
+    ranges
+        .iter()
+        .map(|r| if long_enough(r) { hashes.next() } else { None })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
