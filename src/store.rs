@@ -1913,9 +1913,10 @@ impl Store {
         for (i, (entry, outcome)) in batch.entries.iter().zip(&batch.outcomes).enumerate() {
             let partition = entry.record.partition;
             let offset = entry.record.offset;
-            let at = format!(
-                "write_batch: ledger {dir}: batch {no} entry {i} (partition {partition} seq {} offset {offset})",
-                entry.seq
+            // Formatted only if an assertion fails (this runs for every entry).
+            let seq = entry.seq;
+            let at = format_args!(
+                "write_batch: ledger {dir}: batch {no} entry {i} (partition {partition} seq {seq} offset {offset})"
             );
             assert!(
                 entry.record.topic == self.topic,
