@@ -973,51 +973,45 @@ impl Payload {
 
     /// Decodes `data` JSON as the payload of `event_type`.
     fn decode(event_type: EventType, data: &str) -> Result<Payload, DecodeError> {
-        fn typed<'a, T: Deserialize<'a>>(data: &'a str) -> Result<T, DecodeError> {
-            // Fast path without path tracking; only a failure pays for the
-            // second, tracked parse that names the field.
-            if let Ok(value) = serde_json::from_str(data) {
-                return Ok(value);
-            }
-            let mut de = serde_json::Deserializer::from_str(data);
-            serde_path_to_error::deserialize(&mut de).map_err(|e| {
-                let path = join_path("data", &e.path().to_string());
-                let message = clean_serde_message(&e.inner().to_string());
-                // serde reports a missing field at its parent; name the field itself.
-                match message
-                    .strip_prefix("missing field `")
-                    .and_then(|m| m.strip_suffix('`'))
-                {
-                    Some(field) => DecodeError::Schema {
-                        path: format!("{path}.{field}"),
-                        reason: "missing (required)".into(),
-                    },
-                    None => DecodeError::Schema {
-                        path,
-                        reason: message,
-                    },
-                }
-            })
+        // Fast path without path tracking; only a failure pays for the
+        // second, tracked parse that names the field.
+        let mut de = serde_json::Deserializer::from_str(data);
+        if let Ok(payload) = Payload::deserialize_inline(event_type, &mut de)
+            && de.end().is_ok()
+        {
+            return Ok(payload);
         }
-        Ok(match event_type {
-            EventType::NegotiationOpened => Payload::NegotiationOpened(typed(data)?),
-            EventType::TermsProposed => Payload::TermsProposed(typed(data)?),
-            EventType::TermsCountered => Payload::TermsCountered(typed(data)?),
-            EventType::TermsAccepted => Payload::TermsAccepted(typed(data)?),
-            EventType::TermsRejected => Payload::TermsRejected(typed(data)?),
-            EventType::ExclusivityGranted => Payload::ExclusivityGranted(typed(data)?),
-            EventType::ExclusivityReleased => Payload::ExclusivityReleased(typed(data)?),
-            EventType::Finalized => Payload::Finalized(typed(data)?),
-            EventType::Amended => Payload::Amended(typed(data)?),
-            EventType::Terminated => Payload::Terminated(typed(data)?),
-        })
+        let mut de = serde_json::Deserializer::from_str(data);
+        let mut track = serde_path_to_error::Track::new();
+        let tracked = serde_path_to_error::Deserializer::new(&mut de, &mut track);
+        let error = match Payload::deserialize_inline(event_type, tracked) {
+            Ok(payload) => return Ok(payload),
+            Err(error) => error,
+        };
+        let path = join_path("data", &track.path().to_string());
+        let message = clean_serde_message(&error.to_string());
+        // serde reports a missing field at its parent; name the field itself.
+        Err(
+            match message
+                .strip_prefix("missing field `")
+                .and_then(|m| m.strip_suffix('`'))
+            {
+                Some(field) => DecodeError::Schema {
+                    path: format!("{path}.{field}"),
+                    reason: "missing (required)".into(),
+                },
+                None => DecodeError::Schema {
+                    path,
+                    reason: message,
+                },
+            },
+        )
     }
 
-    /// Deserializes `data` as the payload of `event_type` straight from the
-    /// envelope's deserializer, refusing anything but a JSON object (the
-    /// derived struct impls would also take an array). Errors carry no
-    /// path: [`DealEvent::decode`] then decodes again the slow way, which
-    /// names the field.
+    /// Deserializes `data` as the payload of `event_type` from `d` (the
+    /// envelope's deserializer, or one over `data` alone), refusing anything
+    /// but a JSON object (the derived struct impls would also take an
+    /// array). Errors name no field unless `d` tracks the path.
     fn deserialize_inline<'de, D: Deserializer<'de>>(
         event_type: EventType,
         d: D,
