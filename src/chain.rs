@@ -675,13 +675,9 @@ impl EntryLanes {
         LANES.get_or_init(|| {
             let platform = blake3::platform::Platform::detect();
             let context_key = blake3::hazmat::hash_derive_key_context(ENTRY_CONTEXT);
-            let mut key = [0u32; 8];
-            for (word, bytes) in key.iter_mut().zip(context_key.chunks_exact(4)) {
-                *word = u32::from_le_bytes(bytes.try_into().expect("4 bytes"));
-            }
             EntryLanes {
                 platform,
-                key,
+                key: Self::words(&context_key),
                 degree: platform.simd_degree().clamp(1, Self::MAX_LANES),
             }
         })
@@ -697,19 +693,22 @@ impl EntryLanes {
     fn hash_group(&self, group: &[(usize, &[u8])], hashes: &mut [Hash]) {
         debug_assert!(group.len() <= Self::MAX_LANES);
         let mut cvs = [self.key; Self::MAX_LANES];
-        // Whole blocks every body has before its last one.
-        let shared = group
-            .iter()
-            .map(|(_, body)| Self::blocks(body.len()) - 1)
-            .min()
-            .unwrap_or(0);
-        if shared > 0 && group.len() > 1 {
+        // Whole blocks every body has before its last one, compressed side
+        // by side (a body alone gains nothing from that).
+        let shared = match group {
+            [_, _, ..] => group
+                .iter()
+                .map(|(_, body)| Self::blocks(body.len()) - 1)
+                .min()
+                .unwrap_or(0),
+            _ => 0,
+        };
+        if shared > 0 {
             self.compress_shared(group, shared, &mut cvs);
         }
-        let first = if group.len() > 1 { shared } else { 0 };
         for ((i, body), cv) in group.iter().zip(cvs.iter_mut()) {
             let blocks = Self::blocks(body.len());
-            for b in first..blocks {
+            for b in shared..blocks {
                 let bytes = &body[b * Self::BLOCK_LEN..body.len().min((b + 1) * Self::BLOCK_LEN)];
                 let mut block = [0u8; Self::BLOCK_LEN];
                 block[..bytes.len()].copy_from_slice(bytes);
@@ -763,10 +762,17 @@ impl EntryLanes {
             &mut out[..HASH_LEN * group.len()],
         );
         for (cv, bytes) in cvs.iter_mut().zip(out.chunks_exact(HASH_LEN)) {
-            for (word, b) in cv.iter_mut().zip(bytes.chunks_exact(4)) {
-                *word = u32::from_le_bytes(b.try_into().expect("4 bytes"));
-            }
+            *cv = Self::words(bytes);
         }
+    }
+
+    /// A 32-byte key or chaining value as blake3's little-endian words.
+    fn words(bytes: &[u8]) -> [u32; 8] {
+        let mut words = [0u32; 8];
+        for (word, b) in words.iter_mut().zip(bytes.chunks_exact(4)) {
+            *word = u32::from_le_bytes(b.try_into().expect("4 bytes"));
+        }
+        words
     }
 }
 

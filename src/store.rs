@@ -880,7 +880,6 @@ struct PageDamage {
 /// the header, then each entry's length against the bytes left, and at the
 /// end that no bytes follow the last counted entry. Entries themselves are
 /// not decoded here.
-#[derive(Clone)]
 struct PageReader {
     first_seq: u64,
     count: u32,
@@ -891,6 +890,8 @@ struct PageReader {
     at: usize,
     /// The end (or damage) was reported.
     finished: bool,
+    /// Entries framed by [`PageReader::read_ahead`], not yet handed out.
+    ahead: std::collections::VecDeque<Result<(u64, std::ops::Range<usize>), PageDamage>>,
 }
 
 impl PageReader {
@@ -941,7 +942,23 @@ impl PageReader {
             index: 0,
             at: PAGE_HEADER_BYTES,
             finished: false,
+            ahead: std::collections::VecDeque::new(),
         })
+    }
+
+    /// Frames the rest of the page now, to be handed out by
+    /// [`PageReader::next_entry`] as before, and returns the byte ranges of
+    /// its entries up to the end or the first damage.
+    fn read_ahead(&mut self) -> Vec<std::ops::Range<usize>> {
+        let mut ahead = std::mem::take(&mut self.ahead);
+        while let Some(item) = self.next_entry() {
+            ahead.push_back(item);
+        }
+        self.ahead = ahead;
+        self.ahead
+            .iter()
+            .filter_map(|item| item.as_ref().ok().map(|(_, range)| range.clone()))
+            .collect()
     }
 
     /// The seq after the page's last entry.
@@ -952,6 +969,9 @@ impl PageReader {
     /// The next entry's seq and byte range in [`PageReader::value`]; after
     /// the last entry, `None`, or damage if bytes follow it.
     fn next_entry(&mut self) -> Option<Result<(u64, std::ops::Range<usize>), PageDamage>> {
+        if let Some(item) = self.ahead.pop_front() {
+            return Some(item);
+        }
         if self.finished {
             return None;
         }
@@ -1172,9 +1192,9 @@ impl<P: Iterator<Item = RawPage>> Iterator for PageCursor<P> {
                 return Some(Err(CursorFault::MalformedKey(key.to_vec())));
             };
             match PageReader::open(first_seq, value) {
-                Ok(reader) => {
+                Ok(mut reader) => {
                     if self.hash_stored {
-                        self.page_hashes = page_hashes(reader.clone()).into_iter();
+                        self.page_hashes = page_hashes(&mut reader).into_iter();
                     }
                     self.page = Some(reader);
                 }
@@ -1184,14 +1204,13 @@ impl<P: Iterator<Item = RawPage>> Iterator for PageCursor<P> {
     }
 }
 
-/// The stored entry hash of each entry of a page, up to its end or its
-/// first damage, hashed together ([`chain::stored_entry_hashes`]); `None`
-/// for bytes too short to be an entry (they do not decode either).
-fn page_hashes(mut reader: PageReader) -> Vec<Option<Hash>> {
-    let mut ranges = Vec::with_capacity(reader.count as usize);
-    while let Some(Ok((_, range))) = reader.next_entry() {
-        ranges.push(range);
-    }
+/// The stored entry hash of each entry of a page the reader is opening, up
+/// to its end or its first damage, hashed together
+/// ([`chain::stored_entry_hashes`]); `None` for bytes too short to be an
+/// entry (they do not decode either). The page is framed once: the reader
+/// hands out what it framed here.
+fn page_hashes(reader: &mut PageReader) -> Vec<Option<Hash>> {
+    let ranges = reader.read_ahead();
     let long_enough = |r: &std::ops::Range<usize>| r.len() > 1 + HASH_LEN;
     let entries: Vec<&[u8]> = ranges
         .iter()
