@@ -33,6 +33,7 @@ use crate::chain::{HASH_LEN, Hash};
 use crate::deal::IdMap;
 use crate::event::{DealEvent, EventType, Id, Payload, Timestamp};
 use crate::ledger::{Location, ScratchFailure};
+use crate::timeline::LockTimeline;
 
 /// Largest number of distinct producers (`source` values) kept by name;
 /// events of further sources are counted under [`OTHER_SOURCES`].
@@ -593,6 +594,9 @@ pub struct DealIndex {
     /// Locks not ended, by (the party they bind, scope): (granting deal,
     /// lock id). Derived from the book on restore, not encoded.
     in_force: HashMap<(Id, Id), BTreeSet<(Id, Id)>>,
+    /// Every lock's binding interval, for "which locks bound at T".
+    /// Derived from the book on restore, not encoded.
+    timeline: LockTimeline,
     /// Entries whose event did not decode, so name no deal.
     unattributed: Vec<HistoryItem>,
     sources: Interner,
@@ -724,6 +728,8 @@ impl DealIndex {
             }
             Payload::Amended(_) => deal.terms_from = cited,
             Payload::ExclusivityGranted(g) => {
+                self.timeline
+                    .granted(&event.deal_id, &g.lock_id, g.valid_from, g.valid_until);
                 self.in_force
                     .entry((g.bound_party.clone(), g.scope.clone()))
                     .or_default()
@@ -764,9 +770,11 @@ impl DealIndex {
         self.deals.get(id)
     }
 
-    /// Forgets a lock that ended (released, or its deal terminated): it is
-    /// no longer in force. Nothing happens for a lock not in force.
+    /// Records that a lock ended (released, or its deal terminated): it is
+    /// no longer in force, and binds only until then. Nothing changes in
+    /// the table of locks in force for a lock not in it.
     pub fn lock_ended(&mut self, lock: &crate::deal::Lock) {
+        self.timeline.insert(lock);
         let key = (lock.bound_party.clone(), lock.scope.clone());
         if let Some(set) = self.in_force.get_mut(&key) {
             set.remove(&(lock.deal_id.clone(), lock.lock_id.clone()));
@@ -776,19 +784,27 @@ impl DealIndex {
         }
     }
 
-    /// Rebuilds the locks-in-force table from the deal book's locks (after
-    /// a restore: the table is not part of the encoding).
-    pub fn rebuild_locks_in_force<'a>(
-        &mut self,
-        locks: impl Iterator<Item = &'a crate::deal::Lock>,
-    ) {
+    /// Rebuilds the tables of locks derived from the deal book's locks
+    /// (after a restore: they are not part of the encoding): the locks in
+    /// force and the lock timeline.
+    pub fn rebuild_lock_tables<'a>(&mut self, locks: impl Iterator<Item = &'a crate::deal::Lock>) {
         self.in_force.clear();
-        for lock in locks.filter(|l| l.ended.is_none()) {
-            self.in_force
-                .entry((lock.bound_party.clone(), lock.scope.clone()))
-                .or_default()
-                .insert((lock.deal_id.clone(), lock.lock_id.clone()));
+        self.timeline = LockTimeline::new();
+        for lock in locks {
+            self.timeline.insert(lock);
+            if lock.ended.is_none() {
+                self.in_force
+                    .entry((lock.bound_party.clone(), lock.scope.clone()))
+                    .or_default()
+                    .insert((lock.deal_id.clone(), lock.lock_id.clone()));
+            }
         }
+    }
+
+    /// The (deal, lock) ids of every lock binding at business time `t`
+    /// ([`crate::deal::Lock::active_at`]), in no particular order.
+    pub fn locks_active_at(&self, t: Timestamp) -> impl Iterator<Item = (&Id, &Id)> + '_ {
+        self.timeline.active_at(t)
     }
 
     /// How many locks not ended bind `party` in `scope`, and the first
@@ -958,6 +974,7 @@ impl DealIndex {
                 deals,
                 segments: Segments::default(),
                 in_force: HashMap::new(),
+                timeline: LockTimeline::new(),
                 unattributed,
                 sources,
                 kinds,
@@ -1262,6 +1279,7 @@ mod tests {
         assert_eq!(index.first_locks_in_force(&party, &scope, 5).1.len(), 5);
         let mut expected = index.clone();
         expected.in_force.clear(); // rebuilt from the deal book on restore
+        expected.timeline = LockTimeline::new();
         assert_eq!(back, expected);
         let mut b = Vec::new();
         back.encode(&mut b);

@@ -856,7 +856,7 @@ impl LedgerState {
         }
         state.book = book;
         state.index = index;
-        state.index.rebuild_locks_in_force(state.book.locks());
+        state.index.rebuild_lock_tables(state.book.locks());
         state.next_batch = next_batch;
         state.entries = entries;
         Ok(state)

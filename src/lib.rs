@@ -21,3 +21,4 @@ pub mod query;
 pub mod replay;
 pub mod segments;
 pub mod store;
+pub mod timeline;

@@ -717,24 +717,67 @@ pub fn deals_list(
 
 /// `locks active --at TIME`: every lock in force at `at` (business time), in
 /// (deal, lock) order.
+///
+/// The lock timeline ([`crate::index::DealIndex::locks_active_at`]) finds
+/// them without testing every lock ever granted; only the page's locks are
+/// put in order and described.
 pub fn locks_active(
     state: &LedgerState,
     at: Timestamp,
     page: &PageRequest,
 ) -> Result<Page<LockInfo>, QueryError> {
-    let keyed = state.book().locks().filter(|l| l.active_at(at)).map(|l| {
-        (
-            lock_key(&l.deal_id, &l.lock_id),
-            LockInfo::of(l, state.index().deal(&l.deal_id)),
-        )
-    });
-    paginate(keyed, page)
+    let limit = page.limit()?;
+    let after = page.cursor()?.map(lock_cursor).transpose()?;
+    let mut ids: Vec<(&Id, &Id)> = state
+        .index()
+        .locks_active_at(at)
+        .filter(|&(deal, lock)| after.is_none_or(|a| (deal.as_str(), lock.as_str()) > a))
+        .collect();
+    // The first `limit` in order, and whether one more follows.
+    if ids.len() > limit + 1 {
+        ids.select_nth_unstable(limit);
+        ids.truncate(limit + 1);
+    }
+    ids.sort_unstable();
+    let more = ids.len() > limit;
+    ids.truncate(limit);
+    let items = ids
+        .iter()
+        .map(|&(deal_id, lock_id)| {
+            let lock = state
+                .book()
+                .get(deal_id)
+                .and_then(|deal| deal.locks.get(lock_id))
+                .unwrap_or_else(|| {
+                    panic!("the lock timeline names {deal_id}/{lock_id}, which the book lacks")
+                });
+            LockInfo::of(lock, state.index().deal(deal_id))
+        })
+        .collect();
+    Ok(Page {
+        items,
+        next_cursor: match ids.last() {
+            Some((deal, lock)) if more => Some(lock_key(deal, lock)),
+            _ => None,
+        },
+    })
 }
 
-/// A lock's cursor key: deal id and lock id. `/` sorts before every
-/// character an id may hold, so the keys sort as (deal, lock) pairs.
+/// A lock's name and cursor: `deal/lock` (no id holds a `/`).
 fn lock_key(deal: &Id, lock: &Id) -> String {
     format!("{deal}/{lock}")
+}
+
+/// The (deal, lock) a [`lock_key`] cursor names. Cursors compare as pairs:
+/// as strings, `a-b/x` would sort before `a/x` (`-` is below `/`), though
+/// deal `a` comes first.
+fn lock_cursor(cursor: &str) -> Result<(&str, &str), QueryError> {
+    cursor.split_once('/').ok_or_else(|| {
+        QueryError::bad(
+            "cursor",
+            format!("{cursor:?} is no cursor of this query (deal/lock); pass the next_cursor of the previous page"),
+        )
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -1503,6 +1546,61 @@ mod tests {
         assert!(
             at_feb.iter().any(|l| l.lock_id.as_str() == "azure-rofr"),
             "the right of first refusal replaced it: {at_feb:#?}"
+        );
+    }
+
+    #[test]
+    fn locks_active_pages_in_deal_then_lock_order_whatever_the_ids() {
+        // `-` and `.` sort below `/`: as strings, "a-b/l1" < "a/l1", but deal
+        // "a" comes before deal "a-b". Every page must continue where the
+        // last one stopped.
+        let deals = ["a", "a-b", "a.c", "a0", "b"];
+        let mut lines = Vec::new();
+        for (n, deal) in deals.iter().enumerate() {
+            lines.push(format!(
+                r#"{{"specversion":"1.0","id":"o{n}","source":"urn:t","type":"deal.negotiation.opened","subject":"{deal}","time":"2025-01-01T00:00:00Z","data":{{"customer":"x","provider":"y","scope":"cloud-compute"}}}}"#
+            ));
+            for lock in ["l1", "l1-b", "l2"] {
+                lines.push(format!(
+                    r#"{{"specversion":"1.0","id":"g{n}{lock}","source":"urn:t","type":"deal.exclusivity.granted","subject":"{deal}","time":"2025-01-02T00:00:00Z","data":{{"lock_id":"{lock}","holder":"y","bound_party":"x","scope":"cloud-compute","kind":"exclusive","valid_from":"2025-01-02T00:00:00Z"}}}}"#
+                ));
+            }
+        }
+        let b = build(&lines);
+        let mut expected: Vec<(String, String)> = Vec::new();
+        for deal in deals {
+            for lock in ["l1", "l1-b", "l2"] {
+                expected.push((deal.to_string(), lock.to_string()));
+            }
+        }
+        for limit in [1, 2, 4, 15, 16] {
+            let mut seen = Vec::new();
+            let mut page = PageRequest::first(limit);
+            loop {
+                let got = locks_active(&b.state, t("2025-02-01"), &page).unwrap();
+                assert!(got.items.len() <= limit);
+                seen.extend(
+                    got.items
+                        .iter()
+                        .map(|l| (l.deal_id.to_string(), l.lock_id.to_string())),
+                );
+                match got.next_cursor {
+                    Some(cursor) => page.cursor = Some(cursor),
+                    None => break,
+                }
+            }
+            assert_eq!(seen, expected, "pages of {limit}");
+        }
+        let bad = PageRequest {
+            cursor: Some("no-slash".into()),
+            ..PageRequest::first(5)
+        };
+        assert!(locks_active(&b.state, t("2025-02-01"), &bad).is_err());
+        assert!(
+            locks_active(&b.state, t("2025-01-01"), &PageRequest::first(5))
+                .unwrap()
+                .items
+                .is_empty()
         );
     }
 

@@ -18,6 +18,7 @@ const PURE_CORE: &[&str] = &[
     "src/chain.rs",
     "src/ledger.rs",
     "src/index.rs",
+    "src/timeline.rs",
 ];
 
 /// Paths the pure core must not name: (path segments, why). A path is
