@@ -789,9 +789,9 @@ impl DealIndex {
     /// force and the lock timeline.
     pub fn rebuild_lock_tables<'a>(&mut self, locks: impl Iterator<Item = &'a crate::deal::Lock>) {
         self.in_force.clear();
-        self.timeline = LockTimeline::new();
+        let locks: Vec<&crate::deal::Lock> = locks.collect();
+        self.timeline = LockTimeline::from_locks(locks.iter().copied());
         for lock in locks {
-            self.timeline.insert(lock);
             if lock.ended.is_none() {
                 self.in_force
                     .entry((lock.bound_party.clone(), lock.scope.clone()))

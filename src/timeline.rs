@@ -108,6 +108,35 @@ impl LockTimeline {
         LockTimeline::default()
     }
 
+    /// The timeline of `locks`, built at once: full chunks, in order.
+    pub fn from_locks<'a>(locks: impl Iterator<Item = &'a Lock>) -> LockTimeline {
+        let mut timeline = LockTimeline::new();
+        let mut spans = Vec::new();
+        for lock in locks {
+            let (deal, id) = (lock.deal_id.clone(), lock.lock_id.clone());
+            match binding_end(lock) {
+                None => {
+                    timeline.open.insert((lock.valid_from, deal, id));
+                }
+                Some(end) => spans.push(Span {
+                    from: lock.valid_from,
+                    end,
+                    deal,
+                    lock: id,
+                }),
+            }
+        }
+        spans.sort_unstable_by(|a, b| a.key().cmp(&b.key()));
+        spans.dedup_by(|a, b| a.key() == b.key());
+        timeline.ended = spans.len();
+        let mut spans = spans.into_iter().peekable();
+        while spans.peek().is_some() {
+            let chunk: Vec<Span> = spans.by_ref().take(CHUNK_MAX).collect();
+            timeline.chunks.push(Chunk::new(chunk));
+        }
+        timeline
+    }
+
     /// How many locks it holds.
     pub fn len(&self) -> usize {
         self.open.len() + self.ended
@@ -167,9 +196,18 @@ impl LockTimeline {
             .chunks
             .partition_point(|c| c.spans[0].key() <= span.key())
             .saturating_sub(1);
+        let last = c + 1 == self.chunks.len();
         let chunk = &mut self.chunks[c];
         match chunk.spans.binary_search_by(|s| s.key().cmp(&span.key())) {
             Ok(at) => chunk.spans[at].end = span.end,
+            // Locks mostly end in the order they started: a span after
+            // every other one starts a new chunk once the last is full,
+            // instead of splitting it into two half-empty ones.
+            Err(at) if last && at == CHUNK_MAX => {
+                self.chunks.push(Chunk::new(vec![span]));
+                self.ended += 1;
+                return;
+            }
             Err(at) => {
                 chunk.spans.insert(at, span);
                 self.ended += 1;
@@ -314,13 +352,17 @@ mod tests {
                 }
             }
             prop_assert_eq!(timeline.len(), locks.len());
+            let rebuilt = LockTimeline::from_locks(locks.iter());
+            prop_assert_eq!(rebuilt.len(), locks.len());
             prop_assert!(timeline.chunks.iter().all(|c| !c.spans.is_empty() && c.spans.len() <= CHUNK_MAX));
             prop_assert_eq!(timeline.ended, timeline.chunks.iter().map(|c| c.spans.len()).sum::<usize>());
             for p in probes.into_iter().chain(locks.iter().map(|l| l.valid_from.unix_millis() / 1000)) {
                 let t = ts(p);
                 let expected = sorted(locks.iter().filter(|l| l.active_at(t)).map(|l| (l.deal_id.clone(), l.lock_id.clone())).collect());
                 let found = sorted(timeline.active_at(t).map(|(d, l)| (d.clone(), l.clone())).collect());
-                prop_assert_eq!(found, expected, "at {}", p);
+                prop_assert_eq!(&found, &expected, "at {}", p);
+                let found = sorted(rebuilt.active_at(t).map(|(d, l)| (d.clone(), l.clone())).collect());
+                prop_assert_eq!(found, expected, "rebuilt, at {}", p);
             }
         }
     }
