@@ -13,7 +13,7 @@
 //! sorted by start, each knowing the latest end among its locks; a query
 //! for `t` stops at the first chunk that starts after `t` and skips every
 //! chunk whose locks all ended by `t`. Its cost follows the locks that
-//! bind at `t` (each may keep one chunk of [`CHUNK_MAX`] in the scan), not
+//! bind at `t` (each may keep one chunk of 32 in the scan), not
 //! all the locks ever granted.
 //!
 //! Derived data, part of the pure core: the query index
