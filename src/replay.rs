@@ -53,7 +53,7 @@ use crate::chain::Entry;
 use crate::deal::{Deal, DealBook, Lock, Status};
 use crate::event::{Date, Id, LockKind, Terms, Timestamp};
 use crate::ledger::{LedgerState, Outcome, Verdict};
-use crate::store::{ReplayFrom, Store, StoreError};
+use crate::store::{QueryIndex, ReplayFrom, Store, StoreError};
 
 /// Describes the accepted forms of a TIME argument; used in messages.
 pub const TIME_RULE: &str = "an RFC 3339 timestamp such as 2025-01-15T09:30:00Z, or a date such as 2025-01-15 (the start of that day, UTC)";
@@ -201,16 +201,23 @@ pub fn replay(
         } else {
             ReplayFrom::LatestSnapshot
         };
-        let replayed = store.replay_with(from, progress, |entry, outcome: &Outcome| {
-            first_folded
-                .entry(entry.record.partition)
-                .or_insert(entry.seq);
-            folded += 1;
-            verdicts.add(&outcome.verdict);
-        })?;
+        // The deals are printed; the query index would be built for nothing.
+        let replayed = store.replay_with(
+            from,
+            QueryIndex::Dropped,
+            progress,
+            |entry, outcome: &Outcome| {
+                first_folded
+                    .entry(entry.record.partition)
+                    .or_insert(entry.seq);
+                folded += 1;
+                verdicts.add(&outcome.verdict);
+            },
+        )?;
         (replayed.state, replayed.snapshot)
     } else {
         let mut state = store.new_state()?;
+        state.drop_query_index();
         store.walk_entries(progress, |entry| {
             if cut.includes(entry) {
                 folded += 1;
@@ -816,7 +823,7 @@ mod tests {
             let replay_of = |from| {
                 let mut verdicts = BTreeMap::new();
                 let replayed = store
-                    .replay_with(from, None, |_, outcome| {
+                    .replay_with(from, QueryIndex::Kept, None, |_, outcome| {
                         verdicts.insert(outcome.location, outcome.verdict.clone());
                     })
                     .unwrap();
