@@ -1087,6 +1087,12 @@ impl DealBook {
         self.order.iter().map(|id| (id, &*self.deals[id]))
     }
 
+    /// The deals from `first` on (`first` included if it was opened), in
+    /// deal-id order.
+    pub fn iter_from<'a>(&'a self, first: &Id) -> impl Iterator<Item = (&'a Id, &'a Deal)> + 'a {
+        self.order.range(first..).map(|id| (id, &*self.deals[id]))
+    }
+
     /// How many deals were opened.
     pub fn len(&self) -> usize {
         self.deals.len()

@@ -715,12 +715,20 @@ pub fn deals_list(
 // locks active
 // ---------------------------------------------------------------------------
 
+/// Locks a `locks active` page may test in page order, per item it lists,
+/// before it asks the lock timeline instead.
+const LOCKS_TESTED_PER_ITEM: usize = 32;
+
 /// `locks active --at TIME`: every lock in force at `at` (business time), in
 /// (deal, lock) order.
 ///
-/// The lock timeline ([`crate::index::DealIndex::locks_active_at`]) finds
-/// them without testing every lock ever granted; only the page's locks are
-/// put in order and described.
+/// Two ways to the same page. Where many locks bind at `at`, walking the
+/// locks in page order and testing each fills the page after a few deals;
+/// the walk stops after 32 locks tested per item wanted.
+/// Past that, the binding locks are rare: the lock timeline
+/// ([`crate::index::DealIndex::locks_active_at`]) finds them all without
+/// testing the others, and the page is picked out of them. Either way the
+/// cost follows the page and the binding locks, not every lock ever granted.
 pub fn locks_active(
     state: &LedgerState,
     at: Timestamp,
@@ -728,17 +736,46 @@ pub fn locks_active(
 ) -> Result<Page<LockInfo>, QueryError> {
     let limit = page.limit()?;
     let after = page.cursor()?.map(lock_cursor).transpose()?;
-    let mut ids: Vec<(&Id, &Id)> = state
-        .index()
-        .locks_active_at(at)
-        .filter(|&(deal, lock)| after.is_none_or(|a| (deal.as_str(), lock.as_str()) > a))
-        .collect();
-    // The first `limit` in order, and whether one more follows.
-    if ids.len() > limit + 1 {
-        ids.select_nth_unstable(limit);
-        ids.truncate(limit + 1);
+    let wanted = limit + 1; // one more tells whether a next page exists
+    let after_cursor =
+        |deal: &Id, lock: &Id| after.as_ref().is_none_or(|(d, l)| (deal, lock) > (d, l));
+    let mut ids: Vec<(&Id, &Id)> = Vec::with_capacity(wanted);
+    let mut budget = LOCKS_TESTED_PER_ITEM * wanted;
+    let deals: Box<dyn Iterator<Item = (&Id, &Deal)>> = match &after {
+        Some((deal, _)) => Box::new(state.book().iter_from(deal)),
+        None => Box::new(state.book().iter()),
+    };
+    let mut walked = true;
+    'deals: for (deal_id, deal) in deals {
+        for lock in deal.locks.values() {
+            if !after_cursor(deal_id, &lock.lock_id) {
+                continue;
+            }
+            if budget == 0 {
+                walked = false;
+                break 'deals;
+            }
+            budget -= 1;
+            if lock.active_at(at) {
+                ids.push((deal_id, &lock.lock_id));
+                if ids.len() == wanted {
+                    break 'deals;
+                }
+            }
+        }
     }
-    ids.sort_unstable();
+    if !walked {
+        ids = state
+            .index()
+            .locks_active_at(at)
+            .filter(|&(deal, lock)| after_cursor(deal, lock))
+            .collect();
+        if ids.len() > wanted {
+            ids.select_nth_unstable(limit);
+            ids.truncate(wanted);
+        }
+        ids.sort_unstable();
+    }
     let more = ids.len() > limit;
     ids.truncate(limit);
     let items = ids
@@ -771,13 +808,20 @@ fn lock_key(deal: &Id, lock: &Id) -> String {
 /// The (deal, lock) a [`lock_key`] cursor names. Cursors compare as pairs:
 /// as strings, `a-b/x` would sort before `a/x` (`-` is below `/`), though
 /// deal `a` comes first.
-fn lock_cursor(cursor: &str) -> Result<(&str, &str), QueryError> {
-    cursor.split_once('/').ok_or_else(|| {
+fn lock_cursor(cursor: &str) -> Result<(Id, Id), QueryError> {
+    let bad = || {
         QueryError::bad(
             "cursor",
-            format!("{cursor:?} is no cursor of this query (deal/lock); pass the next_cursor of the previous page"),
+            format!(
+                "{cursor:?} is no cursor of this query (deal/lock); pass the next_cursor of the previous page"
+            ),
         )
-    })
+    };
+    let (deal, lock) = cursor.split_once('/').ok_or_else(bad)?;
+    Ok((
+        Id::new(deal).map_err(|_| bad())?,
+        Id::new(lock).map_err(|_| bad())?,
+    ))
 }
 
 // ---------------------------------------------------------------------------
@@ -1602,6 +1646,78 @@ mod tests {
                 .items
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn locks_active_gives_the_same_pages_whether_it_walks_or_asks_the_timeline() {
+        // 40 deals, 3 locks each, starting on various days of January 2025,
+        // some expiring, some released. Small pages give up the walk after
+        // a few locks (and ask the timeline) where few bind; large ones
+        // walk every lock.
+        let mut lines = Vec::new();
+        for d in 0..40u32 {
+            let deal = format!("deal-{d:02}");
+            lines.push(format!(
+                r#"{{"specversion":"1.0","id":"o{d}","source":"urn:t","type":"deal.negotiation.opened","subject":"{deal}","time":"2025-01-01T00:00:00Z","data":{{"customer":"x","provider":"y","scope":"cloud-compute"}}}}"#
+            ));
+            for l in 0..3u32 {
+                let day = 2 + (d * 7 + l * 5) % 25;
+                let until = if (d + l) % 3 == 0 {
+                    format!(r#","valid_until":"2025-01-{:02}T00:00:00Z""#, day + 3)
+                } else {
+                    String::new()
+                };
+                lines.push(format!(
+                    r#"{{"specversion":"1.0","id":"g{d}-{l}","source":"urn:t","type":"deal.exclusivity.granted","subject":"{deal}","time":"2025-01-{day:02}T00:00:00Z","data":{{"lock_id":"lock-{l}","holder":"y","bound_party":"x","scope":"cloud-compute","kind":"exclusive","valid_from":"2025-01-{day:02}T00:00:00Z"{until}}}}}"#
+                ));
+                if until.is_empty() && (d + l) % 4 == 1 {
+                    lines.push(format!(
+                        r#"{{"specversion":"1.0","id":"r{d}-{l}","source":"urn:t","type":"deal.exclusivity.released","subject":"{deal}","time":"2025-01-{:02}T12:00:00Z","data":{{"lock_id":"lock-{l}","reason":"done"}}}}"#,
+                        day + 2
+                    ));
+                }
+            }
+        }
+        let b = build(&lines);
+        assert_eq!(b.state.book().locks().count(), 120);
+        assert!(b.state.book().locks().any(|l| l.ended.is_some()));
+        for at in [
+            "2024-12-31",
+            "2025-01-03",
+            "2025-01-05T06:00:00Z",
+            "2025-01-10",
+            "2025-01-20",
+            "2025-01-28",
+            "2025-02-15",
+            "2030-01-01",
+        ] {
+            let at = t(at);
+            let expected: Vec<(String, String)> = b
+                .state
+                .book()
+                .locks()
+                .filter(|l| l.active_at(at))
+                .map(|l| (l.deal_id.to_string(), l.lock_id.to_string()))
+                .collect();
+            for limit in [1, 2, 5, 50] {
+                let mut seen = Vec::new();
+                let mut page = PageRequest::first(limit);
+                loop {
+                    let got = locks_active(&b.state, at, &page).unwrap();
+                    assert!(got.items.len() <= limit);
+                    seen.extend(
+                        got.items
+                            .iter()
+                            .map(|l| (l.deal_id.to_string(), l.lock_id.to_string())),
+                    );
+                    match got.next_cursor {
+                        Some(cursor) => page.cursor = Some(cursor),
+                        None => break,
+                    }
+                }
+                assert_eq!(seen, expected, "at {at}, pages of {limit}");
+            }
+        }
     }
 
     #[test]
