@@ -455,8 +455,8 @@ impl LedgerState {
     }
 
     /// Empties the query index and stops keeping it: for a fold that only
-    /// needs the deals (a replay that prints them), a fifth of the fold's
-    /// work saved. The chain heads, identities, verdicts and deal book are
+    /// needs the deals (a replay that prints them): about a fifth of the
+    /// CPU of a replay from genesis saved. The chain heads, identities, verdicts and deal book are
     /// judged exactly as before. Such a state answers no query and is never
     /// stored ([`crate::store::Store::write_snapshot`] refuses it).
     pub fn drop_query_index(&mut self) {

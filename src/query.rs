@@ -1593,6 +1593,26 @@ mod tests {
         );
     }
 
+    /// Every (deal, lock) `locks_active` lists at `at`, page after page of
+    /// `limit`, following the cursors.
+    fn all_active_locks(state: &LedgerState, at: Timestamp, limit: usize) -> Vec<(String, String)> {
+        let mut seen = Vec::new();
+        let mut page = PageRequest::first(limit);
+        loop {
+            let got = locks_active(state, at, &page).unwrap();
+            assert!(got.items.len() <= limit);
+            seen.extend(
+                got.items
+                    .iter()
+                    .map(|l| (l.deal_id.to_string(), l.lock_id.to_string())),
+            );
+            match got.next_cursor {
+                Some(cursor) => page.cursor = Some(cursor),
+                None => return seen,
+            }
+        }
+    }
+
     #[test]
     fn locks_active_pages_in_deal_then_lock_order_whatever_the_ids() {
         // `-` and `.` sort below `/`: as strings, "a-b/l1" < "a/l1", but deal
@@ -1618,21 +1638,7 @@ mod tests {
             }
         }
         for limit in [1, 2, 4, 15, 16] {
-            let mut seen = Vec::new();
-            let mut page = PageRequest::first(limit);
-            loop {
-                let got = locks_active(&b.state, t("2025-02-01"), &page).unwrap();
-                assert!(got.items.len() <= limit);
-                seen.extend(
-                    got.items
-                        .iter()
-                        .map(|l| (l.deal_id.to_string(), l.lock_id.to_string())),
-                );
-                match got.next_cursor {
-                    Some(cursor) => page.cursor = Some(cursor),
-                    None => break,
-                }
-            }
+            let seen = all_active_locks(&b.state, t("2025-02-01"), limit);
             assert_eq!(seen, expected, "pages of {limit}");
         }
         let bad = PageRequest {
@@ -1700,21 +1706,7 @@ mod tests {
                 .map(|l| (l.deal_id.to_string(), l.lock_id.to_string()))
                 .collect();
             for limit in [1, 2, 5, 50] {
-                let mut seen = Vec::new();
-                let mut page = PageRequest::first(limit);
-                loop {
-                    let got = locks_active(&b.state, at, &page).unwrap();
-                    assert!(got.items.len() <= limit);
-                    seen.extend(
-                        got.items
-                            .iter()
-                            .map(|l| (l.deal_id.to_string(), l.lock_id.to_string())),
-                    );
-                    match got.next_cursor {
-                        Some(cursor) => page.cursor = Some(cursor),
-                        None => break,
-                    }
-                }
+                let seen = all_active_locks(&b.state, at, limit);
                 assert_eq!(seen, expected, "at {at}, pages of {limit}");
             }
         }

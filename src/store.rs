@@ -3112,7 +3112,7 @@ pub enum QueryIndex {
     /// Rebuilt: the state answers queries and can be snapshotted.
     Kept,
     /// Not rebuilt ([`LedgerState::drop_query_index`]): for a replay that
-    /// only needs the deals; about a fifth less work from genesis.
+    /// only needs the deals; about a fifth less CPU from genesis.
     Dropped,
 }
 
