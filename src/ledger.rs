@@ -454,11 +454,11 @@ impl LedgerState {
         &self.index
     }
 
-    /// Empties the query index and stops keeping it: for a fold that only
-    /// needs the deals (a replay that prints them): about a fifth of the
-    /// CPU of a replay from genesis saved. The chain heads, identities, verdicts and deal book are
-    /// judged exactly as before. Such a state answers no query and is never
-    /// stored ([`crate::store::Store::write_snapshot`] refuses it).
+    /// Empties the query index and stops keeping it, for a fold that only
+    /// needs the deals (a replay that prints them): it saves about a fifth
+    /// of a replay's CPU. The chain heads, identities, verdicts and deal
+    /// book are judged exactly as before. Such a state answers no query and
+    /// is never stored ([`crate::store::Store::write_snapshot`] refuses it).
     pub fn drop_query_index(&mut self) {
         self.index = DealIndex::new();
         self.keeps_index = false;
