@@ -461,13 +461,16 @@ mod event_type_serde {
     }
 }
 
+/// The blake3 derive-key context of [`amendment_fingerprint`].
+const AMENDMENT_CONTEXT: &str = "dealledger 2026-11 amendment id v1";
+
 /// The 64-bit fingerprint under which a deal remembers an amendment id
 /// (blake3, domain-separated): 8 bytes per amendment instead of the id.
 pub fn amendment_fingerprint(id: &Id) -> u64 {
     // The context key is derived once; the keyed hasher's state is cloned.
     static AMENDMENT_HASHER: std::sync::OnceLock<blake3::Hasher> = std::sync::OnceLock::new();
     let mut h = AMENDMENT_HASHER
-        .get_or_init(|| blake3::Hasher::new_derive_key("dealledger 2026-11 amendment id v1"))
+        .get_or_init(|| blake3::Hasher::new_derive_key(AMENDMENT_CONTEXT))
         .clone();
     h.update(id.as_str().as_bytes());
     u64::from_be_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
@@ -1555,6 +1558,15 @@ mod tests {
     use proptest::strategy::ValueTree;
     use proptest::test_runner::TestRunner;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn amendment_fingerprints_are_blake3_derive_key_of_the_id() {
+        for s in ["a1", "amendment-2025-05", "x"] {
+            let full = blake3::derive_key(AMENDMENT_CONTEXT, s.as_bytes());
+            let expected = u64::from_be_bytes(full[..8].try_into().unwrap());
+            assert_eq!(amendment_fingerprint(&id(s)), expected, "{s}");
+        }
+    }
 
     // -- Builders -----------------------------------------------------------
 

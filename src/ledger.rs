@@ -1112,6 +1112,29 @@ mod tests {
     }
 
     #[test]
+    fn fingerprints_are_blake3_derive_key_of_the_identity() {
+        // The rule docs/FORMAT.md states for batch records (stored, exported).
+        for (source, id) in [
+            ("urn:a", "e1"),
+            ("", ""),
+            ("urn:generator", "gen-42-000000000017"),
+        ] {
+            let mut material = Vec::new();
+            material.extend_from_slice(&(source.len() as u64).to_be_bytes());
+            material.extend_from_slice(source.as_bytes());
+            material.extend_from_slice(&(id.len() as u64).to_be_bytes());
+            material.extend_from_slice(id.as_bytes());
+            let full = blake3::derive_key(IDENTITY_CONTEXT, &material);
+            let expected = u64::from_be_bytes(full[..8].try_into().unwrap());
+            assert_eq!(
+                identity_fingerprint(source, id),
+                expected,
+                "{source:?} {id:?}"
+            );
+        }
+    }
+
+    #[test]
     fn fingerprints_separate_source_and_id() {
         assert_ne!(
             identity_fingerprint("ab", "c"),
