@@ -387,6 +387,9 @@ mod soak {
     #[derive(Default)]
     struct Window {
         latencies: [Vec<Duration>; 3],
+        /// Bytes of the answers, per route: what each request asked the
+        /// server to produce.
+        bytes: [u64; 3],
         /// Answers other than 200 and 404.
         errors: u64,
         /// 404 answers (a deal id that the ledger does not know).
@@ -426,6 +429,8 @@ mod soak {
         p99: Duration,
         max: Duration,
         route_p99: [Duration; 3],
+        /// Mean answer size per route, KiB.
+        route_kib: [f64; 3],
     }
 
     /// Settings read from the environment.
@@ -491,9 +496,10 @@ mod soak {
                     1 => format!("/v1/deals/{deal}/history"),
                     _ => format!("/v1/locks/active?at={}", self.at),
                 };
-                let (status, _) = self.target.get(&mut client, &url).await;
+                let (status, body) = self.target.get(&mut client, &url).await;
                 let latency = scheduled.elapsed();
                 let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+                w.bytes[route] += body.len() as u64;
                 match status {
                     200 => {}
                     404 => w.not_found += 1,
@@ -648,7 +654,7 @@ mod soak {
         );
         println!();
         println!(
-            "{:>6} {:>10} {:>9} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>5} {:>5} {:>6} {:>4} {:>4} {:>7} {:>7} {:>8}  p99 ms per route (deal/history/locks)",
+            "{:>6} {:>10} {:>9} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>5} {:>5} {:>6} {:>4} {:>4} {:>7} {:>7} {:>8}  p99 ms per route (deal/history/locks)  KiB per answer",
             "min",
             "ingested",
             "ingest/s",
@@ -718,10 +724,13 @@ mod soak {
                 format!("{:.2}", ms(row.p99)),
                 format!("{:.2}", ms(row.max)),
                 format!(
-                    "{:.2} / {:.2} / {:.2}",
+                    "{:.2} / {:.2} / {:.2}  {:.1} / {:.1} / {:.1}",
                     ms(row.route_p99[0]),
                     ms(row.route_p99[1]),
-                    ms(row.route_p99[2])
+                    ms(row.route_p99[2]),
+                    row.route_kib[0],
+                    row.route_kib[1],
+                    row.route_kib[2]
                 ),
             )
         } else {
@@ -827,11 +836,16 @@ mod soak {
                     let mean = |rs: &[Row]| {
                         rs.iter().map(|r| ms(r.route_p99[route])).sum::<f64>() / rs.len() as f64
                     };
+                    let kib = |rs: &[Row]| {
+                        rs.iter().map(|r| r.route_kib[route]).sum::<f64>() / rs.len() as f64
+                    };
                     format!(
-                        "{} {:.2} -> {:.2} ms",
+                        "{} {:.2} -> {:.2} ms ({:.1} -> {:.1} KiB per answer)",
                         ROUTES[route],
                         mean(&queried[..edge]),
-                        mean(&queried[queried.len() - edge..])
+                        mean(&queried[queried.len() - edge..]),
+                        kib(&queried[..edge]),
+                        kib(&queried[queried.len() - edge..])
                     )
                 })
                 .collect::<Vec<_>>()
@@ -870,6 +884,7 @@ mod soak {
             p99: Duration::ZERO,
             max: Duration::ZERO,
             route_p99: [Duration::ZERO; 3],
+            route_kib: [0.0; 3],
         }];
         print_row(&rows[0], None);
 
@@ -909,6 +924,9 @@ mod soak {
                 l.sort_unstable();
                 percentile(&l, 99.0)
             });
+            let route_kib = std::array::from_fn(|r| {
+                w.bytes[r] as f64 / 1024.0 / w.latencies[r].len().max(1) as f64
+            });
             let row = Row {
                 seconds: t0.elapsed().as_secs_f64(),
                 scrape: scrape(target, &mut metrics_client).await,
@@ -923,6 +941,7 @@ mod soak {
                 p99: percentile(&all, 99.0),
                 max: all.last().copied().unwrap_or_default(),
                 route_p99,
+                route_kib,
             };
             print_row(&row, rows.last());
             rows.push(row);
