@@ -216,8 +216,7 @@ pub fn replay(
         )?;
         (replayed.state, replayed.snapshot)
     } else {
-        let mut state = store.new_state()?;
-        state.drop_query_index();
+        let mut state = store.new_state_with(QueryIndex::Dropped)?;
         store.walk_entries(progress, |entry| {
             if cut.includes(entry) {
                 folded += 1;

@@ -1514,8 +1514,17 @@ impl Store {
     /// An empty state of this ledger whose identity index and history
     /// items live in scratch files in the ledger folder, not in memory.
     pub fn new_state(&self) -> Result<LedgerState, StoreError> {
+        self.new_state_with(QueryIndex::Kept)
+    }
+
+    /// [`Store::new_state`], or without the query index (and so without a
+    /// scratch file for its history items).
+    pub fn new_state_with(&self, index: QueryIndex) -> Result<LedgerState, StoreError> {
         let mut state = LedgerState::with_identities(self.topic.clone(), self.new_identities()?);
-        self.spill_history(&mut state)?;
+        match index {
+            QueryIndex::Kept => self.spill_history(&mut state)?,
+            QueryIndex::Dropped => state.drop_query_index(),
+        }
         Ok(state)
     }
 
@@ -2401,10 +2410,7 @@ impl Store {
                 });
             }
         }
-        let mut state = self.new_state()?;
-        if index == QueryIndex::Dropped {
-            state.drop_query_index();
-        }
+        let mut state = self.new_state_with(index)?;
         self.walk_pipelined(0, BTreeMap::new(), progress, true, |step, value| {
             replay_step(&mut state, self, step, value, &mut visit)
         })?;
