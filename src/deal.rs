@@ -26,9 +26,12 @@
 //!   ([`MAX_PROPOSALS_PER_DEAL`], [`MAX_LOCKS_PER_DEAL`],
 //!   [`MAX_AMENDMENTS_PER_DEAL`]); parties are bounded by the event limits.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
+use std::sync::Arc;
 
+use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::event::{
@@ -36,6 +39,7 @@ use crate::event::{
     LockKind, NegotiationOpened, Payload, Signatory, Terminated, Terms, TermsAccepted,
     TermsCountered, TermsProposed, TermsRejected, Text, Timestamp, limits,
 };
+use crate::index::{SegmentRef, SegmentStore};
 
 /// Most proposals (including counter-proposals) one deal may hold.
 pub const MAX_PROPOSALS_PER_DEAL: usize = 1_000;
@@ -115,6 +119,11 @@ impl<V> IdMap<V> {
         }
     }
 
+    /// Removes `id`, returning its value.
+    pub fn remove(&mut self, id: &Id) -> Option<V> {
+        self.position(id).ok().map(|i| self.entries.remove(i).1)
+    }
+
     /// Number of entries.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -138,6 +147,11 @@ impl<V> IdMap<V> {
     /// Values in id order.
     pub fn values(&self) -> impl DoubleEndedIterator<Item = &V> + ExactSizeIterator {
         self.entries.iter().map(|(_, value)| value)
+    }
+
+    /// Entries in id order, values to change.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&Id, &mut V)> {
+        self.entries.iter_mut().map(|(id, value)| (&*id, value))
     }
 
     /// Values in id order, to change them.
@@ -269,6 +283,334 @@ impl<'de> Deserialize<'de> for AmendmentIds {
         }
         ids.shrink_to_fit();
         Ok(AmendmentIds(ids))
+    }
+}
+
+/// A deal's locks, ended or not, by id; those that ended move out of memory
+/// once a [`SegmentStore`] is attached ([`DealBook::store_ended_locks_in`]).
+///
+/// A lock that ended (released, or its deal terminated) never changes
+/// again, and the fold needs only its id (a reused id is refused) and when
+/// it ended (releasing it again is refused with that time). So those two
+/// stay in memory (~56 bytes a lock) and the lock itself is written to the
+/// store, as its JSON, and read back by the queries that show it. Locks not
+/// ended stay whole in memory: the fold changes them. Without a store
+/// (tests, `replay`) ended locks stay in memory too, and everything reads
+/// the same. Serialized (snapshots) as one object of every lock by id, as an
+/// [`IdMap`] of locks was.
+///
+/// A failed read of the store yields no lock (`get`, `iter` leave it out)
+/// and is recorded by the store ([`SegmentStore::failure`]); the shell
+/// checks that before it trusts or stores anything derived.
+#[derive(Clone, Default)]
+pub struct DealLocks {
+    /// Locks that have not ended.
+    held: IdMap<Lock>,
+    /// Locks that ended.
+    ended: IdMap<EndedLock>,
+    /// Where ended locks go, once attached.
+    store: Option<Arc<dyn SegmentStore>>,
+}
+
+/// An ended lock as [`DealLocks`] keeps it: what the fold and the lock
+/// queries test, without reading it back.
+#[derive(Clone, Debug)]
+struct EndedLock {
+    /// When it ended (the fold's `LockEnded` rejection names it).
+    at: Timestamp,
+    /// Its kind (findings look at exclusive locks only).
+    kind: LockKind,
+    /// It bound from `from` (inclusive) to `until` (exclusive): its
+    /// `valid_from`, and the earlier of its end and `valid_until`.
+    from: Timestamp,
+    until: Timestamp,
+    body: LockBody,
+}
+
+impl EndedLock {
+    fn of(lock: Lock, body: impl FnOnce(Lock) -> LockBody) -> EndedLock {
+        let at = lock.ended.as_ref().expect("an ended lock").at;
+        EndedLock {
+            at,
+            kind: lock.kind,
+            from: lock.valid_from,
+            until: lock.valid_until.map_or(at, |until| until.min(at)),
+            body: body(lock),
+        }
+    }
+}
+
+/// One lock of a [`DealLocks`], as [`DealLocks::entries`] gives it: its id,
+/// kind and whether it binds at a time are known without reading it back.
+#[derive(Clone, Copy)]
+pub struct LockEntry<'a> {
+    id: &'a Id,
+    at: LockAt<'a>,
+    locks: &'a DealLocks,
+}
+
+#[derive(Clone, Copy)]
+enum LockAt<'a> {
+    NotEnded(&'a Lock),
+    Ended(&'a EndedLock),
+}
+
+impl<'a> LockEntry<'a> {
+    /// The lock's id.
+    pub fn id(&self) -> &'a Id {
+        self.id
+    }
+
+    /// Its kind.
+    pub fn kind(&self) -> LockKind {
+        match self.at {
+            LockAt::NotEnded(lock) => lock.kind,
+            LockAt::Ended(e) => e.kind,
+        }
+    }
+
+    /// Whether it binds at `t` ([`Lock::active_at`]).
+    pub fn active_at(&self, t: Timestamp) -> bool {
+        match self.at {
+            LockAt::NotEnded(lock) => lock.active_at(t),
+            LockAt::Ended(e) => e.from <= t && t < e.until,
+        }
+    }
+
+    /// The lock itself (read from the store if it was moved there; `None`
+    /// if that read failed, see [`DealLocks`]).
+    pub fn load(&self) -> Option<Cow<'a, Lock>> {
+        match self.at {
+            LockAt::NotEnded(lock) => Some(Cow::Borrowed(lock)),
+            LockAt::Ended(e) => self.locks.body(e),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum LockBody {
+    /// In memory: no store attached.
+    Kept(Box<Lock>),
+    /// Its JSON, in the store.
+    Stored(SegmentRef),
+}
+
+impl DealLocks {
+    /// How many locks the deal granted, ended or not.
+    pub fn len(&self) -> usize {
+        self.held.len() + self.ended.len()
+    }
+
+    /// Whether the deal granted none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the deal granted lock `id`.
+    pub fn contains(&self, id: &Id) -> bool {
+        self.held.contains_key(id) || self.ended.contains_key(id)
+    }
+
+    /// Lock `id` (read from the store if it ended and was moved there).
+    pub fn get(&self, id: &Id) -> Option<Cow<'_, Lock>> {
+        match self.held.get(id) {
+            Some(lock) => Some(Cow::Borrowed(lock)),
+            None => self.ended.get(id).and_then(|e| self.body(e)),
+        }
+    }
+
+    /// When lock `id` ended, if it did.
+    pub fn ended_at(&self, id: &Id) -> Option<Timestamp> {
+        self.ended.get(id).map(|e| e.at)
+    }
+
+    /// Lock `id`, if the deal granted it and it has not ended.
+    pub fn not_ended_get(&self, id: &Id) -> Option<&Lock> {
+        self.held.get(id)
+    }
+
+    /// The locks that have not ended, in id order.
+    pub fn not_ended(&self) -> impl Iterator<Item = &Lock> {
+        self.held.values()
+    }
+
+    /// Every lock, in id order, as entries that tell its id, kind and
+    /// binding interval without reading it back.
+    pub fn entries(&self) -> impl Iterator<Item = LockEntry<'_>> {
+        let mut held = self.held.iter().peekable();
+        let mut ended = self.ended.iter().peekable();
+        std::iter::from_fn(move || {
+            let take_held = match (held.peek(), ended.peek()) {
+                (None, None) => return None,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (Some((h, _)), Some((e, _))) => h < e,
+            };
+            Some(if take_held {
+                let (id, lock) = held.next().expect("peeked");
+                LockEntry {
+                    id,
+                    at: LockAt::NotEnded(lock),
+                    locks: self,
+                }
+            } else {
+                let (id, e) = ended.next().expect("peeked");
+                LockEntry {
+                    id,
+                    at: LockAt::Ended(e),
+                    locks: self,
+                }
+            })
+        })
+    }
+
+    /// Every lock, in id order (ended ones read from the store; one whose
+    /// read failed is left out, see the type's docs).
+    pub fn iter(&self) -> impl Iterator<Item = Cow<'_, Lock>> {
+        self.entries().filter_map(|entry| entry.load())
+    }
+
+    fn body<'a>(&'a self, ended: &'a EndedLock) -> Option<Cow<'a, Lock>> {
+        match &ended.body {
+            LockBody::Kept(lock) => Some(Cow::Borrowed(&**lock)),
+            LockBody::Stored(at) => {
+                let store = self.store.as_ref().expect("stored locks have a store");
+                let mut bytes = Vec::new();
+                if !store.read(*at, &mut bytes) {
+                    return None;
+                }
+                // What this process wrote; anything else is a bug.
+                let lock: Lock = serde_json::from_slice(&bytes)
+                    .expect("a stored lock decodes: this process wrote it");
+                Some(Cow::Owned(lock))
+            }
+        }
+    }
+
+    /// Records a newly granted lock.
+    fn grant(&mut self, lock: Lock) {
+        debug_assert!(lock.ended.is_none());
+        let previous = self.held.insert(lock.lock_id.clone(), lock);
+        assert!(previous.is_none(), "checked: lock id is new");
+    }
+
+    /// Ends lock `id`, which must be held.
+    fn end(&mut self, id: &Id, end: LockEnd) {
+        let mut lock = self
+            .held
+            .remove(id)
+            .expect("checked: the lock exists and has not ended");
+        lock.ended = Some(end);
+        let ended = EndedLock::of(lock, |lock| self.body_of(lock));
+        self.ended.insert(id.clone(), ended);
+    }
+
+    /// Ends every lock not ended yet at `end`.
+    fn end_all(&mut self, end: &LockEnd) {
+        let ids: Vec<Id> = self.held.keys().cloned().collect();
+        for id in ids {
+            self.end(&id, end.clone());
+        }
+    }
+
+    fn body_of(&self, lock: Lock) -> LockBody {
+        match &self.store {
+            None => LockBody::Kept(Box::new(lock)),
+            Some(store) => {
+                let json = serde_json::to_vec(&lock).expect("a lock serializes");
+                LockBody::Stored(store.append(&json))
+            }
+        }
+    }
+
+    /// Moves the ended locks to `store`, and those that end from now on.
+    fn store_ended_in(&mut self, store: &Arc<dyn SegmentStore>) {
+        assert!(self.store.is_none(), "ended locks stored twice");
+        self.store = Some(Arc::clone(store));
+        for (_, ended) in self.ended.iter_mut() {
+            if let LockBody::Kept(lock) = &ended.body {
+                let json = serde_json::to_vec(&**lock).expect("a lock serializes");
+                ended.body = LockBody::Stored(store.append(&json));
+            }
+        }
+    }
+
+    /// Asserts that every lock belongs to `deal` and ended ones say so.
+    fn assert_invariants(&self, deal: &Deal) {
+        assert!(self.held.values().all(|l| l.ended.is_none()));
+        for (id, e) in self.ended.iter() {
+            assert!(!self.held.contains_key(id), "lock {id} both held and ended");
+            if let LockBody::Kept(l) = &e.body {
+                let at = l.ended.as_ref().map(|end| end.at);
+                assert_eq!((at, l.kind, l.valid_from), (Some(e.at), e.kind, e.from));
+                assert_eq!(l.valid_until.map_or(e.at, |u| u.min(e.at)), e.until);
+            }
+        }
+        for lock in self.iter() {
+            assert_eq!(lock.deal_id, deal.id);
+            assert!(deal.is_party(&lock.holder) && deal.is_party(&lock.bound_party));
+        }
+    }
+}
+
+impl FromIterator<Lock> for DealLocks {
+    fn from_iter<I: IntoIterator<Item = Lock>>(locks: I) -> Self {
+        let mut out = DealLocks::default();
+        for lock in locks {
+            match &lock.ended {
+                None => {
+                    out.held.insert(lock.lock_id.clone(), lock);
+                }
+                Some(_) => {
+                    let id = lock.lock_id.clone();
+                    let ended = EndedLock::of(lock, |lock| LockBody::Kept(Box::new(lock)));
+                    out.ended.insert(id, ended);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Equal when they hold the same locks, wherever they keep them.
+impl PartialEq for DealLocks {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl fmt::Debug for DealLocks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.iter().map(|l| (l.lock_id.clone(), l)))
+            .finish()
+    }
+}
+
+impl Serialize for DealLocks {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.len()))?;
+        for lock in self.iter() {
+            map.serialize_entry(&lock.lock_id, &*lock)?;
+        }
+        // A lock that could not be read is missing: the store recorded
+        // the failure, and the shell refuses to keep what was written.
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for DealLocks {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let locks = IdMap::<Lock>::deserialize(deserializer)?;
+        for (id, lock) in locks.iter() {
+            if *id != lock.lock_id {
+                return Err(serde::de::Error::custom(format!(
+                    "lock {id} holds lock {}",
+                    lock.lock_id
+                )));
+            }
+        }
+        Ok(locks.entries.into_iter().map(|(_, lock)| lock).collect())
     }
 }
 
@@ -510,7 +852,7 @@ pub struct Deal {
     /// (a reused id is rejected); at most [`MAX_AMENDMENTS_PER_DEAL`].
     pub amendment_ids: AmendmentIds,
     /// Every lock this deal granted, by id.
-    pub locks: IdMap<Lock>,
+    pub locks: DealLocks,
     /// The end, once terminated.
     pub termination: Option<Termination>,
     /// How many events were applied to this deal.
@@ -541,7 +883,7 @@ impl Deal {
             current_terms: None,
             amendment_count: 0,
             amendment_ids: AmendmentIds::default(),
-            locks: IdMap::new(),
+            locks: DealLocks::default(),
             termination: None,
             event_count: 0,
             last_event_at: at,
@@ -703,7 +1045,7 @@ impl Deal {
             Payload::ExclusivityGranted(g) => {
                 self.require_party("data.holder", &g.holder)?;
                 self.require_party("data.bound_party", &g.bound_party)?;
-                if self.locks.contains_key(&g.lock_id) {
+                if self.locks.contains(&g.lock_id) {
                     return Err(Rejection::LockExists {
                         deal_id: self.id.clone(),
                         lock_id: g.lock_id.clone(),
@@ -718,20 +1060,23 @@ impl Deal {
                 Ok(())
             }
             Payload::ExclusivityReleased(ExclusivityReleased { lock_id, reason: _ }) => {
+                // Ended locks are checked by their end time alone: the fold
+                // never reads a lock back from the store.
+                if let Some(ended_at) = self.locks.ended_at(lock_id) {
+                    return Err(Rejection::LockEnded {
+                        deal_id: self.id.clone(),
+                        lock_id: lock_id.clone(),
+                        ended_at,
+                    });
+                }
                 let lock = self
                     .locks
+                    .held
                     .get(lock_id)
                     .ok_or_else(|| Rejection::UnknownLock {
                         deal_id: self.id.clone(),
                         lock_id: lock_id.clone(),
                     })?;
-                if let Some(end) = &lock.ended {
-                    return Err(Rejection::LockEnded {
-                        deal_id: self.id.clone(),
-                        lock_id: lock_id.clone(),
-                        ended_at: end.at,
-                    });
-                }
                 if t < lock.valid_from {
                     return Err(Rejection::LockNotStarted {
                         deal_id: self.id.clone(),
@@ -892,18 +1237,16 @@ impl Deal {
             }
             Payload::ExclusivityGranted(g) => {
                 let lock = self.lock_from_grant(g, t);
-                let previous = self.locks.insert(g.lock_id.clone(), lock);
-                assert!(previous.is_none(), "checked: lock id is new");
+                self.locks.grant(lock);
             }
             Payload::ExclusivityReleased(r) => {
-                let lock = self
-                    .locks
-                    .get_mut(&r.lock_id)
-                    .expect("checked: released lock exists");
-                lock.ended = Some(LockEnd {
-                    at: t,
-                    reason: r.reason.clone(),
-                });
+                self.locks.end(
+                    &r.lock_id,
+                    LockEnd {
+                        at: t,
+                        reason: r.reason.clone(),
+                    },
+                );
             }
             Payload::Finalized(f) => {
                 let terms = self.proposals[&f.proposal_id].terms.clone();
@@ -932,12 +1275,10 @@ impl Deal {
                     reason: x.reason.clone(),
                 });
                 self.status = Status::Terminated;
-                for lock in self.locks.values_mut().filter(|l| l.ended.is_none()) {
-                    lock.ended = Some(LockEnd {
-                        at: t,
-                        reason: Text::new(LOCK_END_REASON_TERMINATED).expect("a valid text"),
-                    });
-                }
+                self.locks.end_all(&LockEnd {
+                    at: t,
+                    reason: Text::new(LOCK_END_REASON_TERMINATED).expect("a valid text"),
+                });
             }
         }
         self.event_count += 1;
@@ -999,11 +1340,7 @@ impl Deal {
             );
             assert!(f.signatories.iter().all(|s| self.is_party(&s.party)));
         }
-        for (id, l) in &self.locks {
-            assert_eq!(*id, l.lock_id);
-            assert_eq!(l.deal_id, self.id);
-            assert!(self.is_party(&l.holder) && self.is_party(&l.bound_party));
-        }
+        self.locks.assert_invariants(self);
 
         match self.status {
             Status::Negotiating => {
@@ -1022,7 +1359,7 @@ impl Deal {
             }
             Status::Terminated => {
                 assert!(self.termination.is_some());
-                assert!(self.locks.values().all(|l| l.ended.is_some()));
+                assert!(self.locks.not_ended().next().is_none());
             }
         }
     }
@@ -1035,11 +1372,30 @@ impl Deal {
 /// 8 % of an ingest's CPU in profiles). Iteration and serialization follow
 /// `order`, so they are in deal-id order, deterministic, as with a
 /// `BTreeMap` (and the JSON is the same object).
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default)]
 pub struct DealBook {
     deals: HashMap<Id, Box<Deal>>,
     /// The ids of `deals`, in order.
     order: BTreeSet<Id>,
+    /// Where ended locks go, once attached ([`DealBook::store_ended_locks_in`]).
+    lock_store: Option<LockStore>,
+}
+
+/// Equal when they hold the same deals, wherever they keep their ended locks.
+impl PartialEq for DealBook {
+    fn eq(&self, other: &Self) -> bool {
+        self.deals == other.deals && self.order == other.order
+    }
+}
+
+/// [`DealBook`]'s handle on the store of ended locks.
+#[derive(Clone)]
+struct LockStore(Arc<dyn SegmentStore>);
+
+impl fmt::Debug for LockStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LockStore")
+    }
 }
 
 impl Serialize for DealBook {
@@ -1106,9 +1462,21 @@ impl DealBook {
         self.deals.is_empty()
     }
 
-    /// Every lock of every deal, in (deal id, lock id) order, ended or not.
-    pub fn locks(&self) -> impl Iterator<Item = &Lock> {
-        self.iter().flat_map(|(_, d)| d.locks.values())
+    /// Every lock of every deal, in (deal id, lock id) order, ended or not
+    /// (ended ones read back from the store if they were moved there).
+    pub fn locks(&self) -> impl Iterator<Item = Cow<'_, Lock>> {
+        self.iter().flat_map(|(_, d)| d.locks.iter())
+    }
+
+    /// Moves every deal's ended locks to `store`, and those that end from
+    /// now on (see [`DealLocks`]): what keeps the book's memory from growing
+    /// with every lock granted.
+    pub fn store_ended_locks_in(&mut self, store: Arc<dyn SegmentStore>) {
+        assert!(self.lock_store.is_none(), "ended locks stored twice");
+        for deal in self.deals.values_mut() {
+            deal.locks.store_ended_in(&store);
+        }
+        self.lock_store = Some(LockStore(store));
     }
 
     /// Applies one event. On `Err` the book is exactly unchanged.
@@ -1123,6 +1491,9 @@ impl DealBook {
                 });
             };
             let mut deal = Deal::open(event.deal_id.clone(), opened, event.time);
+            if let Some(LockStore(store)) = &self.lock_store {
+                deal.locks.store_ended_in(store);
+            }
             Self::commit_to(&mut deal, event);
             self.deals.insert(event.deal_id.clone(), Box::new(deal));
             self.order.insert(event.deal_id.clone());
@@ -2108,7 +2479,13 @@ mod tests {
         let mut book = book;
         book.apply(&ev("d1", 1, granted("l1", "acme", "cloudco", 0, Some(10))))
             .unwrap();
-        let lock = book.get(&id("d1")).unwrap().locks[&id("l1")].clone();
+        let lock = book
+            .get(&id("d1"))
+            .unwrap()
+            .locks
+            .get(&id("l1"))
+            .unwrap()
+            .into_owned();
         assert_eq!(lock.deal_id, id("d1"));
         assert_eq!(lock.granted_at, at(1));
         assert!(lock.active_at(at(0)) && lock.active_at(at(9)));
@@ -2206,7 +2583,7 @@ mod tests {
 
         let mut book = book;
         book.apply(&ev("d1", 5, released("l1"))).unwrap();
-        let lock = &book.get(&id("d1")).unwrap().locks[&id("l1")];
+        let lock = book.get(&id("d1")).unwrap().locks.get(&id("l1")).unwrap();
         assert_eq!(
             lock.ended,
             Some(LockEnd {
@@ -2394,11 +2771,11 @@ mod tests {
                 reason: text("walked away")
             })
         );
-        let ends: Vec<(&str, Timestamp, &str)> = book
+        let ends: Vec<(String, Timestamp, String)> = book
             .locks()
             .map(|l| {
                 let end = l.ended.as_ref().unwrap();
-                (l.lock_id.as_str(), end.at, end.reason.as_str())
+                (l.lock_id.to_string(), end.at, end.reason.to_string())
             })
             .collect();
         assert_eq!(
@@ -2408,6 +2785,7 @@ mod tests {
                 ("l2", at(4), LOCK_END_REASON_TERMINATED),
                 ("l3", at(3), "no longer needed"),
             ]
+            .map(|(l, t, r)| (l.to_string(), t, r.to_string()))
         );
         assert!(book.locks().all(|l| !l.active_at(at(4))));
         assert!(book.locks().any(|l| l.active_at(at(3))));
@@ -2458,7 +2836,7 @@ mod tests {
         assert_eq!(deal.finalization.as_ref().unwrap().proposal_id, id("p2"));
         assert_eq!(deal.current_terms, Some(terms(3)));
         assert_eq!(deal.amendment_count, 1);
-        let lock = &deal.locks[&id("l1")];
+        let lock = deal.locks.get(&id("l1")).unwrap();
         assert_eq!(lock.ended.as_ref().unwrap().at, at(7));
         assert_eq!(
             lock.ended.as_ref().unwrap().reason.as_str(),
@@ -2689,7 +3067,7 @@ mod tests {
             if let Some(a) = &deal.accepted {
                 assert_ne!(a.accepted_by, deal.proposals[&a.proposal_id].proposer);
             }
-            for l in deal.locks.values() {
+            for l in deal.locks.iter() {
                 assert!(deal.is_party(&l.holder) && deal.is_party(&l.bound_party));
             }
             assert!(deal.proposals.len() <= MAX_PROPOSALS_PER_DEAL);
@@ -2812,6 +3190,53 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// A book whose ended locks go to a store (from `attach_at` on:
+        /// those ended before move then) judges every event as one that
+        /// keeps them, holds the same locks, binding at the same times
+        /// (told without reading them back), and serializes the same.
+        #[test]
+        fn ended_locks_in_a_store_fold_and_read_as_kept_ones(
+            events in arb_events(),
+            attach_at in 0..MAX_EVENTS,
+        ) {
+            let store = Arc::new(crate::index::MemorySegments::default());
+            let mut kept = DealBook::new();
+            let mut stored = DealBook::new();
+            for (i, e) in events.iter().enumerate() {
+                if i == attach_at {
+                    stored.store_ended_locks_in(store.clone());
+                }
+                prop_assert_eq!(kept.apply(e), stored.apply(e));
+            }
+            if attach_at >= events.len() {
+                stored.store_ended_locks_in(store.clone());
+            }
+            prop_assert_eq!(&stored, &kept);
+            let json = serde_json::to_string(&kept).unwrap();
+            prop_assert_eq!(&serde_json::to_string(&stored).unwrap(), &json);
+            prop_assert_eq!(&serde_json::from_str::<DealBook>(&json).unwrap(), &kept);
+            let times: Vec<Timestamp> = (0..=HOURS + 1).map(at).collect();
+            for ((_, a), (_, b)) in kept.iter().zip(stored.iter()) {
+                prop_assert_eq!(a.locks.len(), b.locks.len());
+                for (lock, entry) in a.locks.iter().zip(b.locks.entries()) {
+                    prop_assert_eq!(&lock.lock_id, entry.id());
+                    prop_assert_eq!(lock.kind, entry.kind());
+                    prop_assert_eq!(b.locks.ended_at(entry.id()), lock.ended.as_ref().map(|e| e.at));
+                    for &t in &times {
+                        prop_assert_eq!(lock.active_at(t), entry.active_at(t), "{} at {}", lock.lock_id, t);
+                    }
+                }
+                // Every ended lock of `stored` is in the store, none in memory.
+                prop_assert!(b.locks.ended.values().all(|e| matches!(e.body, LockBody::Stored(_))));
+                prop_assert!(a.locks.ended.values().all(|e| matches!(e.body, LockBody::Kept(_))));
+            }
+            // A store that cannot read: ended locks are missing, the failure shows.
+            let ended = kept.iter().map(|(_, d)| d.locks.ended.len()).sum::<usize>();
+            store.fail_reads.store(true, std::sync::atomic::Ordering::Relaxed);
+            prop_assert_eq!(stored.locks().count() + ended, kept.locks().count());
+            prop_assert_eq!(store.failure().is_some(), ended > 0);
+        }
 
         #[test]
         fn fold_is_deterministic(events in arb_events()) {

@@ -181,6 +181,9 @@ pub struct HistoryItems {
     sealed: Vec<SegmentRef>,
 }
 
+#[cfg(test)]
+pub(crate) use tests::MemorySegments;
+
 /// Where a sealed segment of history items is in a [`SegmentStore`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SegmentRef {
@@ -773,8 +776,8 @@ impl DealIndex {
     /// Records that a lock ended (released, or its deal terminated): it is
     /// no longer in force, and binds only until then. Nothing changes in
     /// the table of locks in force for a lock not in it.
-    pub fn lock_ended(&mut self, lock: &crate::deal::Lock) {
-        self.timeline.insert(lock);
+    pub fn lock_ended(&mut self, lock: &crate::deal::Lock, at: Timestamp) {
+        self.timeline.ended(lock, at);
         let key = (lock.bound_party.clone(), lock.scope.clone());
         if let Some(set) = self.in_force.get_mut(&key) {
             set.remove(&(lock.deal_id.clone(), lock.lock_id.clone()));
@@ -787,11 +790,14 @@ impl DealIndex {
     /// Rebuilds the tables of locks derived from the deal book's locks
     /// (after a restore: they are not part of the encoding): the locks in
     /// force and the lock timeline.
-    pub fn rebuild_lock_tables<'a>(&mut self, locks: impl Iterator<Item = &'a crate::deal::Lock>) {
+    pub fn rebuild_lock_tables<'a>(
+        &mut self,
+        locks: impl Iterator<Item = std::borrow::Cow<'a, crate::deal::Lock>>,
+    ) {
         self.in_force.clear();
-        let locks: Vec<&crate::deal::Lock> = locks.collect();
-        self.timeline = LockTimeline::from_locks(locks.iter().copied());
-        for lock in locks {
+        let locks: Vec<std::borrow::Cow<'a, crate::deal::Lock>> = locks.collect();
+        self.timeline = LockTimeline::from_locks(locks.iter().map(|l| &**l));
+        for lock in &locks {
             if lock.ended.is_none() {
                 self.in_force
                     .entry((lock.bound_party.clone(), lock.scope.clone()))
@@ -1417,9 +1423,9 @@ mod tests {
 
     /// A [`SegmentStore`] in memory, for tests; fails every read once told to.
     #[derive(Default)]
-    struct MemorySegments {
+    pub(crate) struct MemorySegments {
         bytes: std::sync::Mutex<Vec<u8>>,
-        fail_reads: std::sync::atomic::AtomicBool,
+        pub(crate) fail_reads: std::sync::atomic::AtomicBool,
         failure: std::sync::OnceLock<ScratchFailure>,
     }
 

@@ -504,9 +504,12 @@ impl LedgerState {
         self.seen.failure()
     }
 
-    /// Moves the index's history items to `store` from now on (see
-    /// [`DealIndex::spill_history_to`]).
+    /// Moves the index's history items and the book's ended locks to
+    /// `store` from now on (see [`DealIndex::spill_history_to`] and
+    /// [`crate::deal::DealLocks`]).
     pub fn spill_history_to(&mut self, store: std::sync::Arc<dyn SegmentStore>) {
+        self.book
+            .store_ended_locks_in(std::sync::Arc::clone(&store));
         self.index.spill_history_to(store);
     }
 
@@ -707,6 +710,7 @@ impl LedgerState {
             batch.fingerprints.push((fp, location));
         }
 
+        let ending = self.locks_it_may_end(&event);
         match self.book.apply(&event) {
             Ok(()) => {
                 self.index_entry(
@@ -715,7 +719,7 @@ impl LedgerState {
                     record.timestamp_ms,
                     Judged::Accepted(&event),
                 );
-                self.forget_ended_locks(&event);
+                self.forget_ended_locks(&event.deal_id, ending);
             }
             Err(rejection) => {
                 self.index_entry(
@@ -735,26 +739,38 @@ impl LedgerState {
         outcome
     }
 
-    /// Tells the index which locks `event` (just accepted) ended.
-    fn forget_ended_locks(&mut self, event: &DealEvent) {
+    /// The locks not ended yet that `event` ends if the fold accepts it,
+    /// as they are before (the book may move ended locks out of memory;
+    /// the index needs only their ids and times). Empty when the index is
+    /// not kept.
+    fn locks_it_may_end(&self, event: &DealEvent) -> Vec<crate::deal::Lock> {
         if !self.keeps_index {
-            return;
+            return Vec::new();
         }
-        let ended: Vec<&Id> = match &event.payload {
-            Payload::ExclusivityReleased(r) => vec![&r.lock_id],
-            Payload::Terminated(_) => self
-                .book
-                .get(&event.deal_id)
-                .map(|d| d.locks.keys().collect())
-                .unwrap_or_default(),
-            _ => return,
-        };
         let Some(deal) = self.book.get(&event.deal_id) else {
+            return Vec::new();
+        };
+        match &event.payload {
+            Payload::ExclusivityReleased(r) => deal
+                .locks
+                .not_ended_get(&r.lock_id)
+                .cloned()
+                .into_iter()
+                .collect(),
+            Payload::Terminated(_) => deal.locks.not_ended().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Tells the index which of `ending` (from [`Self::locks_it_may_end`])
+    /// the event just accepted ended, and when.
+    fn forget_ended_locks(&mut self, deal_id: &Id, ending: Vec<crate::deal::Lock>) {
+        let Some(deal) = self.book.get(deal_id) else {
             return;
         };
-        for lock_id in ended {
-            if let Some(lock) = deal.locks.get(lock_id) {
-                self.index.lock_ended(lock);
+        for lock in ending {
+            if let Some(at) = deal.locks.ended_at(&lock.lock_id) {
+                self.index.lock_ended(&lock, at);
             }
         }
     }

@@ -35,6 +35,7 @@
 //! - `producer_rejections`: per producer (`source`), the events refused or
 //!   recognised as duplicates, one finding per producer.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
@@ -411,8 +412,8 @@ pub fn deal_show(state: &LedgerState, id: &Id) -> Result<DealShow, QueryError> {
     first.truncate(MAX_BINDING_LOCKS_SHOWN);
     let locks_binding_parties = first
         .into_iter()
-        .filter_map(|(granting, lock_id)| state.book().get(granting)?.locks.get(lock_id))
-        .inspect(|l| debug_assert!(l.ended.is_none() && l.scope == deal.scope))
+        .filter_map(|(granting, lock_id)| state.book().get(granting)?.locks.not_ended_get(lock_id))
+        .inspect(|l| debug_assert!(l.scope == deal.scope))
         .map(|l| LockInfo::of(l, state.index().deal(&l.deal_id)))
         .collect();
     Ok(DealShow {
@@ -451,7 +452,7 @@ pub fn deal_show(state: &LedgerState, id: &Id) -> Result<DealShow, QueryError> {
         event_count: deal.event_count,
         last_event: cited(|r| r.last),
         entries: refs.map_or(0, |r| r.items.len()),
-        locks_granted: deal.locks.values().map(|l| LockInfo::of(l, refs)).collect(),
+        locks_granted: deal.locks.iter().map(|l| LockInfo::of(&l, refs)).collect(),
         locks_binding_parties,
         locks_binding_parties_total,
     })
@@ -742,6 +743,8 @@ pub fn locks_active(
         Some(locks) => locks,
         None => first_locks_of_timeline(state, at, after, wanted),
     };
+    // Ended locks are read back from the history's scratch file.
+    history_intact(state)?;
     let more = locks.len() > limit;
     locks.truncate(limit);
     Ok(Page {
@@ -764,7 +767,7 @@ fn first_locks_walked<'a>(
     at: Timestamp,
     after: Option<(&Id, &Id)>,
     wanted: usize,
-) -> Option<Vec<&'a Lock>> {
+) -> Option<Vec<Cow<'a, Lock>>> {
     let deals: Box<dyn Iterator<Item = (&Id, &Deal)>> = match after {
         Some((deal, _)) => Box::new(book.iter_from(deal)),
         None => Box::new(book.iter()),
@@ -772,15 +775,16 @@ fn first_locks_walked<'a>(
     let mut budget = LOCKS_TESTED_PER_ITEM * wanted;
     let mut found = Vec::with_capacity(wanted);
     let candidates = deals
-        .flat_map(|(_, deal)| deal.locks.values())
-        .filter(|lock| after.is_none_or(|a| (&lock.deal_id, &lock.lock_id) > a));
-    for lock in candidates {
+        .flat_map(|(deal_id, deal)| deal.locks.entries().map(move |lock| (deal_id, lock)))
+        .filter(|(deal_id, lock)| after.is_none_or(|a| (*deal_id, lock.id()) > a));
+    for (_, lock) in candidates {
         if budget == 0 {
             return None;
         }
         budget -= 1;
         if lock.active_at(at) {
-            found.push(lock);
+            // A failed read leaves it out; the caller checks for that.
+            found.extend(lock.load());
             if found.len() == wanted {
                 break;
             }
@@ -796,7 +800,7 @@ fn first_locks_of_timeline<'a>(
     at: Timestamp,
     after: Option<(&Id, &Id)>,
     wanted: usize,
-) -> Vec<&'a Lock> {
+) -> Vec<Cow<'a, Lock>> {
     let mut ids: Vec<(&Id, &Id)> = state
         .index()
         .locks_active_at(at)
@@ -808,14 +812,17 @@ fn first_locks_of_timeline<'a>(
     }
     ids.sort_unstable();
     ids.into_iter()
-        .map(|(deal_id, lock_id)| {
-            state
+        .filter_map(|(deal_id, lock_id)| {
+            let locks = state
                 .book()
                 .get(deal_id)
-                .and_then(|deal| deal.locks.get(lock_id))
+                .map(|deal| &deal.locks)
+                .filter(|locks| locks.contains(lock_id))
                 .unwrap_or_else(|| {
                     panic!("the lock timeline names {deal_id}/{lock_id}, which the book lacks")
-                })
+                });
+            // A failed read leaves it out; the caller checks for that.
+            locks.get(lock_id)
         })
         .collect()
 }
@@ -930,6 +937,11 @@ pub fn findings(
         |t: Timestamp| filter.from.is_none_or(|f| t >= f) && filter.to.is_none_or(|e| t < e);
     all.retain(|f| in_range(f.at) && filter.kind.as_ref().is_none_or(|k| *k == f.kind));
     all.sort_by(|a, b| a.key.cmp(&b.key));
+    // Keys are cursors: a repeated one would hide findings past a page's end.
+    debug_assert!(
+        all.windows(2).all(|w| w[0].key < w[1].key),
+        "findings with the same key"
+    );
     let page = paginate(all.into_iter().map(|f| (f.key.clone(), f)), page)?;
     let mut items = Vec::with_capacity(page.items.len());
     for pending in page.items {
@@ -1014,11 +1026,16 @@ fn all_findings(
     let mut out = Vec::new();
 
     // Locks by the party they bind, for the finalization check.
+    // Only exclusive locks are read back from the store (when ended).
+    let exclusive: Vec<Cow<'_, Lock>> = book
+        .iter()
+        .flat_map(|(_, deal)| deal.locks.entries())
+        .filter(|lock| lock.kind() == LockKind::Exclusive)
+        .filter_map(|lock| lock.load())
+        .collect();
     let mut binding: HashMap<&Id, Vec<&Lock>> = HashMap::new();
-    for lock in book.locks() {
-        if lock.kind == LockKind::Exclusive {
-            binding.entry(&lock.bound_party).or_default().push(lock);
-        }
+    for lock in &exclusive {
+        binding.entry(&lock.bound_party).or_default().push(lock);
     }
 
     for (id, deal) in book.iter() {
@@ -1063,7 +1080,12 @@ fn all_findings(
                     if let Some(e) = lock_refs.and_then(|r| r.ended) {
                         f.cited.push(EntryRef::from(e));
                     }
-                    f.lock = Some(lock_key(&lock.deal_id, &lock.lock_id));
+                    // One finalization may meet several locks: the lock
+                    // tells their findings apart (keys are page cursors).
+                    let named = lock_key(&lock.deal_id, &lock.lock_id);
+                    f.key.push('|');
+                    f.key.push_str(&named);
+                    f.lock = Some(named);
                     out.push(f);
                 }
             }
@@ -1493,8 +1515,17 @@ mod tests {
 
     /// Ledger of `lines`, each its own record; deals spread over 3 partitions
     /// by the length of their id, offsets in order, record time = 2026.
+    /// History items and ended locks go to a store, as in the daemon.
     fn build(lines: &[String]) -> Built {
+        build_with(lines, true)
+    }
+
+    /// [`build`], its history items and ended locks in a store or in memory.
+    fn build_with(lines: &[String], stored: bool) -> Built {
         let mut state = LedgerState::new("deal-events");
+        if stored {
+            state.spill_history_to(std::sync::Arc::new(crate::index::MemorySegments::default()));
+        }
         let mut offsets = [0i64; 3];
         let records = lines
             .iter()
@@ -1739,6 +1770,130 @@ mod tests {
                 assert_eq!(seen, expected, "at {at}, pages of {limit}");
             }
         }
+    }
+
+    /// The scenario and 30 deals that grant exclusive locks (and rights of
+    /// first refusal) over OpenAI to Microsoft, releasing some and ending
+    /// others by termination: findings meet many locks at one
+    /// finalization, some of them ended since.
+    fn scenario_with_locks_over_openai() -> Vec<String> {
+        let mut lines = scenario();
+        for d in 0..30u32 {
+            let deal = format!("extra-{d:02}");
+            lines.push(format!(
+                r#"{{"specversion":"1.0","id":"xo{d}","source":"urn:t","type":"deal.negotiation.opened","subject":"{deal}","time":"2024-06-01T00:00:00Z","data":{{"customer":"openai","provider":"microsoft","scope":"cloud-compute"}}}}"#
+            ));
+            for l in 0..4u32 {
+                let day = 1 + (d + l * 7) % 27;
+                lines.push(format!(
+                    r#"{{"specversion":"1.0","id":"xg{d}-{l}","source":"urn:t","type":"deal.exclusivity.granted","subject":"{deal}","time":"2024-06-{day:02}T00:00:00Z","data":{{"lock_id":"l{l}","holder":"microsoft","bound_party":"openai","scope":"cloud-compute","kind":"{}","valid_from":"2024-06-{day:02}T00:00:00Z"}}}}"#,
+                    if l % 2 == 0 { "exclusive" } else { "right-of-first-refusal" }
+                ));
+                if (d + l) % 3 == 0 {
+                    lines.push(format!(
+                        r#"{{"specversion":"1.0","id":"xr{d}-{l}","source":"urn:t","type":"deal.exclusivity.released","subject":"{deal}","time":"2025-0{}-01T00:00:00Z","data":{{"lock_id":"l{l}","reason":"done"}}}}"#,
+                        1 + l
+                    ));
+                }
+            }
+            if d % 4 == 1 {
+                lines.push(format!(
+                    r#"{{"specversion":"1.0","id":"xt{d}","source":"urn:t","type":"deal.terminated","subject":"{deal}","time":"2025-03-15T00:00:00Z","data":{{"terminated_by":"openai","reason":"ended"}}}}"#
+                ));
+            }
+        }
+        lines
+    }
+
+    #[test]
+    fn answers_are_the_same_whether_ended_locks_are_stored_or_kept() {
+        let lines = scenario_with_locks_over_openai();
+        let stored = build_with(&lines, true);
+        let kept = build_with(&lines, false);
+        assert_eq!(stored.state.book(), kept.state.book());
+        assert!(
+            kept.state
+                .book()
+                .locks()
+                .filter(|l| l.ended.is_some())
+                .count()
+                > 40,
+            "the ledger ends enough locks to tell"
+        );
+        for (id, _) in kept.state.book().iter() {
+            assert_eq!(
+                json(&deal_show(&stored.state, id).unwrap()),
+                json(&deal_show(&kept.state, id).unwrap()),
+                "deal {id}"
+            );
+        }
+        for at in [
+            "2019-06-01",
+            "2024-06-15",
+            "2025-01-15",
+            "2025-02-15",
+            "2025-06-01",
+        ] {
+            for limit in [1, 7, 100] {
+                assert_eq!(
+                    all_active_locks(&stored.state, t(at), limit),
+                    all_active_locks(&kept.state, t(at), limit),
+                    "at {at}, pages of {limit}"
+                );
+            }
+        }
+        let all = |b: &Built| {
+            let filter = FindingFilter::default();
+            json(&findings(&b.state, b, &filter, &PageRequest::first(MAX_PAGE_SIZE)).unwrap())
+        };
+        let found = all(&kept);
+        // A lock that ended (its deal terminated) after a finalization it bound.
+        assert!(found.contains(r#""lock":"extra-01/l0""#), "{found}");
+        assert_eq!(all(&stored), found);
+    }
+
+    #[test]
+    fn findings_pages_hold_every_finding_of_one_finalization() {
+        // Several findings share a time, kind, deal and entry (one
+        // finalization, many locks): the cursor must tell them apart.
+        let stored = build(&scenario_with_locks_over_openai());
+        let whole = findings(
+            &stored.state,
+            &stored,
+            &FindingFilter::default(),
+            &PageRequest::first(MAX_PAGE_SIZE),
+        )
+        .unwrap();
+        let at_coreweave = |f: &&Finding| {
+            f.kind == "finalized_during_exclusive_lock"
+                && f.deals
+                    .first()
+                    .is_some_and(|d| d.as_str() == "coreweave-openai-2025")
+        };
+        assert!(whole.items.iter().filter(at_coreweave).count() > 20);
+        for limit in [1, 7] {
+            let mut page = PageRequest::first(limit);
+            let mut paged = Vec::new();
+            for _ in 0..10_000 {
+                let got =
+                    findings(&stored.state, &stored, &FindingFilter::default(), &page).unwrap();
+                paged.extend(got.items.iter().map(json));
+                match got.next_cursor {
+                    Some(cursor) => page.cursor = Some(cursor),
+                    None => break,
+                }
+            }
+            assert_eq!(
+                paged,
+                whole.items.iter().map(json).collect::<Vec<_>>(),
+                "pages of {limit}"
+            );
+        }
+    }
+
+    /// An answer as JSON text, to compare answers of any query.
+    fn json<T: serde::Serialize>(answer: &T) -> String {
+        serde_json::to_string(answer).unwrap()
     }
 
     #[test]

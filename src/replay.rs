@@ -353,9 +353,18 @@ impl DealView {
     /// The view of `deal`, its locks evaluated at `as_of` (see
     /// [`DealView::active_locks`]).
     pub fn of(deal: &Deal, as_of: Option<Timestamp>) -> DealView {
-        let active = |lock: &Lock| match as_of {
-            Some(t) => lock.active_at(t),
-            None => lock.ended.is_none(),
+        let active: Vec<std::borrow::Cow<'_, Lock>> = match as_of {
+            Some(t) => deal
+                .locks
+                .entries()
+                .filter(|entry| entry.active_at(t))
+                .filter_map(|entry| entry.load())
+                .collect(),
+            None => deal
+                .locks
+                .not_ended()
+                .map(std::borrow::Cow::Borrowed)
+                .collect(),
         };
         DealView {
             id: deal.id.clone(),
@@ -363,10 +372,8 @@ impl DealView {
             scope: deal.scope.clone(),
             parties: PartiesView::of(deal),
             terms: deal.current_terms.clone(),
-            active_locks: deal
-                .locks
-                .values()
-                .filter(|l| active(l))
+            active_locks: active
+                .iter()
                 .map(|l| LockView {
                     lock_id: l.lock_id.clone(),
                     holder: l.holder.clone(),

@@ -159,6 +159,12 @@ impl LockTimeline {
         );
     }
 
+    /// Records that `lock` (as it was before it ended) ended at `at`.
+    pub fn ended(&mut self, lock: &Lock, at: Timestamp) {
+        let end = lock.valid_until.map_or(at, |until| until.min(at));
+        self.put(&lock.deal_id, &lock.lock_id, lock.valid_from, Some(end));
+    }
+
     /// Adds the lock `lock` of deal `deal`, just granted: it binds from
     /// `valid_from` until `valid_until`, if given.
     pub fn granted(
