@@ -541,7 +541,177 @@ pub struct DealEntries {
     /// The last accepted event.
     pub last: Option<Cited>,
     /// Each lock granted by the deal.
-    pub locks: IdMap<LockRefs>,
+    pub locks: LockEntries,
+}
+
+/// The entries of each lock a deal granted, by lock id; those of ended
+/// locks move out of memory once the index spills
+/// ([`DealIndex::spill_history_to`]), as the deal book's ended locks do
+/// ([`crate::deal::DealLocks`]).
+///
+/// A lock's entries are final once it ended: they are then written to the
+/// store (two cited entries, as the index encodes them) and read back by
+/// the queries that cite them; about 48 bytes a lock stay in memory
+/// instead of ~140. A failed read yields none and is recorded by the store,
+/// which the shell checks ([`DealIndex::segment_failure`]).
+#[derive(Clone, Default)]
+pub struct LockEntries {
+    /// Locks not ended.
+    held: IdMap<LockRefs>,
+    /// Ended locks.
+    ended: IdMap<EndedRefs>,
+    /// Where ended locks' entries go, once spilled.
+    store: Option<Arc<dyn SegmentStore>>,
+}
+
+#[derive(Clone, Debug)]
+enum EndedRefs {
+    Kept(Box<LockRefs>),
+    Stored(SegmentRef),
+}
+
+impl LockEntries {
+    /// How many locks.
+    pub fn len(&self) -> usize {
+        self.held.len() + self.ended.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The entries of lock `id` (read back if it ended and was moved out).
+    pub fn get(&self, id: &Id) -> Option<LockRefs> {
+        match self.held.get(id) {
+            Some(refs) => Some(*refs),
+            None => self.ended.get(id).and_then(|e| self.read(e)),
+        }
+    }
+
+    /// Every lock's id and entries, in id order (one whose read failed is
+    /// left out).
+    pub fn iter(&self) -> impl Iterator<Item = (&Id, LockRefs)> {
+        let mut held = self.held.iter().peekable();
+        let mut ended = self.ended.iter().peekable();
+        std::iter::from_fn(move || {
+            loop {
+                let take_held = match (held.peek(), ended.peek()) {
+                    (None, None) => return None,
+                    (Some(_), None) => true,
+                    (None, Some(_)) => false,
+                    (Some((h, _)), Some((e, _))) => h < e,
+                };
+                if take_held {
+                    return held.next().map(|(id, refs)| (id, *refs));
+                }
+                let (id, e) = ended.next().expect("peeked");
+                if let Some(refs) = self.read(e) {
+                    return Some((id, refs));
+                }
+            }
+        })
+    }
+
+    fn read(&self, ended: &EndedRefs) -> Option<LockRefs> {
+        match ended {
+            EndedRefs::Kept(refs) => Some(**refs),
+            EndedRefs::Stored(at) => {
+                let store = self.store.as_ref().expect("stored entries have a store");
+                let mut bytes = Vec::new();
+                if !store.read(*at, &mut bytes) {
+                    return None;
+                }
+                let mut r = Reader {
+                    bytes: &bytes,
+                    at: 0,
+                };
+                // What this process wrote; anything else is a bug.
+                let refs = LockRefs {
+                    granted: r.cited().expect("stored lock entries decode"),
+                    ended: r.cited().expect("stored lock entries decode"),
+                };
+                Some(refs)
+            }
+        }
+    }
+
+    fn grant(&mut self, id: Id, granted: Option<Cited>) {
+        self.held.insert(
+            id,
+            LockRefs {
+                granted,
+                ended: None,
+            },
+        );
+    }
+
+    /// Lock `id` ended at entry `ended`: its entries are final.
+    fn end(&mut self, id: &Id, ended: Option<Cited>) {
+        if let Some(mut refs) = self.held.remove(id) {
+            refs.ended = ended;
+            let kept = self.keep(refs);
+            self.ended.insert(id.clone(), kept);
+        }
+    }
+
+    /// Every lock not ended ended at entry `ended`.
+    fn end_all(&mut self, ended: Option<Cited>) {
+        let ids: Vec<Id> = self.held.keys().cloned().collect();
+        for id in ids {
+            self.end(&id, ended);
+        }
+    }
+
+    fn keep(&self, refs: LockRefs) -> EndedRefs {
+        match &self.store {
+            None => EndedRefs::Kept(Box::new(refs)),
+            Some(store) => EndedRefs::Stored(store.append(&Self::encoded(refs))),
+        }
+    }
+
+    fn encoded(refs: LockRefs) -> Vec<u8> {
+        let mut out = Vec::with_capacity(2 * (8 + HASH_LEN));
+        put_cited(&mut out, refs.granted);
+        put_cited(&mut out, refs.ended);
+        out
+    }
+
+    /// Moves the ended locks' entries to `store`, and those of locks that
+    /// end from now on.
+    fn store_in(&mut self, store: &Arc<dyn SegmentStore>) {
+        assert!(self.store.is_none(), "lock entries stored twice");
+        for (_, ended) in self.ended.iter_mut() {
+            if let EndedRefs::Kept(refs) = ended {
+                *ended = EndedRefs::Stored(store.append(&Self::encoded(**refs)));
+            }
+        }
+        self.store = Some(Arc::clone(store));
+    }
+
+    /// Sets the entries of lock `id` as read from an encoding.
+    fn insert_decoded(&mut self, id: Id, refs: LockRefs) {
+        if refs.ended.is_some() {
+            self.ended.insert(id, EndedRefs::Kept(Box::new(refs)));
+        } else {
+            self.held.insert(id, refs);
+        }
+    }
+}
+
+/// Equal when they hold the same entries, wherever they keep them.
+impl PartialEq for LockEntries {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for LockEntries {}
+
+impl fmt::Debug for LockEntries {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
 }
 
 /// A string table: each distinct string once, referred to by position.
@@ -651,6 +821,7 @@ impl DealIndex {
         assert!(self.segments.0.is_none(), "history spilled twice");
         for deal in self.deals.values_mut() {
             deal.items.spill_to(&store);
+            deal.locks.store_in(&store);
         }
         self.segments = Segments(Some(store));
     }
@@ -706,6 +877,7 @@ impl DealIndex {
             let mut deal = DealEntries::default();
             if let Some(store) = &self.segments.0 {
                 deal.items.spill_to(store);
+                deal.locks.store_in(store);
             }
             self.deals.insert(event.deal_id.clone(), deal);
         }
@@ -737,26 +909,12 @@ impl DealIndex {
                     .entry((g.bound_party.clone(), g.scope.clone()))
                     .or_default()
                     .insert((event.deal_id.clone(), g.lock_id.clone()));
-                deal.locks.insert(
-                    g.lock_id.clone(),
-                    LockRefs {
-                        granted: cited,
-                        ended: None,
-                    },
-                );
+                deal.locks.grant(g.lock_id.clone(), cited);
             }
-            Payload::ExclusivityReleased(r) => {
-                if let Some(refs) = deal.locks.get_mut(&r.lock_id) {
-                    refs.ended = cited;
-                }
-            }
+            Payload::ExclusivityReleased(r) => deal.locks.end(&r.lock_id, cited),
             Payload::Terminated(_) => {
                 deal.terminated = cited;
-                for refs in deal.locks.values_mut() {
-                    if refs.ended.is_none() {
-                        refs.ended = cited;
-                    }
-                }
+                deal.locks.end_all(cited);
             }
             Payload::TermsProposed(_) | Payload::TermsCountered(_) | Payload::TermsRejected(_) => {}
         }
@@ -906,7 +1064,7 @@ impl DealIndex {
                 put_cited(&mut out, cited);
             }
             put_u32(&mut out, deal.locks.len() as u32);
-            for (lock, refs) in &deal.locks {
+            for (lock, refs) in deal.locks.iter() {
                 put_bytes(&mut out, lock.as_str().as_bytes());
                 put_cited(&mut out, refs.granted);
                 put_cited(&mut out, refs.ended);
@@ -968,7 +1126,7 @@ impl DealIndex {
                     granted: r.cited()?,
                     ended: r.cited()?,
                 };
-                deal.locks.insert(lock, refs);
+                deal.locks.insert_decoded(lock, refs);
             }
             deal.items = r.history("deal entries")?;
             if deals.insert(id.clone(), deal).is_some() {
@@ -1177,6 +1335,18 @@ mod tests {
         ))
     }
 
+    fn released(deal: &str, id: &str, lock: &str) -> DealEvent {
+        event(&format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"urn:q","type":"deal.exclusivity.released","subject":"{deal}","time":"2025-01-03T00:00:00Z","data":{{"lock_id":"{lock}","reason":"done"}}}}"#
+        ))
+    }
+
+    fn terminated(deal: &str, id: &str) -> DealEvent {
+        event(&format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"urn:q","type":"deal.terminated","subject":"{deal}","time":"2025-01-04T00:00:00Z","data":{{"terminated_by":"a","reason":"over"}}}}"#
+        ))
+    }
+
     fn loc(partition: i32, seq: u64) -> Location {
         Location { partition, seq }
     }
@@ -1215,7 +1385,12 @@ mod tests {
         assert_eq!(d1.opened.unwrap().location, loc(0, 0));
         assert_eq!(d1.last.unwrap().location, loc(2, 5));
         assert_eq!(
-            d1.locks[&Id::new("l1").unwrap()].granted.unwrap().location,
+            d1.locks
+                .get(&Id::new("l1").unwrap())
+                .unwrap()
+                .granted
+                .unwrap()
+                .location,
             loc(2, 5),
             "the refused second grant does not replace the first"
         );
@@ -1466,16 +1641,42 @@ mod tests {
         let mut spilled = DealIndex::new();
         spilled.spill_history_to(store.clone());
         for i in 0..500u64 {
-            let event = if i == 0 {
-                opened("d1", "e0")
-            } else {
-                granted("d1", &format!("e{i}"), &format!("l{i}"))
+            // Locks granted, every third released the next entry; the
+            // deal terminated at the end (ending the rest).
+            let event = match i {
+                0 => opened("d1", "e0"),
+                499 => terminated("d1", "e499"),
+                _ if i % 3 == 2 => released("d1", &format!("e{i}"), &format!("l{}", i - 1)),
+                _ => granted("d1", &format!("e{i}"), &format!("l{i}")),
             };
             for index in [&mut memory, &mut spilled] {
                 index.record_at(loc(0, i), 1_000 + i as i64, Judged::Accepted(&event));
             }
+            if i == 250 {
+                // Both hold some ended locks' entries: in the store, in memory.
+                let (s, m) = (
+                    &spilled.deals[&Id::new("d1").unwrap()].locks,
+                    &memory.deals[&Id::new("d1").unwrap()].locks,
+                );
+                assert!(s.ended.values().all(|e| matches!(e, EndedRefs::Stored(_))));
+                assert!(m.ended.values().all(|e| matches!(e, EndedRefs::Kept(_))));
+                assert!(s.ended.len() > 50 && !s.held.is_empty());
+                assert_eq!(s, m);
+            }
         }
         assert_eq!(spilled, memory);
+        let locks = &memory.deals[&Id::new("d1").unwrap()].locks;
+        assert_eq!(locks.len(), 332);
+        assert!(locks.iter().all(|(_, refs)| refs.ended.is_some()));
+        assert_eq!(
+            locks
+                .get(&Id::new("l1").unwrap())
+                .unwrap()
+                .ended
+                .unwrap()
+                .location,
+            loc(0, 2)
+        );
         assert_eq!(
             spilled
                 .deal(&Id::new("d1").unwrap())
