@@ -292,8 +292,10 @@ impl<'de> Deserialize<'de> for AmendmentIds {
 /// A lock that ended (released, or its deal terminated) never changes
 /// again, and the fold needs only its id (a reused id is refused) and when
 /// it ended (releasing it again is refused with that time). So those two
-/// stay in memory (~56 bytes a lock) and the lock itself is written to the
-/// store, as its JSON, and read back by the queries that show it. Locks not
+/// stay in memory, with its kind and binding interval so that lock queries
+/// test it without reading it (~90 bytes a lock), and the lock itself is
+/// written to the store, as its JSON, and read back by the queries that
+/// show it. Locks not
 /// ended stay whole in memory: the fold changes them. Without a store
 /// (tests, `replay`) ended locks stay in memory too, and everything reads
 /// the same. Serialized (snapshots) as one object of every lock by id, as an

@@ -11,6 +11,10 @@
 //! written or findings are counted. Memory keeps 16 bytes per segment and
 //! each deal's last, unsealed one.
 //!
+//! The same store takes what the state keeps of each lock that ended, which
+//! never changes again: the lock itself ([`crate::deal::DealLocks`]) and the
+//! entries that granted and ended it ([`crate::index::LockEntries`]).
+//!
 //! Like the identity index's runs ([`crate::identities`]), the file is
 //! scratch: derived, never hashed or exported, rebuilt from a snapshot or a
 //! replay on every start, removed when dropped, and removed at open when a
@@ -91,7 +95,8 @@ impl SegmentFile {
 
 impl SegmentStore for SegmentFile {
     fn append(&self, bytes: &[u8]) -> SegmentRef {
-        let len = u32::try_from(bytes.len()).expect("a segment is 64 items, far below 4 GiB");
+        let len = u32::try_from(bytes.len())
+            .expect("a segment (64 items, or one lock) is far below 4 GiB");
         let offset = self.end.fetch_add(u64::from(len), Ordering::Relaxed);
         if let Err(e) = self.file.write_all_at(bytes, offset) {
             self.fail(
