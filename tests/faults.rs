@@ -1282,12 +1282,14 @@ fn a_full_disk_stops_ingest_with_a_clear_error_and_a_restart_resumes() {
         err.lines().find(|l| l.contains("disk is full")).unwrap()
     );
 
-    // Offline commands cannot even open it while the disk is full: sled
-    // writes at open. They say so, naming the folder.
+    // Offline commands still work, or say the disk is full, naming the
+    // folder: sled writes at open, and whether it has room depends on which
+    // write met the full disk (the scratch files are removed when ingest
+    // stops, freeing what they held).
     let out = run(&["verify", "--data", path(&data)]);
-    assert!(!out.status.success());
     assert!(
-        stderr(&out).contains("the disk is full") && stderr(&out).contains(path(&data)),
+        out.status.success()
+            || (stderr(&out).contains("the disk is full") && stderr(&out).contains(path(&data))),
         "{}",
         describe(&out)
     );
