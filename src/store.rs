@@ -2379,11 +2379,9 @@ impl Store {
         let mut skipped = Vec::new();
         if from == ReplayFrom::LatestSnapshot {
             for batch_no in self.snapshot_batches()?.into_iter().rev() {
-                let (mut state, cursors) = match self.start_at_snapshot(batch_no)? {
-                    Ok(mut start) => {
-                        if index == QueryIndex::Dropped {
-                            start.0.drop_query_index();
-                        }
+                let (mut state, cursors) = match self.start_at_snapshot(batch_no, index)? {
+                    Ok(start) => {
+                        debug_assert_eq!(start.0.keeps_query_index(), index == QueryIndex::Kept);
                         if let Some(progress) = progress {
                             progress(start.0.entry_count());
                         }
@@ -3875,6 +3873,17 @@ impl Store {
     /// without checking it against the chain. `Ok(Err(reason))` when it is
     /// missing, damaged or does not fit together.
     pub fn read_snapshot(&self, batch_no: u64) -> Result<Result<LedgerState, String>, StoreError> {
+        self.read_snapshot_with(batch_no, QueryIndex::Kept)
+    }
+
+    /// [`Store::read_snapshot`]; with [`QueryIndex::Dropped`] the query
+    /// index is dropped at once and nothing is moved to a scratch file (the
+    /// book keeps its ended locks in memory, as a replay from genesis does).
+    fn read_snapshot_with(
+        &self,
+        batch_no: u64,
+        index: QueryIndex,
+    ) -> Result<Result<LedgerState, String>, StoreError> {
         let path = self.snapshot_path(batch_no);
         let size = match fs::metadata(&path) {
             Ok(meta) => meta.len(),
@@ -3913,7 +3922,10 @@ impl Store {
                 let mut state =
                     LedgerState::restore(parts, self.new_identities()?).map_err(|e| e.to_string());
                 if let Ok(state) = &mut state {
-                    self.spill_history(state)?;
+                    match index {
+                        QueryIndex::Kept => self.spill_history(state)?,
+                        QueryIndex::Dropped => state.drop_query_index(),
+                    }
                     self.check_derived(state)?;
                 }
                 state
@@ -3933,6 +3945,7 @@ impl Store {
     fn start_at_snapshot(
         &self,
         batch_no: u64,
+        index: QueryIndex,
     ) -> Result<Result<SnapshotStart, String>, StoreError> {
         let next_batch = self.next_batch_no()?;
         if batch_no >= next_batch {
@@ -3941,7 +3954,7 @@ impl Store {
                 offset_text(next_batch.checked_sub(1).map(|b| b as i64))
             )));
         }
-        let state = match self.read_snapshot(batch_no)? {
+        let state = match self.read_snapshot_with(batch_no, index)? {
             Ok(state) => state,
             Err(reason) => return Ok(Err(reason)),
         };
