@@ -172,6 +172,39 @@ impl<'a, V> IntoIterator for &'a IdMap<V> {
     }
 }
 
+/// An entry of one of two [`IdMap`]s walked together by [`merged`].
+pub(crate) enum Either<'a, A, B> {
+    /// From the first map.
+    First(&'a Id, &'a A),
+    /// From the second map.
+    Second(&'a Id, &'a B),
+}
+
+/// The entries of two maps with no id in common, in id order (the per-deal
+/// maps that keep locks apart by whether they ended).
+pub(crate) fn merged<'a, A, B>(
+    first: &'a IdMap<A>,
+    second: &'a IdMap<B>,
+) -> impl Iterator<Item = Either<'a, A, B>> {
+    let mut first = first.iter().peekable();
+    let mut second = second.iter().peekable();
+    std::iter::from_fn(move || {
+        let from_first = match (first.peek(), second.peek()) {
+            (None, None) => return None,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (Some((a, _)), Some((b, _))) => a < b,
+        };
+        Some(if from_first {
+            let (id, value) = first.next().expect("peeked");
+            Either::First(id, value)
+        } else {
+            let (id, value) = second.next().expect("peeked");
+            Either::Second(id, value)
+        })
+    })
+}
+
 impl<V> std::ops::Index<&Id> for IdMap<V> {
     type Output = V;
     fn index(&self, id: &Id) -> &V {
@@ -439,30 +472,17 @@ impl DealLocks {
     /// Every lock, in id order, as entries that tell its id, kind and
     /// binding interval without reading it back.
     pub fn entries(&self) -> impl Iterator<Item = LockEntry<'_>> {
-        let mut held = self.held.iter().peekable();
-        let mut ended = self.ended.iter().peekable();
-        std::iter::from_fn(move || {
-            let take_held = match (held.peek(), ended.peek()) {
-                (None, None) => return None,
-                (Some(_), None) => true,
-                (None, Some(_)) => false,
-                (Some((h, _)), Some((e, _))) => h < e,
-            };
-            Some(if take_held {
-                let (id, lock) = held.next().expect("peeked");
-                LockEntry {
-                    id,
-                    at: LockAt::NotEnded(lock),
-                    locks: self,
-                }
-            } else {
-                let (id, e) = ended.next().expect("peeked");
-                LockEntry {
-                    id,
-                    at: LockAt::Ended(e),
-                    locks: self,
-                }
-            })
+        merged(&self.held, &self.ended).map(|entry| match entry {
+            Either::First(id, lock) => LockEntry {
+                id,
+                at: LockAt::NotEnded(lock),
+                locks: self,
+            },
+            Either::Second(id, ended) => LockEntry {
+                id,
+                at: LockAt::Ended(ended),
+                locks: self,
+            },
         })
     }
 

@@ -592,24 +592,9 @@ impl LockEntries {
     /// Every lock's id and entries, in id order (one whose read failed is
     /// left out).
     pub fn iter(&self) -> impl Iterator<Item = (&Id, LockRefs)> {
-        let mut held = self.held.iter().peekable();
-        let mut ended = self.ended.iter().peekable();
-        std::iter::from_fn(move || {
-            loop {
-                let take_held = match (held.peek(), ended.peek()) {
-                    (None, None) => return None,
-                    (Some(_), None) => true,
-                    (None, Some(_)) => false,
-                    (Some((h, _)), Some((e, _))) => h < e,
-                };
-                if take_held {
-                    return held.next().map(|(id, refs)| (id, *refs));
-                }
-                let (id, e) = ended.next().expect("peeked");
-                if let Some(refs) = self.read(e) {
-                    return Some((id, refs));
-                }
-            }
+        crate::deal::merged(&self.held, &self.ended).filter_map(|entry| match entry {
+            crate::deal::Either::First(id, refs) => Some((id, *refs)),
+            crate::deal::Either::Second(id, ended) => Some((id, self.read(ended)?)),
         })
     }
 
