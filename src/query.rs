@@ -416,6 +416,9 @@ pub fn deal_show(state: &LedgerState, id: &Id) -> Result<DealShow, QueryError> {
         .inspect(|l| debug_assert!(l.scope == deal.scope))
         .map(|l| LockInfo::of(l, state.index().deal(&l.deal_id)))
         .collect();
+    // Ended locks (and their entries) are read back from the scratch file.
+    let locks_granted = deal.locks.iter().map(|l| LockInfo::of(&l, refs)).collect();
+    history_intact(state)?;
     Ok(DealShow {
         id: deal.id.clone(),
         status: deal.status,
@@ -452,7 +455,7 @@ pub fn deal_show(state: &LedgerState, id: &Id) -> Result<DealShow, QueryError> {
         event_count: deal.event_count,
         last_event: cited(|r| r.last),
         entries: refs.map_or(0, |r| r.items.len()),
-        locks_granted: deal.locks.iter().map(|l| LockInfo::of(&l, refs)).collect(),
+        locks_granted,
         locks_binding_parties,
         locks_binding_parties_total,
     })
@@ -1522,9 +1525,18 @@ mod tests {
 
     /// [`build`], its history items and ended locks in a store or in memory.
     fn build_with(lines: &[String], stored: bool) -> Built {
+        let store = stored.then(|| std::sync::Arc::new(crate::index::MemorySegments::default()));
+        build_in(lines, store)
+    }
+
+    /// [`build`], its history items and ended locks in `store` if given.
+    fn build_in(
+        lines: &[String],
+        store: Option<std::sync::Arc<crate::index::MemorySegments>>,
+    ) -> Built {
         let mut state = LedgerState::new("deal-events");
-        if stored {
-            state.spill_history_to(std::sync::Arc::new(crate::index::MemorySegments::default()));
+        if let Some(store) = store {
+            state.spill_history_to(store);
         }
         let mut offsets = [0i64; 3];
         let records = lines
@@ -1850,6 +1862,27 @@ mod tests {
         // A lock that ended (its deal terminated) after a finalization it bound.
         assert!(found.contains(r#""lock":"extra-01/l0""#), "{found}");
         assert_eq!(all(&stored), found);
+    }
+
+    #[test]
+    fn lock_answers_fail_when_ended_locks_cannot_be_read() {
+        let store = std::sync::Arc::new(crate::index::MemorySegments::default());
+        let b = build_in(&scenario_with_locks_over_openai(), Some(store.clone()));
+        let at = t("2025-01-15");
+        let page = PageRequest::first(100);
+        assert!(deal_show(&b.state, &id("extra-01")).is_ok());
+        assert!(locks_active(&b.state, at, &page).is_ok());
+        store
+            .fail_reads
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        // extra-01's locks all ended (released, or by its termination).
+        let err = deal_show(&b.state, &id("extra-01"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot be read back"), "{err}");
+        assert!(locks_active(&b.state, at, &page).is_err());
+        let filter = FindingFilter::default();
+        assert!(findings(&b.state, &b, &filter, &page).is_err());
     }
 
     #[test]
