@@ -1045,17 +1045,26 @@ impl ChainHead {
         Ok(entry)
     }
 
-    /// Moves the head over `entry`, an entry already appended once whose
-    /// hash the caller has just recomputed (a replay's [`ChainVerifier`]):
-    /// the same checks as [`ChainHead::append`], without hashing again.
+    /// Moves the head over `entry`, an entry already appended once that the
+    /// caller's [`ChainVerifier`] has just checked (stream, seq, offset
+    /// order, links, hash; a replay): the record's limits are checked as by
+    /// [`ChainHead::append`]; the verifier's checks are only asserted in
+    /// debug builds (this runs once per replayed entry).
     ///
     /// # Panics
     /// If `entry` does not continue this chain (`seq`, `prev_hash`): the
     /// caller's verifier would have refused it.
     pub fn advance_verified(&mut self, entry: &Entry) -> Result<(), AppendError> {
         let record = &entry.record;
-        let seq = self.check_next(record)?;
+        let seq = self.next_seq;
         let offset = record.offset;
+        debug_assert_eq!(self.check_next(record).ok(), Some(seq));
+        validate_record(record).map_err(|source| AppendError::InvalidRecord {
+            stream: self.stream.clone(),
+            seq,
+            offset,
+            source,
+        })?;
         assert_eq!(entry.seq, seq, "{}: entry out of order", self.stream);
         assert!(
             entry.prev_hash == self.head,

@@ -840,6 +840,15 @@ pub fn amendment_fingerprint(id: &Id) -> u64 {
     u64::from_be_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
+/// What [`Deal::check`] computed that [`Deal::commit`] needs again, so the
+/// fold computes it once per event.
+#[derive(Debug, Default)]
+struct Checked {
+    /// The amendment's fingerprint ([`amendment_fingerprint`]), for
+    /// `deal.amended`.
+    amendment: Option<u64>,
+}
+
 /// The state of one deal, as folded from its events.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Deal {
@@ -926,13 +935,24 @@ impl Deal {
     }
 
     /// Rejects `party` at `field` unless it is a party of this deal.
-    fn require_party(&self, field: impl Into<String>, party: &Id) -> Result<(), Rejection> {
+    fn require_party(&self, field: &str, party: &Id) -> Result<(), Rejection> {
+        self.require_party_at(|| field.to_owned(), party)
+    }
+
+    /// [`Deal::require_party`] for a field whose path is built (an indexed
+    /// list item) only when the party is refused: the fold runs for every
+    /// event, and accepted ones should not pay for a message.
+    fn require_party_at(
+        &self,
+        field: impl FnOnce() -> String,
+        party: &Id,
+    ) -> Result<(), Rejection> {
         if self.is_party(party) {
             Ok(())
         } else {
             Err(Rejection::NotAParty {
                 deal_id: self.id.clone(),
-                field: field.into(),
+                field: field(),
                 party: party.clone(),
                 parties: self.parties().cloned().collect(),
             })
@@ -1006,8 +1026,21 @@ impl Deal {
     }
 
     /// Checks `event` (for this deal, which exists and is not terminated)
-    /// against the deal's history. Never mutates.
-    fn check(&self, event: &DealEvent) -> Result<(), Rejection> {
+    /// against the deal's history. Never mutates. What the check computed
+    /// and the commit needs again comes back in [`Checked`].
+    fn check(&self, event: &DealEvent) -> Result<Checked, Rejection> {
+        let checked = Checked {
+            amendment: match &event.payload {
+                Payload::Amended(a) => Some(amendment_fingerprint(&a.amendment_id)),
+                _ => None,
+            },
+        };
+        self.check_rules(event, &checked)?;
+        Ok(checked)
+    }
+
+    /// The rules of [`Deal::check`], given what it computed.
+    fn check_rules(&self, event: &DealEvent, checked: &Checked) -> Result<(), Rejection> {
         let t = event.time;
         match &event.payload {
             Payload::NegotiationOpened(_) => Err(Rejection::AlreadyOpened {
@@ -1153,7 +1186,7 @@ impl Deal {
                     });
                 }
                 for (i, s) in signatories.as_slice().iter().enumerate() {
-                    self.require_party(format!("data.signatories[{i}].party"), &s.party)?;
+                    self.require_party_at(|| format!("data.signatories[{i}].party"), &s.party)?;
                 }
                 Ok(())
             }
@@ -1170,12 +1203,12 @@ impl Deal {
                     });
                 }
                 for (i, party) in agreed_by.as_slice().iter().enumerate() {
-                    self.require_party(format!("data.agreed_by[{i}]"), party)?;
+                    self.require_party_at(|| format!("data.agreed_by[{i}]"), party)?;
                 }
-                if self
-                    .amendment_ids
-                    .contains(&amendment_fingerprint(amendment_id))
-                {
+                let fingerprint = checked
+                    .amendment
+                    .expect("check computes an amendment's fingerprint");
+                if self.amendment_ids.contains(&fingerprint) {
                     return Err(Rejection::AmendmentExists {
                         deal_id: self.id.clone(),
                         amendment_id: amendment_id.clone(),
@@ -1196,8 +1229,9 @@ impl Deal {
         }
     }
 
-    /// Applies `event`, which [`Deal::check`] accepted. Infallible.
-    fn commit(&mut self, event: &DealEvent) {
+    /// Applies `event`, which [`Deal::check`] accepted (`checked`: what it
+    /// computed). Infallible.
+    fn commit(&mut self, event: &DealEvent, checked: Checked) {
         let t = event.time;
         match &event.payload {
             Payload::NegotiationOpened(_) => {
@@ -1285,9 +1319,11 @@ impl Deal {
             Payload::Amended(a) => {
                 self.current_terms = Some(a.terms.clone());
                 self.amendment_count += 1;
-                let new = self
-                    .amendment_ids
-                    .insert(amendment_fingerprint(&a.amendment_id));
+                let fingerprint = checked
+                    .amendment
+                    .expect("check computed the amendment's fingerprint");
+                debug_assert_eq!(fingerprint, amendment_fingerprint(&a.amendment_id));
+                let new = self.amendment_ids.insert(fingerprint);
                 assert!(new, "checked: amendment id is new");
             }
             Payload::Terminated(x) => {
@@ -1516,7 +1552,7 @@ impl DealBook {
             if let Some(LockStore(store)) = &self.lock_store {
                 deal.locks.store_ended_in(store);
             }
-            Self::commit_to(&mut deal, event);
+            Self::commit_to(&mut deal, event, Checked::default());
             self.deals.insert(event.deal_id.clone(), Box::new(deal));
             self.order.insert(event.deal_id.clone());
             debug_assert_eq!(self.deals.len(), self.order.len());
@@ -1533,15 +1569,15 @@ impl DealBook {
                 terminated_at: x.at,
             });
         }
-        deal.check(event)?;
-        Self::commit_to(deal, event);
+        let checked = deal.check(event)?;
+        Self::commit_to(deal, event, checked);
         Ok(())
     }
 
     /// Applies `event`, which the deal's check accepted, to `deal`. Infallible.
-    fn commit_to(deal: &mut Deal, event: &DealEvent) {
+    fn commit_to(deal: &mut Deal, event: &DealEvent, checked: Checked) {
         let status_before = deal.status;
-        deal.commit(event);
+        deal.commit(event, checked);
         debug_assert!(
             status_before <= deal.status,
             "status went back from {status_before} to {}",

@@ -62,6 +62,11 @@ pub const FILTER_BITS_PER_IDENTITY: usize = 12;
 /// Identities the first filter is sized for.
 const INITIAL_FILTER_CAPACITY: usize = 1 << 18;
 
+/// Largest number of expected identities a new index sizes its filter for
+/// ([`SpilledIdentities::create_for`]): 16 Mi identities, a 24 MiB filter.
+/// Beyond it the filter grows as identities come.
+pub const MAX_EXPECTED_IDENTITIES: usize = 1 << 24;
+
 /// Bits the filter sets per identity, all in one 512-bit block.
 const FILTER_HASHES: usize = 8;
 
@@ -100,6 +105,14 @@ pub struct SpilledIdentities {
 impl SpilledIdentities {
     /// An empty index in a new folder under `parent` (created if missing).
     pub fn create(parent: &Path) -> io::Result<SpilledIdentities> {
+        Self::create_for(parent, 0)
+    }
+
+    /// [`SpilledIdentities::create`] with a filter sized for `expected`
+    /// identities (at most [`MAX_EXPECTED_IDENTITIES`] are taken into
+    /// account): a replay knows how many entries it will fold, and a filter
+    /// that doubles on the way re-reads every run each time.
+    pub fn create_for(parent: &Path, expected: usize) -> io::Result<SpilledIdentities> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         fs::create_dir_all(parent)?;
         let dir = parent.join(format!(
@@ -112,7 +125,12 @@ impl SpilledIdentities {
             dir,
             pending: FingerprintMap::default(),
             runs: Vec::new(),
-            filter: Filter::with_capacity(INITIAL_FILTER_CAPACITY),
+            filter: Filter::with_capacity(
+                expected
+                    .min(MAX_EXPECTED_IDENTITIES)
+                    .next_power_of_two()
+                    .max(INITIAL_FILTER_CAPACITY),
+            ),
             len: 0,
             next_run: 0,
             failure: OnceLock::new(),

@@ -1505,8 +1505,11 @@ impl Store {
 
     /// An empty identity index for a state of this ledger: on disk, in a
     /// folder of its own inside the ledger folder (see [`crate::identities`]).
+    /// Its filter is sized for the entries stored now (a replay's count).
     pub fn new_identities(&self) -> Result<Box<dyn IdentityIndex>, StoreError> {
-        let index = identities::SpilledIdentities::create(&self.dir)
+        let entries: u64 = self.heads()?.iter().map(|h| h.next_seq()).sum();
+        let expected = usize::try_from(entries).unwrap_or(usize::MAX);
+        let index = identities::SpilledIdentities::create_for(&self.dir, expected)
             .map_err(|e| io_error(&self.dir, "creating an identity index", e))?;
         Ok(Box::new(index))
     }
@@ -3176,11 +3179,11 @@ fn replay_step(
 }
 
 /// Steps handed from the walking thread to the folding thread at a time.
-const WALK_CHUNK_STEPS: usize = 256;
+const WALK_CHUNK_STEPS: usize = 64;
 
 /// Chunks in flight between the two threads: bounds the memory of a
 /// pipelined walk to about 16 × 256 entries.
-const WALK_CHUNKS_IN_FLIGHT: usize = 16;
+const WALK_CHUNKS_IN_FLIGHT: usize = 256;
 
 /// A replay's start at a snapshot: the restored state and a cursor per
 /// stream, resuming at the snapshot's heads.
