@@ -3178,11 +3178,15 @@ fn replay_step(
     }
 }
 
-/// Steps handed from the walking thread to the folding thread at a time.
+/// Steps handed from one thread of a pipelined walk to the next at a time
+/// (a chunk of 64 stays below the allocator's large size class: larger
+/// ones were fresh pages, faulted in, every time).
 const WALK_CHUNK_STEPS: usize = 64;
 
-/// Chunks in flight between the two threads: bounds the memory of a
-/// pipelined walk to about 16 × 256 entries.
+/// Chunks in flight between two threads of a pipelined walk: bounds its
+/// memory to about 2 × 256 × 64 entries (~30 MB of 400-byte events, with
+/// their decodings). Enough for the walker and decoder to run ahead while
+/// the fold writes an identity run (at 16 × 256 they waited for it).
 const WALK_CHUNKS_IN_FLIGHT: usize = 256;
 
 /// A replay's start at a snapshot: the restored state and a cursor per
