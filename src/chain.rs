@@ -1009,13 +1009,18 @@ impl ChainHead {
                 last_offset,
             });
         }
+        self.validate_next(record, seq)?;
+        Ok(seq)
+    }
+
+    /// [`validate_record`] for `record`, to be entry `seq` of this chain.
+    fn validate_next(&self, record: &Record, seq: u64) -> Result<(), AppendError> {
         validate_record(record).map_err(|source| AppendError::InvalidRecord {
             stream: self.stream.clone(),
             seq,
-            offset,
+            offset: record.offset,
             source,
-        })?;
-        Ok(seq)
+        })
     }
 
     /// Appends `record` as the next entry and returns it. Refuses a record of
@@ -1059,12 +1064,7 @@ impl ChainHead {
         let seq = self.next_seq;
         let offset = record.offset;
         debug_assert_eq!(self.check_next(record).ok(), Some(seq));
-        validate_record(record).map_err(|source| AppendError::InvalidRecord {
-            stream: self.stream.clone(),
-            seq,
-            offset,
-            source,
-        })?;
+        self.validate_next(record, seq)?;
         assert_eq!(entry.seq, seq, "{}: entry out of order", self.stream);
         assert!(
             entry.prev_hash == self.head,
