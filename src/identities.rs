@@ -664,6 +664,30 @@ mod tests {
     }
 
     #[test]
+    fn an_index_sized_ahead_never_grows_its_filter_and_finds_the_same() {
+        let parent = scratch();
+        let n = PENDING_LIMIT as u64 * 5 + 123;
+        let mut sized = SpilledIdentities::create_for(parent.path(), n as usize).unwrap();
+        let capacity = sized.filter.capacity;
+        assert!(capacity >= n as usize, "sized for {n}: capacity {capacity}");
+        let mut grown = SpilledIdentities::create(parent.path()).unwrap();
+        for i in 0..n {
+            sized.insert(fp(i), location(i));
+            grown.insert(fp(i), location(i));
+        }
+        // No doubling (which re-reads every run) on the way.
+        assert_eq!(sized.filter.capacity, capacity);
+        assert!(grown.filter.capacity > INITIAL_FILTER_CAPACITY);
+        for i in (0..n + 10_000).step_by(37) {
+            assert_eq!(sized.get(fp(i)), grown.get(fp(i)), "identity {i}");
+        }
+        assert!(sized.sorted().eq(grown.sorted()));
+        // The hint is capped: a huge count does not allocate a huge filter.
+        let capped = SpilledIdentities::create_for(parent.path(), usize::MAX).unwrap();
+        assert_eq!(capped.filter.capacity, MAX_EXPECTED_IDENTITIES);
+    }
+
+    #[test]
     fn a_sorted_load_is_one_run_and_inserts_continue_after_it() {
         let parent = scratch();
         let mut index = SpilledIdentities::create(parent.path()).unwrap();
