@@ -1504,14 +1504,18 @@ impl Store {
     }
 
     /// An empty identity index for a state of this ledger: on disk, in a
-    /// folder of its own inside the ledger folder (see [`crate::identities`]).
-    /// Its filter is sized for the entries stored now (a replay's count).
-    pub fn new_identities(&self) -> Result<Box<dyn IdentityIndex>, StoreError> {
-        let entries: u64 = self.heads()?.iter().map(|h| h.next_seq()).sum();
-        let expected = usize::try_from(entries).unwrap_or(usize::MAX);
+    /// folder of its own inside the ledger folder (see [`crate::identities`]),
+    /// its filter sized for `expected` identities.
+    pub fn new_identities(&self, expected: u64) -> Result<Box<dyn IdentityIndex>, StoreError> {
+        let expected = usize::try_from(expected).unwrap_or(usize::MAX);
         let index = identities::SpilledIdentities::create_for(&self.dir, expected)
             .map_err(|e| io_error(&self.dir, "creating an identity index", e))?;
         Ok(Box::new(index))
+    }
+
+    /// Number of entries stored: the sum of the streams' stored heads.
+    pub fn stored_entries(&self) -> Result<u64, StoreError> {
+        Ok(self.heads()?.iter().map(ChainHead::next_seq).sum())
     }
 
     /// An empty state of this ledger whose identity index and history
@@ -1522,8 +1526,11 @@ impl Store {
 
     /// [`Store::new_state`], or without the query index (and so without a
     /// scratch file for its history items).
+    /// Its identity filter is sized for the entries stored now: the most a
+    /// replay from genesis folds.
     pub fn new_state_with(&self, index: QueryIndex) -> Result<LedgerState, StoreError> {
-        let mut state = LedgerState::with_identities(self.topic.clone(), self.new_identities()?);
+        let identities = self.new_identities(self.stored_entries()?)?;
+        let mut state = LedgerState::with_identities(self.topic.clone(), identities);
         match index {
             QueryIndex::Kept => self.spill_history(&mut state)?,
             QueryIndex::Dropped => state.drop_query_index(),
@@ -3925,8 +3932,9 @@ impl Store {
         });
         Ok(match parts {
             Ok(parts) => {
+                // No size hint: loading the snapshot's sorted list sizes it.
                 let mut state =
-                    LedgerState::restore(parts, self.new_identities()?).map_err(|e| e.to_string());
+                    LedgerState::restore(parts, self.new_identities(0)?).map_err(|e| e.to_string());
                 if let Ok(state) = &mut state {
                     match index {
                         QueryIndex::Kept => self.spill_history(state)?,

@@ -126,7 +126,7 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         },
         from_genesis: args.from_genesis,
     };
-    let total: u64 = store.heads()?.iter().map(|h| h.next_seq()).sum();
+    let total = store.stored_entries()?;
     let bar = progress_bar(total, "entries replayed", args.json)?;
     let result = match &bar {
         Some(bar) => replay::replay(store, &options, Some(&|n| bar.inc(n))),
