@@ -619,10 +619,7 @@ pub fn export_store<W: Write>(
     let mut verifiers: BTreeMap<i32, ChainVerifier> = BTreeMap::new();
     let mut cursors: BTreeMap<i32, EntryCursor<'_>> = BTreeMap::new();
     let mut written = 0u64;
-    let mut since_release = 0u64;
-    let mut expected_no = 0u64;
-    let mut records = store.batches(0).take(batches as usize);
-    while let Some(record) = records.next() {
+    for (expected_no, record) in (0u64..).zip(store.batches(0).take(batches as usize)) {
         let record = record?;
         if record.batch_no != expected_no {
             return Err(inconsistent(
@@ -684,22 +681,8 @@ pub fn export_store<W: Write>(
                 writer.write_entry(&entry)?;
                 cursor.0 += 1;
                 written += 1;
-                since_release += 1;
                 progress(written);
             }
-        }
-        expected_no += 1;
-        if since_release >= store.release_every() {
-            // Let sled's memory go (`Store::release_read_memory`): no cursor
-            // may be open; they are opened again where the next runs start.
-            drop(records);
-            cursors.clear();
-            if store.release_read_memory()? {
-                since_release = 0;
-            }
-            records = store
-                .batches(expected_no)
-                .take((batches - expected_no) as usize);
         }
     }
     if writer.batches != header.batches {
@@ -2187,18 +2170,6 @@ mod tests {
     fn export_round_trips_in_ledger_order_and_import_reproduces_the_store() {
         let (_tmp, store) = ledger(&[5, 1, 30, 12, 9], 3);
         let bytes = export_bytes(&store);
-        // The same bytes when sled is closed and reopened every few entries
-        // (`Store::release_read_memory`), at batch ends inside runs.
-        for every in [1, 4, 13] {
-            store.set_release_every(every);
-            let released_before = store.releases();
-            assert_eq!(
-                export_bytes(&store),
-                bytes,
-                "releasing every {every} entries"
-            );
-            assert!(store.releases() > released_before);
-        }
         assert_eq!(&bytes[..8], b"DLEDGEX\n");
         assert_eq!(&bytes[8..12], &[0, 0, 0, 1]);
 
@@ -2762,9 +2733,6 @@ mod tests {
         let error = export_store(&store, Vec::new(), |_| {}).unwrap_err();
         assert!(error.is_damage());
         assert!(error.to_string().contains("deal-events/0 seq 3"), "{error}");
-        store.set_release_every(1);
-        let released = export_store(&store, Vec::new(), |_| {}).unwrap_err();
-        assert_eq!(released.to_string(), error.to_string());
         drop(tmp);
     }
 

@@ -982,14 +982,6 @@ fn start_decoder() -> Result<Decoder, IngestError> {
     )
 }
 
-/// Entries the writer writes between two releases of sled's memory
-/// ([`Store::release_memory_to_os`]), or fewer if the store says so: half
-/// the interval of long reads. What sled holds of what it wrote is the
-/// ingester's largest swing in memory; releasing twice as often took 15 MiB
-/// off the peak RSS of a 1M-event ingest (186-187 -> 171-173 MiB) at the
-/// same speed (10.44-10.52 s, now 10.59-10.60 s; ~0.4 s more system time).
-const RELEASE_WRITTEN_MEMORY_ENTRIES: u64 = crate::store::RELEASE_READ_MEMORY_ENTRIES / 2;
-
 /// Most batches applied in memory but not yet durable: one batch is gathered
 /// and applied while the previous one is being written.
 const PIPELINE_DEPTH: usize = 1;
@@ -1010,24 +1002,13 @@ impl Writer {
         dead_letters: Option<DeadLetters>,
         metrics: Arc<Metrics>,
     ) -> Result<Writer, IngestError> {
-        let mut since_release = 0u64;
         // Results wait for the loop: at most the batches in flight.
         let stage = Stage::start(
             "ledger-writer",
             PIPELINE_DEPTH,
             PIPELINE_DEPTH + 1,
             move |mut write: BatchWrite| {
-                let written = store.write_batch(&write).and_then(|stats| {
-                    // sled keeps what it wrote in memory far beyond its cache
-                    // size: let it go now and then (skipped while a query or
-                    // the fold holds sled).
-                    since_release += stats.entries as u64;
-                    let every = store.release_every().min(RELEASE_WRITTEN_MEMORY_ENTRIES);
-                    if since_release >= every && store.release_memory_to_os()? {
-                        since_release = 0;
-                    }
-                    Ok(stats)
-                });
+                let written = store.write_batch(&write);
                 match written {
                     Ok(stats) => {
                         metrics.batch_written(

@@ -18,25 +18,6 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// Returns jemalloc's unused pages to the OS at once. Called after the
-/// ingester let sled's memory go (`Store::release_memory_to_os`): jemalloc
-/// would otherwise keep the freed pages for its decay time (10 s).
-fn purge_allocator() {
-    // "arena.<MALLCTL_ARENAS_ALL>.purge": every arena.
-    const PURGE_ALL_ARENAS: &[u8] = b"arena.4096.purge\0";
-    // SAFETY: a NUL-terminated mallctl name that takes no old or new value.
-    let status = unsafe {
-        tikv_jemalloc_sys::mallctl(
-            PURGE_ALL_ARENAS.as_ptr().cast(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            0,
-        )
-    };
-    debug_assert_eq!(status, 0, "mallctl arena.4096.purge");
-}
-
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -44,7 +25,6 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    dealledger::store::after_memory_release(purge_allocator);
     let cli = dealledger::cli::Cli::parse();
     match dealledger::cli::run(cli) {
         Ok(code) => code,
