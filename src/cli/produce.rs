@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Seek, Write};
+use std::io::{self, Read, Seek, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -87,70 +87,6 @@ struct Validation {
     invalid: Vec<InvalidLine>,
 }
 
-/// Reads JSONL with a bound on line length: a longer line is reported, not buffered.
-struct BoundedLines<R> {
-    reader: R,
-    line: u64,
-}
-
-enum Line<'a> {
-    Blank,
-    Text(&'a [u8]),
-    TooLong(usize),
-}
-
-impl<R: BufRead> BoundedLines<R> {
-    fn new(reader: R) -> Self {
-        BoundedLines { reader, line: 0 }
-    }
-
-    /// The next line (without its newline) and its 1-based number.
-    fn next<'b>(&mut self, buf: &'b mut Vec<u8>) -> io::Result<Option<(u64, Line<'b>)>> {
-        buf.clear();
-        let mut total = 0usize;
-        let mut seen_any = false;
-        loop {
-            let chunk = self.reader.fill_buf()?;
-            if chunk.is_empty() {
-                break;
-            }
-            seen_any = true;
-            let (part, done) = match memchr_newline(chunk) {
-                Some(i) => (&chunk[..i], Some(i + 1)),
-                None => (chunk, None),
-            };
-            total += part.len();
-            if buf.len() <= limits::MAX_EVENT_BYTES {
-                let room = limits::MAX_EVENT_BYTES + 1 - buf.len();
-                buf.extend_from_slice(&part[..part.len().min(room)]);
-            }
-            let consumed = done.unwrap_or(chunk.len());
-            self.reader.consume(consumed);
-            if done.is_some() {
-                break;
-            }
-        }
-        if !seen_any {
-            return Ok(None);
-        }
-        self.line += 1;
-        if total > limits::MAX_EVENT_BYTES {
-            return Ok(Some((self.line, Line::TooLong(total))));
-        }
-        if buf.last() == Some(&b'\r') {
-            buf.pop();
-        }
-        if buf.iter().all(u8::is_ascii_whitespace) {
-            return Ok(Some((self.line, Line::Blank)));
-        }
-        Ok(Some((self.line, Line::Text(buf.as_slice()))))
-    }
-}
-
-fn memchr_newline(b: &[u8]) -> Option<usize> {
-    memchr::memchr(b'\n', b)
-}
-
 /// Opens the input; standard input is spooled to a temporary file so it can be read twice.
 fn open_input(path: &PathBuf) -> anyhow::Result<File> {
     if path.as_os_str() == "-" {
@@ -164,12 +100,15 @@ fn open_input(path: &PathBuf) -> anyhow::Result<File> {
     }
 }
 
-/// Bytes of input validated per chunk; chunks are decoded in parallel.
+/// Bytes of input per chunk (at least; a chunk ends at a line end): the
+/// unit of reading, of parallel validation and of sending.
 const CHUNK_BYTES: usize = 4 * 1024 * 1024;
 
-/// Lines read for one parallel validation step.
+/// Whole lines of the input, read straight into a buffer that is reused
+/// from chunk to chunk.
 #[derive(Default)]
 struct Chunk {
+    /// Number of the chunk's first line (1-based).
     first_line: u64,
     bytes: Vec<u8>,
     /// Per line: its byte range in `bytes`, or the length of an overlong line, or blank.
@@ -182,30 +121,129 @@ enum ChunkLine {
     TooLong(usize),
 }
 
-/// Reads about [`CHUNK_BYTES`] of whole lines; `None` at the end of input.
-fn read_chunk<R: BufRead>(
-    lines: &mut BoundedLines<R>,
-    buf: &mut Vec<u8>,
-) -> io::Result<Option<Chunk>> {
-    let mut chunk = Chunk::default();
-    while chunk.bytes.len() < CHUNK_BYTES {
-        let Some((n, line)) = lines.next(buf)? else {
-            break;
-        };
-        if chunk.lines.is_empty() {
-            chunk.first_line = n;
-        }
-        chunk.lines.push(match line {
-            Line::Blank => ChunkLine::Blank,
-            Line::TooLong(len) => ChunkLine::TooLong(len),
-            Line::Text(text) => {
-                let start = chunk.bytes.len();
-                chunk.bytes.extend_from_slice(text);
-                ChunkLine::Text(start..chunk.bytes.len())
-            }
+impl Chunk {
+    /// The line at `range` of `bytes` (without its `\n`): blank when it is
+    /// all white space, overlong past [`limits::MAX_EVENT_BYTES`] (counting a
+    /// final `\r`), else its text without a final `\r`.
+    fn push_line(&mut self, range: std::ops::Range<usize>) {
+        let line = &self.bytes[range.clone()];
+        self.lines.push(if line.len() > limits::MAX_EVENT_BYTES {
+            ChunkLine::TooLong(line.len())
+        } else if line.iter().all(u8::is_ascii_whitespace) {
+            ChunkLine::Blank
+        } else if line.last() == Some(&b'\r') {
+            ChunkLine::Text(range.start..range.end - 1)
+        } else {
+            ChunkLine::Text(range)
         });
     }
-    Ok((!chunk.lines.is_empty()).then_some(chunk))
+
+    /// The text lines with their numbers.
+    fn texts(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.lines
+            .iter()
+            .enumerate()
+            .filter_map(|(i, line)| match line {
+                ChunkLine::Text(range) => {
+                    Some((self.first_line + i as u64, &self.bytes[range.clone()]))
+                }
+                ChunkLine::Blank | ChunkLine::TooLong(_) => None,
+            })
+    }
+}
+
+/// Cuts JSONL into [`Chunk`]s of whole lines: the bytes go from the reader
+/// straight into the chunk's buffer (one copy, no allocation per line once
+/// the buffers have grown). A line longer than [`limits::MAX_EVENT_BYTES`]
+/// is measured and skipped, never buffered whole.
+struct ChunkReader<R> {
+    reader: R,
+    /// Bytes read into a chunk before it is closed at the next line end.
+    chunk_bytes: usize,
+    /// Lines handed out so far.
+    lines: u64,
+    /// The start of the line the previous chunk stopped in.
+    carry: Vec<u8>,
+    eof: bool,
+}
+
+impl<R: Read> ChunkReader<R> {
+    fn new(reader: R, chunk_bytes: usize) -> Self {
+        assert!(chunk_bytes > 0, "chunks hold at least one byte");
+        ChunkReader {
+            reader,
+            chunk_bytes,
+            lines: 0,
+            carry: Vec::new(),
+            eof: false,
+        }
+    }
+
+    /// Appends up to `want` bytes to `buf`; sets `eof` when the input ends.
+    fn read_into(&mut self, buf: &mut Vec<u8>, want: usize) -> io::Result<()> {
+        let n = (&mut self.reader).take(want as u64).read_to_end(buf)?;
+        if n < want {
+            self.eof = true;
+        }
+        Ok(())
+    }
+
+    /// Reads on past the rest of an overlong line: returns how many bytes it
+    /// had until its `\n` (or the end of input) and appends what follows
+    /// the `\n` to `buf`.
+    fn skip_rest_of_line(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        let mut skipped = 0;
+        let mut scratch = Vec::new();
+        while !self.eof {
+            scratch.clear();
+            self.read_into(&mut scratch, self.chunk_bytes)?;
+            if let Some(i) = memchr::memchr(b'\n', &scratch) {
+                buf.extend_from_slice(&scratch[i + 1..]);
+                return Ok(skipped + i);
+            }
+            skipped += scratch.len();
+        }
+        Ok(skipped)
+    }
+
+    /// Refills `chunk` (its buffers reused) with the next lines, about
+    /// `chunk_bytes` of them; false once the input is used up.
+    fn next_chunk(&mut self, chunk: &mut Chunk) -> io::Result<bool> {
+        chunk.bytes.clear();
+        chunk.lines.clear();
+        chunk.first_line = self.lines + 1;
+        chunk.bytes.append(&mut self.carry);
+        // Bytes of `chunk.bytes` already cut into lines.
+        let mut cut = 0;
+        loop {
+            while let Some(i) = memchr::memchr(b'\n', &chunk.bytes[cut..]) {
+                chunk.push_line(cut..cut + i);
+                cut += i + 1;
+            }
+            let partial = chunk.bytes.len() - cut;
+            if partial > limits::MAX_EVENT_BYTES {
+                chunk.bytes.truncate(cut);
+                let rest = self.skip_rest_of_line(&mut chunk.bytes)?;
+                chunk.lines.push(ChunkLine::TooLong(partial + rest));
+                continue;
+            }
+            if self.eof {
+                if partial > 0 {
+                    chunk.push_line(cut..chunk.bytes.len());
+                }
+                break;
+            }
+            if chunk.bytes.len() >= self.chunk_bytes && !chunk.lines.is_empty() {
+                self.carry.extend_from_slice(&chunk.bytes[cut..]);
+                chunk.bytes.truncate(cut);
+                break;
+            }
+            let want = self.chunk_bytes.saturating_sub(chunk.bytes.len()).max(4096);
+            self.read_into(&mut chunk.bytes, want)?;
+        }
+        self.lines += chunk.lines.len() as u64;
+        Ok(!chunk.lines.is_empty())
+    }
 }
 
 /// Decodes every line of a chunk: `None` for blank lines.
@@ -269,13 +307,17 @@ fn validate_file(file: &File) -> anyhow::Result<Validation> {
             to_workers.push(tx);
             from_workers.push(drx);
         }
+        // Chunks the collector is done with go back to the reader to be
+        // filled again: their buffers have grown to size.
+        let (free_tx, free_rx) =
+            std::sync::mpsc::sync_channel::<Chunk>(threads * (CHUNKS_AHEAD_PER_THREAD + 1));
         scope.spawn(move || {
-            let mut lines = BoundedLines::new(BufReader::with_capacity(1 << 20, file));
-            let mut buf = Vec::with_capacity(4096);
+            let mut reader = ChunkReader::new(file, CHUNK_BYTES);
             for worker in to_workers.iter().cycle() {
-                let (chunk, last) = match read_chunk(&mut lines, &mut buf) {
-                    Ok(Some(chunk)) => (Ok(chunk), false),
-                    Ok(None) => return,
+                let mut chunk = free_rx.try_recv().unwrap_or_default();
+                let (chunk, last) = match reader.next_chunk(&mut chunk) {
+                    Ok(true) => (Ok(chunk), false),
+                    Ok(false) => return,
                     Err(e) => (Err(e), true),
                 };
                 // A closed channel: the collector stopped; nothing to do.
@@ -319,6 +361,8 @@ fn validate_file(file: &File) -> anyhow::Result<Validation> {
                 );
                 v.line_keys.push(key);
             }
+            // The reader may have stopped: then the chunk is simply dropped.
+            let _ = free_tx.try_send(chunk);
         }
         unreachable!("cycle over a non-empty list of workers never ends")
     })
@@ -392,30 +436,28 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
     };
 
     let producer = BulkProducer::new(&args.kafka.settings(), &args.kafka.topic)?;
-    let mut lines = BoundedLines::new(BufReader::with_capacity(1 << 20, &file));
-    let mut buf = Vec::with_capacity(4096);
+    let mut reader = ChunkReader::new(&file, CHUNK_BYTES);
+    let mut chunk = Chunk::default();
     let mut refused = Vec::new();
-    while let Some((n, line)) = lines
-        .next(&mut buf)
+    while reader
+        .next_chunk(&mut chunk)
         .context("reading the input again for sending failed; some events may have been sent")?
     {
-        let bytes = match line {
-            Line::Text(b) => b,
-            Line::Blank | Line::TooLong(_) => continue,
-        };
-        let subject;
-        let key = match &validation {
-            Some(v) => match v.line_keys[(n - 1) as usize] {
-                Some(k) => Some(v.keys[k as usize].as_str()),
-                None => continue,
-            },
-            None => {
-                subject = subject_of(bytes);
-                subject.as_deref()
+        for (n, bytes) in chunk.texts() {
+            let subject;
+            let key = match &validation {
+                Some(v) => match v.line_keys[(n - 1) as usize] {
+                    Some(k) => Some(v.keys[k as usize].as_str()),
+                    None => continue,
+                },
+                None => {
+                    subject = subject_of(bytes);
+                    subject.as_deref()
+                }
+            };
+            if let Err(e) = producer.send(n, key, bytes) {
+                refused.push((n, e));
             }
-        };
-        if let Err(e) = producer.send(n, key, bytes) {
-            refused.push((n, e));
         }
     }
     let topic = producer.topic().to_string();
@@ -492,26 +534,30 @@ fn subject_of(bytes: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
 
-    fn lines(input: &[u8]) -> Vec<(u64, String)> {
-        let mut r = BoundedLines::new(BufReader::with_capacity(7, input));
-        let mut buf = Vec::new();
+    /// Every line as `ChunkReader` cuts it, chunk by chunk of `chunk_bytes`.
+    fn lines(input: &[u8], chunk_bytes: usize) -> Vec<(u64, String)> {
+        let mut reader = ChunkReader::new(input, chunk_bytes);
+        let mut chunk = Chunk::default();
         let mut out = Vec::new();
-        while let Some((n, l)) = r.next(&mut buf).unwrap() {
-            out.push((
-                n,
-                match l {
-                    Line::Blank => "<blank>".to_string(),
-                    Line::Text(t) => String::from_utf8_lossy(t).into_owned(),
-                    Line::TooLong(n) => format!("<too long {n}>"),
-                },
-            ));
+        while reader.next_chunk(&mut chunk).unwrap() {
+            for (i, line) in chunk.lines.iter().enumerate() {
+                out.push((
+                    chunk.first_line + i as u64,
+                    match line {
+                        ChunkLine::Blank => "<blank>".to_string(),
+                        ChunkLine::Text(r) => {
+                            String::from_utf8_lossy(&chunk.bytes[r.clone()]).into_owned()
+                        }
+                        ChunkLine::TooLong(n) => format!("<too long {n}>"),
+                    },
+                ));
+            }
         }
         out
     }
 
     #[test]
-    fn splits_lines_across_small_buffers() {
-        let got = lines(b"abc\r\n\n  \nlonger line here\nlast");
+    fn splits_lines_whatever_the_chunk_size() {
         let want = vec![
             (1, "abc".to_string()),
             (2, "<blank>".to_string()),
@@ -519,18 +565,45 @@ mod tests {
             (4, "longer line here".to_string()),
             (5, "last".to_string()),
         ];
-        assert_eq!(got, want);
+        for chunk_bytes in [1, 2, 3, 7, 16, 1 << 20] {
+            assert_eq!(
+                lines(b"abc\r\n\n  \nlonger line here\nlast", chunk_bytes),
+                want,
+                "chunks of {chunk_bytes} bytes"
+            );
+        }
+        assert_eq!(lines(b"one\n", 2), vec![(1, "one".to_string())]);
+        assert_eq!(lines(b"", 2), Vec::<(u64, String)>::new());
+        assert_eq!(lines(b"\n", 2), vec![(1, "<blank>".to_string())]);
     }
 
     #[test]
     fn overlong_lines_are_measured_not_buffered() {
-        let mut input = vec![b'x'; limits::MAX_EVENT_BYTES + 10];
-        input.extend_from_slice(b"\nok\n");
-        let got = lines(&input);
+        for chunk_bytes in [7, 4096, limits::MAX_EVENT_BYTES + 5, 1 << 20] {
+            let mut input = b"first\n".to_vec();
+            input.extend(vec![b'x'; limits::MAX_EVENT_BYTES + 10]);
+            input.extend_from_slice(b"\nok\n");
+            input.extend(vec![b'y'; 3 * limits::MAX_EVENT_BYTES]);
+            let got = lines(&input, chunk_bytes);
+            let want = vec![
+                (1, "first".to_string()),
+                (2, format!("<too long {}>", limits::MAX_EVENT_BYTES + 10)),
+                (3, "ok".to_string()),
+                (4, format!("<too long {}>", 3 * limits::MAX_EVENT_BYTES)),
+            ];
+            assert_eq!(got, want, "chunks of {chunk_bytes} bytes");
+        }
+        // Exactly at the limit is fine; a `\r` beyond it is not.
+        let at_limit = vec![b'z'; limits::MAX_EVENT_BYTES];
+        let mut input = at_limit.clone();
+        input.extend_from_slice(b"\n");
+        input.extend_from_slice(&at_limit);
+        input.extend_from_slice(b"\r\n");
+        let got = lines(&input, 1 << 20);
+        assert_eq!(got[0].1.len(), limits::MAX_EVENT_BYTES);
         assert_eq!(
-            got[0],
-            (1, format!("<too long {}>", limits::MAX_EVENT_BYTES + 10))
+            got[1].1,
+            format!("<too long {}>", limits::MAX_EVENT_BYTES + 1)
         );
-        assert_eq!(got[1], (2, "ok".to_string()));
     }
 }
