@@ -136,12 +136,14 @@ pub const MAX_PAGE_BYTES: usize = 64 * 1024;
 /// closed before an entry that would take it over this size (or when it
 /// holds [`MAX_PAGE_ENTRIES`]); an entry too large for that gets a page of
 /// its own. Well below [`MAX_PAGE_BYTES`] because of how sled 0.34 stores
-/// tree nodes: a leaf holds up to 17 keys before it splits, and a leaf
-/// whose serialized size exceeds a quarter of sled's 512 KiB segment is
-/// written to a file of its own in `blobs/` every time sled rewrites it,
-/// which [`Store::write_batch`] must fsync. With 7 KiB pages 17 of them stay
-/// under that; with 64 KiB pages (about 32 entries of ~700 bytes) nearly
-/// every leaf became a blob. Measured (release, 2 cores, 5,000-entry
+/// tree nodes: a leaf whose serialized size exceeds a quarter of sled's
+/// 512 KiB segment is written to a file of its own in `blobs/` every time
+/// sled rewrites it, which [`Store::write_batch`] must fsync. Upstream sled
+/// splits leaves past 16 keys; 17 pages of 7 KiB stay under that, and our
+/// patched sled splits past 4 (`third_party/sled/PATCHES.md`: a point read
+/// pulls the whole leaf). With 64 KiB pages (about 32 entries of ~700
+/// bytes) nearly every leaf became a blob. Measured with 17-key leaves
+/// (release, 2 cores, 5,000-entry
 /// batches of ~700-byte entries, `time_write_batch`): 64 KiB pages 110-123k
 /// entries/s, 20 ms of each batch's fsyncs; 7 KiB pages 205-225k entries/s,
 /// 1.5-2 ms; and a 200,000-event ingest peaked at 295-323 MB RSS with

@@ -597,12 +597,16 @@ impl Node {
     }
 
     pub(crate) fn should_split(&self) -> bool {
+        // dealledger patch (see third_party/sled/PATCHES.md): leaves split
+        // past 4 keys, not 16. A point read pulls a whole leaf into the
+        // cache; dealledger's values are ~7 KiB pages, so a 17-key leaf was
+        // ~120 KB read, deserialized and later evicted per entry read.
         let threshold = if cfg!(any(test, feature = "lock_free_delays")) {
             2
         } else if self.data.is_index() {
             256
         } else {
-            16
+            4
         };
 
         let size_checks = self.data.len() > threshold;
@@ -617,7 +621,8 @@ impl Node {
         } else if self.data.is_index() {
             64
         } else {
-            4
+            // dealledger patch: 1, not 4, below the split threshold of 4.
+            1
         };
 
         let size_checks = self.data.len() < threshold;
