@@ -1008,8 +1008,7 @@ impl Writer {
             PIPELINE_DEPTH,
             PIPELINE_DEPTH + 1,
             move |mut write: BatchWrite| {
-                let written = store.write_batch(&write);
-                match written {
+                match store.write_batch(&write) {
                     Ok(stats) => {
                         metrics.batch_written(
                             stats.entries,

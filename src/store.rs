@@ -85,7 +85,7 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::chain::{
@@ -1261,7 +1261,7 @@ pub struct Store {
     /// sled's handles. Always `Some` until dropped, when [`Drop`] takes
     /// them out to close sled before waiting for its lock to go. Every user
     /// holds the `Arc` for as long as it uses them, iterators included.
-    sled: RwLock<Option<Arc<Sled>>>,
+    sled: Option<Arc<Sled>>,
     durability: Mutex<Durability>,
     /// The ledger folder, `flock`ed for the store's lifetime (see [`lock_folder`]).
     _folder_lock: File,
@@ -1278,10 +1278,10 @@ impl Drop for Store {
             // buffer it could not write (seen after ENOSPC). Nothing unwritten
             // was acknowledged; the process is on its way out with the
             // error, and the OS releases sled's files and lock at exit.
-            std::mem::forget(self.sled_slot().take());
+            std::mem::forget(self.sled.take());
             return;
         }
-        drop(self.sled_slot().take());
+        drop(self.sled.take());
         wait_for_sled_lock_release(&self.lock_durability().db_file);
     }
 }
@@ -1469,11 +1469,11 @@ impl Store {
         let store = Store {
             dir: dir.to_path_buf(),
             topic,
-            sled: RwLock::new(Some(Arc::new(Sled {
+            sled: Some(Arc::new(Sled {
                 db,
                 tree,
                 snapshots,
-            }))),
+            })),
             durability: Mutex::new(Durability {
                 db_file,
                 synced_blobs: HashSet::new(),
@@ -1588,16 +1588,7 @@ impl Store {
 
     /// sled's handles, held by the caller for as long as it uses them.
     fn sled(&self) -> Arc<Sled> {
-        self.sled
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .expect("open until dropped")
-            .clone()
-    }
-
-    fn sled_slot(&self) -> std::sync::RwLockWriteGuard<'_, Option<Arc<Sled>>> {
-        self.sled.write().unwrap_or_else(PoisonError::into_inner)
+        Arc::clone(self.sled.as_ref().expect("open until dropped"))
     }
 
     fn lock_durability(&self) -> std::sync::MutexGuard<'_, Durability> {
