@@ -50,11 +50,13 @@ use crate::store::{Store, StoreError};
 
 /// Default number of records per batch (one durable write each). About
 /// six batches are in memory at once (gathered, decoding, folded, being
-/// written...), so this sets a large part of the ingester's memory; 2,000
-/// ingests as fast as 5,000 did, with less of it (1M-event bench topic,
-/// by hand, interleaved: 5,000 in 9.46-11.41 s at 220 MiB peak RSS, 2,000
-/// in 9.16-9.96 s at 184-185 MiB; 3M events: 300 -> 271 MiB).
-pub const DEFAULT_BATCH_RECORDS: usize = 2_000;
+/// written...), so this sets a part of the ingester's memory. Measured on
+/// the 1M-event bench topic, by hand, interleaved, with sled's cache
+/// bounded (session of 2026-11-30): 1,000 in 7.09-7.72 s at 164-167 MiB
+/// peak RSS, 2,000 in 6.97-7.67 s at 175-182 MiB; 3M events: 1,000 in
+/// 26.5 s at 253 MiB, 2,000 in 27.6 s at 265 MiB. (5,000 was slower and
+/// larger still: 8.4 s at 214-218 MiB at 1M.)
+pub const DEFAULT_BATCH_RECORDS: usize = 1_000;
 /// Default bytes of record values per batch.
 pub const DEFAULT_BATCH_BYTES: usize = 16 * 1024 * 1024;
 /// How long a batch waits for more records after its first one.
