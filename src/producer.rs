@@ -19,8 +19,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{
-    BaseRecord, FutureProducer, FutureRecord, Producer, ProducerContext, PurgeConfig,
-    ThreadedProducer,
+    BaseProducer, BaseRecord, FutureProducer, FutureRecord, Producer, ProducerContext, PurgeConfig,
 };
 
 use crate::event::DealEvent;
@@ -185,6 +184,13 @@ impl DealProducer {
 /// way, the broker beside it being the bound.
 pub const BULK_QUEUE_MESSAGES: &str = "100000";
 
+/// [`BulkProducer`] serves delivery reports after this many events.
+const POLL_EVERY_EVENTS: u32 = 1_000;
+
+/// How long [`BulkProducer::send`] waits for delivery reports when
+/// librdkafka's queue is full.
+const QUEUE_FULL_WAIT: Duration = Duration::from_millis(5);
+
 /// How long [`BulkProducer::finish`] waits at a time before checking for a
 /// [`SecurityFailure`].
 const FLUSH_SLICE: Duration = Duration::from_millis(200);
@@ -239,8 +245,10 @@ impl ProducerContext for DeliveryTally {
 /// per event, deliveries counted by librdkafka's callback. Same settings as
 /// [`DealProducer`] (idempotent, acks=all), same headers.
 pub struct BulkProducer {
-    inner: ThreadedProducer<DeliveryTally>,
+    inner: BaseProducer<DeliveryTally>,
     topic: String,
+    /// Events queued since delivery reports were last served.
+    unpolled: std::cell::Cell<u32>,
 }
 
 impl BulkProducer {
@@ -261,7 +269,11 @@ impl BulkProducer {
                 brokers: settings.brokers.clone(),
                 source,
             })?;
-        Ok(BulkProducer { inner, topic })
+        Ok(BulkProducer {
+            inner,
+            topic,
+            unpolled: std::cell::Cell::new(0),
+        })
     }
 
     /// The topic events go to.
@@ -285,14 +297,26 @@ impl BulkProducer {
                 record = record.key(k);
             }
             match self.inner.send(record) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    // Delivery reports are served here, on the sending
+                    // thread, every so many events: no thread of their own.
+                    let unpolled = self.unpolled.get() + 1;
+                    if unpolled >= POLL_EVERY_EVENTS {
+                        self.inner.poll(Duration::ZERO);
+                        self.unpolled.set(0);
+                    } else {
+                        self.unpolled.set(unpolled);
+                    }
+                    return Ok(());
+                }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     // A refused login never drains the queue: stop waiting.
                     if let Some(failure) = self.inner.context().security.get() {
                         return Err(ProduceError::Security(failure.clone()));
                     }
-                    // The background thread drains the queue; give it a moment.
-                    std::thread::sleep(Duration::from_millis(1));
+                    // Serve delivery reports until the queue has room.
+                    self.inner.poll(QUEUE_FULL_WAIT);
+                    self.unpolled.set(0);
                 }
                 Err((source, _)) => {
                     return Err(ProduceError::Delivery {
