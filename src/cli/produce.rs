@@ -5,6 +5,12 @@
 //! the first pass validates every line and remembers each valid line's deal
 //! id (interned); the second pass sends the lines' bytes exactly as written.
 //! Standard input is first spooled to an anonymous temporary file.
+//!
+//! What is sent is what was validated: the second pass reads no further than
+//! the first did (lines appended meanwhile are left alone), and each chunk
+//! must have the length, lines and CRC-32 it had when it was validated. A
+//! file changed in between stops the sending at the first chunk that
+//! differs, with an error naming its first line ([`InputChanged`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -85,6 +91,43 @@ struct Validation {
     valid: u64,
     invalid_total: u64,
     invalid: Vec<InvalidLine>,
+    /// What each chunk held when it was validated, in input order.
+    chunks: Vec<ChunkSum>,
+    /// Bytes of input read: the second pass reads no further.
+    bytes_read: u64,
+}
+
+/// What a chunk held when it was validated: the second pass sends a chunk
+/// only if it still holds the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ChunkSum {
+    first_line: u64,
+    lines: usize,
+    bytes: usize,
+    /// CRC-32 of the chunk's bytes (overlong lines, never buffered, count by
+    /// their length in `lines` of the chunk only).
+    crc: u32,
+}
+
+impl ChunkSum {
+    fn of(chunk: &Chunk) -> ChunkSum {
+        ChunkSum {
+            first_line: chunk.first_line,
+            lines: chunk.lines.len(),
+            bytes: chunk.bytes.len(),
+            crc: crc32fast::hash(&chunk.bytes),
+        }
+    }
+}
+
+/// The input file changed between validation and sending.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the input changed after it was validated: from line {line} on it is not what was validated; nothing from there on was sent (produce reads its input twice: leave the file alone until it is done, or pipe it in with `-`)"
+)]
+pub struct InputChanged {
+    /// First line of the first chunk that differs.
+    pub line: u64,
 }
 
 /// Opens the input; standard input is spooled to a temporary file so it can be read twice.
@@ -165,6 +208,8 @@ struct ChunkReader<R> {
     /// The start of the line the previous chunk stopped in.
     carry: Vec<u8>,
     eof: bool,
+    /// Bytes read from `reader` so far.
+    read: u64,
 }
 
 impl<R: Read> ChunkReader<R> {
@@ -176,12 +221,14 @@ impl<R: Read> ChunkReader<R> {
             lines: 0,
             carry: Vec::new(),
             eof: false,
+            read: 0,
         }
     }
 
     /// Appends up to `want` bytes to `buf`; sets `eof` when the input ends.
     fn read_into(&mut self, buf: &mut Vec<u8>, want: usize) -> io::Result<()> {
         let n = (&mut self.reader).take(want as u64).read_to_end(buf)?;
+        self.read += n as u64;
         if n < want {
             self.eof = true;
         }
@@ -284,8 +331,16 @@ fn validate_file(file: &File) -> anyhow::Result<Validation> {
         valid: 0,
         invalid_total: 0,
         invalid: Vec::new(),
+        chunks: Vec::new(),
+        bytes_read: 0,
     };
-    type Decoded = (Chunk, Vec<Option<Result<crate::event::Id, DecodeError>>>);
+    type Decoded = (
+        Chunk,
+        ChunkSum,
+        Vec<Option<Result<crate::event::Id, DecodeError>>>,
+    );
+    let bytes_read = std::sync::atomic::AtomicU64::new(0);
+    let bytes_read = &bytes_read;
     std::thread::scope(|scope| -> anyhow::Result<Validation> {
         let mut to_workers = Vec::with_capacity(threads);
         let mut from_workers = Vec::with_capacity(threads);
@@ -297,7 +352,8 @@ fn validate_file(file: &File) -> anyhow::Result<Validation> {
                 for chunk in rx {
                     let decoded = chunk.map(|chunk| {
                         let results = decode_chunk(&chunk);
-                        (chunk, results)
+                        let sum = ChunkSum::of(&chunk);
+                        (chunk, sum, results)
                     });
                     if dtx.send(decoded).is_err() {
                         return;
@@ -317,7 +373,10 @@ fn validate_file(file: &File) -> anyhow::Result<Validation> {
                 let mut chunk = free_rx.try_recv().unwrap_or_default();
                 let (chunk, last) = match reader.next_chunk(&mut chunk) {
                     Ok(true) => (Ok(chunk), false),
-                    Ok(false) => return,
+                    Ok(false) => {
+                        bytes_read.store(reader.read, std::sync::atomic::Ordering::Release);
+                        return;
+                    }
                     Err(e) => (Err(e), true),
                 };
                 // A closed channel: the collector stopped; nothing to do.
@@ -329,9 +388,11 @@ fn validate_file(file: &File) -> anyhow::Result<Validation> {
         for worker in from_workers.iter().cycle() {
             let Ok(decoded) = worker.recv() else {
                 // This worker's input ended: every chunk was read and collected.
+                v.bytes_read = bytes_read.load(std::sync::atomic::Ordering::Acquire);
                 return Ok(v);
             };
-            let (chunk, results) = decoded?;
+            let (chunk, sum, results) = decoded?;
+            v.chunks.push(sum);
             for (i, outcome) in results.into_iter().enumerate() {
                 let n = chunk.first_line + i as u64;
                 let key = match outcome {
@@ -409,7 +470,7 @@ pub fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
 
 /// `dealledger produce`.
 pub fn produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
-    let mut file = open_input(&args.input)?;
+    let file = open_input(&args.input)?;
     let validation = if args.no_validate {
         None
     } else {
@@ -431,18 +492,12 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
             }
             return Ok(ExitCode::from(EXIT_BAD_INPUT));
         }
-        file.rewind()?;
         Some(v)
     };
 
     let producer = BulkProducer::new(&args.kafka.settings(), &args.kafka.topic)?;
-    let mut reader = ChunkReader::new(&file, CHUNK_BYTES);
-    let mut chunk = Chunk::default();
     let mut refused = Vec::new();
-    while reader
-        .next_chunk(&mut chunk)
-        .context("reading the input again for sending failed; some events may have been sent")?
-    {
+    let changed = for_each_chunk_to_send(&file, validation.as_ref(), |chunk| {
         for (n, bytes) in chunk.texts() {
             let subject;
             let key = match &validation {
@@ -459,7 +514,9 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
                 refused.push((n, e));
             }
         }
-    }
+    })
+    .context("reading the input again for sending failed; some events may have been sent")?
+    .err();
     let topic = producer.topic().to_string();
     let mut report = producer
         .finish(Duration::from_secs(300))
@@ -486,6 +543,10 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
             "failed": failed,
             "invalid": skipped,
             "errors": validation.as_ref().map(|v| &v.invalid),
+            "input_changed": changed.as_ref().map(|c| serde_json::json!({
+                "line": c.line,
+                "reason": c.to_string(),
+            })),
         }))?;
     } else {
         if let Some(v) = &validation {
@@ -513,12 +574,50 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
             println!("skipped {skipped} invalid lines");
         }
     }
-    Ok(if report.failed.is_empty() {
+    if let Some(changed) = &changed {
+        eprintln!("error: {}: {changed}", args.input.display());
+    }
+    Ok(if report.failed.is_empty() && changed.is_none() {
         ExitCode::SUCCESS
     } else {
-        eprintln!("{} events were not delivered", report.failed.len());
+        if !report.failed.is_empty() {
+            eprintln!("{} events were not delivered", report.failed.len());
+        }
         ExitCode::FAILURE
     })
+}
+
+/// The second pass: hands `send` each chunk of `file`, from its start. With
+/// a `validation`, reads no further than it did and stops, with
+/// [`InputChanged`], before the first chunk that is not what was validated
+/// (or when the input ends early).
+fn for_each_chunk_to_send(
+    file: &File,
+    validation: Option<&Validation>,
+    mut send: impl FnMut(&Chunk),
+) -> io::Result<Result<(), InputChanged>> {
+    let mut file = file;
+    file.rewind()?;
+    let limit = validation.map_or(u64::MAX, |v| v.bytes_read);
+    let mut reader = ChunkReader::new(file.take(limit), CHUNK_BYTES);
+    let mut chunk = Chunk::default();
+    let mut sums = validation.map(|v| v.chunks.iter());
+    while reader.next_chunk(&mut chunk)? {
+        if let Some(sums) = &mut sums
+            && sums.next() != Some(&ChunkSum::of(&chunk))
+        {
+            return Ok(Err(InputChanged {
+                line: chunk.first_line,
+            }));
+        }
+        send(&chunk);
+    }
+    match sums.and_then(|mut sums| sums.next().copied()) {
+        Some(missing) => Ok(Err(InputChanged {
+            line: missing.first_line,
+        })),
+        None => Ok(Ok(())),
+    }
 }
 
 /// The `subject` of a JSON object line, if it has a string one (for `--no-validate`).
@@ -554,6 +653,79 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A file of `lines` numbered lines of 100 bytes (with the `\n`).
+    fn numbered_file(lines: u64) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        for n in 1..=lines {
+            writeln!(file, "{:<99}", format!("line {n} is not an event")).unwrap();
+        }
+        file.flush().unwrap();
+        file
+    }
+
+    /// The numbers of the lines the second pass hands out, and its verdict.
+    fn second_pass(file: &File, v: &Validation) -> (Vec<u64>, Result<(), InputChanged>) {
+        let mut sent = Vec::new();
+        let verdict = for_each_chunk_to_send(file, Some(v), |chunk| {
+            sent.extend(chunk.texts().map(|(n, _)| n));
+        })
+        .unwrap();
+        (sent, verdict)
+    }
+
+    #[test]
+    fn the_second_pass_sends_only_what_was_validated() {
+        // 100,000 lines of 100 bytes: three chunks of CHUNK_BYTES (4 MiB).
+        let lines = 100_000;
+        let tmp = numbered_file(lines);
+        tmp.as_file().rewind().unwrap();
+        let v = validate_file(tmp.as_file()).unwrap();
+        assert_eq!(v.invalid_total, lines);
+        assert_eq!(v.chunks.len(), 3);
+        assert_eq!(v.bytes_read, lines * 100);
+        let third = v.chunks[2].first_line;
+
+        // Unchanged: every line.
+        let (sent, verdict) = second_pass(tmp.as_file(), &v);
+        assert!(verdict.is_ok());
+        assert_eq!(sent, (1..=lines).collect::<Vec<_>>());
+
+        // Lines appended since are left alone.
+        let mut appended = std::fs::OpenOptions::new()
+            .append(true)
+            .open(tmp.path())
+            .unwrap();
+        appended.write_all(b"appended later\n").unwrap();
+        let (sent, verdict) = second_pass(tmp.as_file(), &v);
+        assert!(verdict.is_ok());
+        assert_eq!(sent.len() as u64, lines);
+
+        // One byte changed in the third chunk: the first two go, then it stops.
+        let mut bytes = std::fs::read(tmp.path()).unwrap();
+        let at = ((third + 10) * 100 - 50) as usize;
+        bytes[at] = b'#';
+        std::fs::write(tmp.path(), &bytes).unwrap();
+        let file = File::open(tmp.path()).unwrap();
+        let (sent, verdict) = second_pass(&file, &v);
+        assert_eq!(verdict.unwrap_err().line, third);
+        assert_eq!(sent, (1..third).collect::<Vec<_>>());
+
+        // Cut short: what is there and unchanged goes, then it stops.
+        let mut bytes = std::fs::read(tmp.path()).unwrap();
+        bytes[at] = b' ';
+        bytes.truncate((third - 1) as usize * 100);
+        std::fs::write(tmp.path(), &bytes).unwrap();
+        let file = File::open(tmp.path()).unwrap();
+        let (sent, verdict) = second_pass(&file, &v);
+        let err = verdict.unwrap_err();
+        assert_eq!(err.line, third);
+        assert!(
+            err.to_string().contains(&format!("from line {third} on")),
+            "{err}"
+        );
+        assert_eq!(sent, (1..third).collect::<Vec<_>>());
     }
 
     #[test]
