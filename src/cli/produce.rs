@@ -318,8 +318,10 @@ const CHUNKS_AHEAD_PER_THREAD: usize = 2;
 /// deal id. A reader thread cuts the input into chunks of whole lines, up to
 /// 8 threads decode them (chunk `i` on thread `i % threads`), and this
 /// thread takes the results back in input order: reading, decoding and
-/// collecting overlap. At most `threads * (CHUNKS_AHEAD_PER_THREAD + 1)`
-/// chunks of [`CHUNK_BYTES`] are in memory.
+/// collecting overlap. At most `threads * (CHUNKS_AHEAD_PER_THREAD + 2) + 2`
+/// chunks of [`CHUNK_BYTES`] are in memory: per thread, those waiting for it,
+/// the one it decodes and the one waiting for the collector; the one being
+/// read and the one being collected.
 fn validate_file(file: &File) -> anyhow::Result<Validation> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
