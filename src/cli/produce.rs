@@ -473,6 +473,10 @@ pub fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
 /// `dealledger produce`.
 pub fn produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
     let file = open_input(&args.input)?;
+    // Created first: librdkafka connects, fetches metadata and obtains its
+    // idempotent producer id in the background while the input is
+    // validated. Nothing is sent before validation is done.
+    let producer = BulkProducer::new(&args.kafka.settings(), &args.kafka.topic)?;
     let validation = if args.no_validate {
         None
     } else {
@@ -497,7 +501,6 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
         Some(v)
     };
 
-    let producer = BulkProducer::new(&args.kafka.settings(), &args.kafka.topic)?;
     let mut refused = Vec::new();
     let changed = for_each_chunk_to_send(&file, validation.as_ref(), |chunk| {
         for (n, bytes) in chunk.texts() {
