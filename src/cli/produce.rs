@@ -1,20 +1,24 @@
 //! `dealledger produce` and `dealledger validate`: JSONL deal events in,
 //! validated, then (for produce) published to Kafka.
 //!
-//! Input is read twice, streaming, so memory does not grow with the file:
-//! the first pass validates every line and remembers each valid line's deal
-//! id (interned); the second pass sends the lines' bytes exactly as written.
-//! Standard input is first spooled to an anonymous temporary file.
+//! Input is read twice, from a read-only memory map of the file (no copy
+//! into buffers; pages are given back as each chunk is done), so memory
+//! does not grow with the file: the first pass validates every line and
+//! remembers each valid line's deal id (interned); the second pass sends the
+//! lines' bytes exactly as written. Standard input is first spooled to an
+//! anonymous temporary file.
 //!
-//! What is sent is what was validated: the second pass reads no further than
-//! the first did (lines appended meanwhile are left alone), and each chunk
-//! must have the length, lines and CRC-32 it had when it was validated. A
-//! file changed in between stops the sending at the first chunk that
-//! differs, with an error naming its first line ([`InputChanged`]).
+//! What is sent is what was validated: the map covers the file as it was
+//! when produce opened it (lines appended meanwhile are left alone), and
+//! each chunk must have the length, lines and CRC-32 it had when it was
+//! validated. A file changed in place in between stops the sending at the
+//! first chunk that differs, with an error naming its first line
+//! ([`InputChanged`]). A file cut short while mapped would fault the read
+//! (SIGBUS): produce then exits with an error saying so ([`SigbusGuard`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{self, Read, Seek, Write};
+use std::io::{self, Seek, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -93,8 +97,6 @@ struct Validation {
     invalid: Vec<InvalidLine>,
     /// What each chunk held when it was validated, in input order.
     chunks: Vec<ChunkSum>,
-    /// Bytes of input read: the second pass reads no further.
-    bytes_read: u64,
 }
 
 /// What a chunk held when it was validated: the second pass sends a chunk
@@ -104,24 +106,24 @@ struct ChunkSum {
     first_line: u64,
     lines: usize,
     bytes: usize,
-    /// CRC-32 of the chunk's bytes (overlong lines, never buffered, count by
-    /// their length in `lines` of the chunk only).
+    /// CRC-32 of the chunk's bytes.
     crc: u32,
 }
 
 impl ChunkSum {
-    fn of(chunk: &Chunk) -> ChunkSum {
+    fn of(chunk: &Chunk, input: &[u8]) -> ChunkSum {
+        let bytes = &input[chunk.span.clone()];
         ChunkSum {
             first_line: chunk.first_line,
             lines: chunk.lines.len(),
-            bytes: chunk.bytes.len(),
-            crc: crc32fast::hash(&chunk.bytes),
+            bytes: bytes.len(),
+            crc: crc32fast::hash(bytes),
         }
     }
 }
 
 /// The input file changed between validation and sending.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
     "the input changed after it was validated: from line {line} on it is not what was validated; nothing from there on was sent (produce reads its input twice: leave the file alone until it is done, or pipe it in with `-`)"
 )]
@@ -143,18 +145,122 @@ fn open_input(path: &PathBuf) -> anyhow::Result<File> {
     }
 }
 
+/// The input's bytes: a read-only map of the file as long as it was when
+/// mapped.
+struct Input {
+    /// `None` for an empty file (nothing to map).
+    map: Option<memmap2::Mmap>,
+}
+
+impl Input {
+    /// Maps `file`. `guard` must live as long as the map is read.
+    fn map(file: &File, _guard: &SigbusGuard) -> anyhow::Result<Input> {
+        let len = file
+            .metadata()
+            .context("cannot read the input's size")?
+            .len();
+        if len == 0 {
+            return Ok(Input { map: None });
+        }
+        // SAFETY: the map is read-only and only ever read as bytes. Another
+        // process may still change the file under it: a change in place is
+        // caught by the chunk checksums, and a file cut short faults the read
+        // (SIGBUS), which `SigbusGuard` turns into an error exit.
+        let map =
+            unsafe { memmap2::Mmap::map(file) }.context("cannot map the input into memory")?;
+        let _ = map.advise(memmap2::Advice::Sequential);
+        Ok(Input { map: Some(map) })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or_default()
+    }
+
+    /// Gives back the pages wholly inside `span` (read and done with), so
+    /// that the map does not count towards memory as it is read through.
+    fn release(&self, span: std::ops::Range<usize>) {
+        let Some(map) = &self.map else { return };
+        const PAGE: usize = 4096;
+        let start = span.start.next_multiple_of(PAGE);
+        let end = span.end / PAGE * PAGE;
+        if start < end {
+            // SAFETY: a read-only, file-backed shared map: pages dropped are
+            // read again from the file if touched; nothing is lost.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+            };
+        }
+    }
+}
+
+/// Turns a SIGBUS (the mapped input was cut short while produce read it)
+/// into an error message and exit status 1 instead of a crash, while it
+/// lives.
+struct SigbusGuard {
+    previous: libc::sigaction,
+}
+
+/// The message [`SigbusGuard`]'s handler writes: set by the first guard a
+/// process installs (a command installs one), before its handler is.
+static SIGBUS_MESSAGE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+
+extern "C" fn on_sigbus(_: libc::c_int) {
+    let message = SIGBUS_MESSAGE
+        .get()
+        .map_or(&b"error: bus error\n"[..], Vec::as_slice);
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; `message` is
+    // initialised before the handler is installed and never changed.
+    unsafe {
+        libc::write(2, message.as_ptr().cast(), message.len());
+        libc::_exit(1);
+    }
+}
+
+impl SigbusGuard {
+    /// `doing`: what the command was doing with the input; `consequence`:
+    /// what that means for the user.
+    fn install(input: &std::path::Path, doing: &str, consequence: &str) -> SigbusGuard {
+        let _ = SIGBUS_MESSAGE.set(
+            format!(
+                "error: {}: the input was cut short while {doing} it (bus error on its memory map); {consequence}\n",
+                input.display()
+            )
+            .into_bytes(),
+        );
+        // SAFETY: installs a handler that only calls async-signal-safe
+        // functions; the previous disposition is restored on drop.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_sigbus as *const () as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            let mut previous: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(libc::SIGBUS, &action, &mut previous);
+            SigbusGuard { previous }
+        }
+    }
+}
+
+impl Drop for SigbusGuard {
+    fn drop(&mut self) {
+        // SAFETY: puts back the disposition `install` replaced.
+        unsafe {
+            libc::sigaction(libc::SIGBUS, &self.previous, std::ptr::null_mut());
+        }
+    }
+}
+
 /// Bytes of input per chunk (at least; a chunk ends at a line end): the
-/// unit of reading, of parallel validation and of sending.
+/// unit of parallel validation, of checking and of sending.
 const CHUNK_BYTES: usize = 4 * 1024 * 1024;
 
-/// Whole lines of the input, read straight into a buffer that is reused
-/// from chunk to chunk.
+/// Whole lines of the input: where they are in it.
 #[derive(Default)]
 struct Chunk {
     /// Number of the chunk's first line (1-based).
     first_line: u64,
-    bytes: Vec<u8>,
-    /// Per line: its byte range in `bytes`, or the length of an overlong line, or blank.
+    /// Its bytes in the input, `\n`s included.
+    span: std::ops::Range<usize>,
+    /// Per line: its byte range in the input, or the length of an overlong line, or blank.
     lines: Vec<ChunkLine>,
 }
 
@@ -165,11 +271,11 @@ enum ChunkLine {
 }
 
 impl Chunk {
-    /// The line at `range` of `bytes` (without its `\n`): blank when it is
+    /// The line at `range` of `input` (without its `\n`): blank when it is
     /// all white space, overlong past [`limits::MAX_EVENT_BYTES`] (counting a
     /// final `\r`), else its text without a final `\r`.
-    fn push_line(&mut self, range: std::ops::Range<usize>) {
-        let line = &self.bytes[range.clone()];
+    fn push_line(&mut self, input: &[u8], range: std::ops::Range<usize>) {
+        let line = &input[range.clone()];
         self.lines.push(if line.len() > limits::MAX_EVENT_BYTES {
             ChunkLine::TooLong(line.len())
         } else if line.iter().all(u8::is_ascii_whitespace) {
@@ -181,120 +287,63 @@ impl Chunk {
         });
     }
 
-    /// The text lines with their numbers.
-    fn texts(&self) -> impl Iterator<Item = (u64, &[u8])> {
+    /// The text lines of `input` in this chunk, with their numbers.
+    fn texts<'a>(&'a self, input: &'a [u8]) -> impl Iterator<Item = (u64, &'a [u8])> + 'a {
         self.lines
             .iter()
             .enumerate()
-            .filter_map(|(i, line)| match line {
-                ChunkLine::Text(range) => {
-                    Some((self.first_line + i as u64, &self.bytes[range.clone()]))
-                }
+            .filter_map(move |(i, line)| match line {
+                ChunkLine::Text(range) => Some((self.first_line + i as u64, &input[range.clone()])),
                 ChunkLine::Blank | ChunkLine::TooLong(_) => None,
             })
     }
 }
 
-/// Cuts JSONL into [`Chunk`]s of whole lines: the bytes go from the reader
-/// straight into the chunk's buffer (one copy, no allocation per line once
-/// the buffers have grown). A line longer than [`limits::MAX_EVENT_BYTES`]
-/// is measured and skipped, never buffered whole.
-struct ChunkReader<R> {
-    reader: R,
-    /// Bytes read into a chunk before it is closed at the next line end.
+/// Cuts JSONL into [`Chunk`]s of whole lines, about `chunk_bytes` each. A
+/// line longer than [`limits::MAX_EVENT_BYTES`] is only measured.
+struct LineCutter<'a> {
+    input: &'a [u8],
+    /// Bytes of the chunk before it is closed at the next line end.
     chunk_bytes: usize,
+    /// Where the next chunk starts.
+    at: usize,
     /// Lines handed out so far.
     lines: u64,
-    /// The start of the line the previous chunk stopped in.
-    carry: Vec<u8>,
-    eof: bool,
-    /// Bytes read from `reader` so far.
-    read: u64,
 }
 
-impl<R: Read> ChunkReader<R> {
-    fn new(reader: R, chunk_bytes: usize) -> Self {
+impl<'a> LineCutter<'a> {
+    fn new(input: &'a [u8], chunk_bytes: usize) -> Self {
         assert!(chunk_bytes > 0, "chunks hold at least one byte");
-        ChunkReader {
-            reader,
+        LineCutter {
+            input,
             chunk_bytes,
+            at: 0,
             lines: 0,
-            carry: Vec::new(),
-            eof: false,
-            read: 0,
         }
     }
 
-    /// Appends up to `want` bytes to `buf`; sets `eof` when the input ends.
-    fn read_into(&mut self, buf: &mut Vec<u8>, want: usize) -> io::Result<()> {
-        let n = (&mut self.reader).take(want as u64).read_to_end(buf)?;
-        self.read += n as u64;
-        if n < want {
-            self.eof = true;
-        }
-        Ok(())
-    }
-
-    /// Reads on past the rest of an overlong line: returns how many bytes it
-    /// had until its `\n` (or the end of input) and appends what follows
-    /// the `\n` to `buf`.
-    fn skip_rest_of_line(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
-        let mut skipped = 0;
-        let mut scratch = Vec::new();
-        while !self.eof {
-            scratch.clear();
-            self.read_into(&mut scratch, self.chunk_bytes)?;
-            if let Some(i) = memchr::memchr(b'\n', &scratch) {
-                buf.extend_from_slice(&scratch[i + 1..]);
-                return Ok(skipped + i);
-            }
-            skipped += scratch.len();
-        }
-        Ok(skipped)
-    }
-
-    /// Refills `chunk` (its buffers reused) with the next lines, about
-    /// `chunk_bytes` of them; false once the input is used up.
-    fn next_chunk(&mut self, chunk: &mut Chunk) -> io::Result<bool> {
-        chunk.bytes.clear();
+    /// Fills `chunk` (its line list reused) with the next lines; false once
+    /// the input is used up.
+    fn next_chunk(&mut self, chunk: &mut Chunk) -> bool {
         chunk.lines.clear();
         chunk.first_line = self.lines + 1;
-        chunk.bytes.append(&mut self.carry);
-        // Bytes of `chunk.bytes` already cut into lines.
-        let mut cut = 0;
-        loop {
-            while let Some(i) = memchr::memchr(b'\n', &chunk.bytes[cut..]) {
-                chunk.push_line(cut..cut + i);
-                cut += i + 1;
-            }
-            let partial = chunk.bytes.len() - cut;
-            if partial > limits::MAX_EVENT_BYTES {
-                chunk.bytes.truncate(cut);
-                let rest = self.skip_rest_of_line(&mut chunk.bytes)?;
-                chunk.lines.push(ChunkLine::TooLong(partial + rest));
-                continue;
-            }
-            if self.eof {
-                if partial > 0 {
-                    chunk.push_line(cut..chunk.bytes.len());
-                }
-                break;
-            }
-            if chunk.bytes.len() >= self.chunk_bytes && !chunk.lines.is_empty() {
-                self.carry.extend_from_slice(&chunk.bytes[cut..]);
-                chunk.bytes.truncate(cut);
-                break;
-            }
-            let want = self.chunk_bytes.saturating_sub(chunk.bytes.len()).max(4096);
-            self.read_into(&mut chunk.bytes, want)?;
+        let start = self.at;
+        let input = self.input;
+        while self.at < input.len()
+            && (self.at - start < self.chunk_bytes || chunk.lines.is_empty())
+        {
+            let end = memchr::memchr(b'\n', &input[self.at..]).map_or(input.len(), |i| self.at + i);
+            chunk.push_line(input, self.at..end);
+            self.at = (end + 1).min(input.len());
         }
+        chunk.span = start..self.at;
         self.lines += chunk.lines.len() as u64;
-        Ok(!chunk.lines.is_empty())
+        !chunk.lines.is_empty()
     }
 }
 
 /// Decodes every line of a chunk: `None` for blank lines.
-fn decode_chunk(chunk: &Chunk) -> Vec<Option<Result<crate::event::Id, DecodeError>>> {
+fn decode_chunk(chunk: &Chunk, input: &[u8]) -> Vec<Option<Result<crate::event::Id, DecodeError>>> {
     chunk
         .lines
         .iter()
@@ -305,7 +354,7 @@ fn decode_chunk(chunk: &Chunk) -> Vec<Option<Result<crate::event::Id, DecodeErro
                 limit: limits::MAX_EVENT_BYTES,
             })),
             ChunkLine::Text(range) => {
-                Some(DealEvent::decode(&chunk.bytes[range.clone()]).map(|e| e.deal_id))
+                Some(DealEvent::decode(&input[range.clone()]).map(|e| e.deal_id))
             }
         })
         .collect()
@@ -315,14 +364,14 @@ fn decode_chunk(chunk: &Chunk) -> Vec<Option<Result<crate::event::Id, DecodeErro
 const CHUNKS_AHEAD_PER_THREAD: usize = 2;
 
 /// The first pass: validates every line and remembers each valid line's
-/// deal id. A reader thread cuts the input into chunks of whole lines, up to
+/// deal id. A cutter thread cuts the input into chunks of whole lines, up to
 /// 8 threads decode them (chunk `i` on thread `i % threads`), and this
-/// thread takes the results back in input order: reading, decoding and
-/// collecting overlap. At most `threads * (CHUNKS_AHEAD_PER_THREAD + 2) + 2`
-/// chunks of [`CHUNK_BYTES`] are in memory: per thread, those waiting for it,
-/// the one it decodes and the one waiting for the collector; the one being
-/// read and the one being collected.
-fn validate_file(file: &File) -> anyhow::Result<Validation> {
+/// thread takes the results back in input order, giving back the pages of
+/// each chunk it is done with: cutting, decoding and collecting overlap. At
+/// most `threads * (CHUNKS_AHEAD_PER_THREAD + 2) + 2` chunks are being
+/// worked on: per thread, those waiting for it, the one it decodes and the
+/// one waiting for the collector; the one being cut and the one collected.
+fn validate_input(input: &Input) -> anyhow::Result<Validation> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(8);
@@ -334,30 +383,24 @@ fn validate_file(file: &File) -> anyhow::Result<Validation> {
         invalid_total: 0,
         invalid: Vec::new(),
         chunks: Vec::new(),
-        bytes_read: 0,
     };
     type Decoded = (
         Chunk,
         ChunkSum,
         Vec<Option<Result<crate::event::Id, DecodeError>>>,
     );
-    let bytes_read = std::sync::atomic::AtomicU64::new(0);
-    let bytes_read = &bytes_read;
+    let bytes = input.bytes();
     std::thread::scope(|scope| -> anyhow::Result<Validation> {
         let mut to_workers = Vec::with_capacity(threads);
         let mut from_workers = Vec::with_capacity(threads);
         for _ in 0..threads {
-            let (tx, rx) =
-                std::sync::mpsc::sync_channel::<io::Result<Chunk>>(CHUNKS_AHEAD_PER_THREAD);
-            let (dtx, drx) = std::sync::mpsc::sync_channel::<io::Result<Decoded>>(1);
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(CHUNKS_AHEAD_PER_THREAD);
+            let (dtx, drx) = std::sync::mpsc::sync_channel::<Decoded>(1);
             scope.spawn(move || {
                 for chunk in rx {
-                    let decoded = chunk.map(|chunk| {
-                        let results = decode_chunk(&chunk);
-                        let sum = ChunkSum::of(&chunk);
-                        (chunk, sum, results)
-                    });
-                    if dtx.send(decoded).is_err() {
+                    let results = decode_chunk(&chunk, bytes);
+                    let sum = ChunkSum::of(&chunk, bytes);
+                    if dtx.send((chunk, sum, results)).is_err() {
                         return;
                     }
                 }
@@ -365,35 +408,21 @@ fn validate_file(file: &File) -> anyhow::Result<Validation> {
             to_workers.push(tx);
             from_workers.push(drx);
         }
-        // Chunks the collector is done with go back to the reader to be
-        // filled again: their buffers have grown to size.
-        let (free_tx, free_rx) =
-            std::sync::mpsc::sync_channel::<Chunk>(threads * (CHUNKS_AHEAD_PER_THREAD + 1));
         scope.spawn(move || {
-            let mut reader = ChunkReader::new(file, CHUNK_BYTES);
+            let mut cutter = LineCutter::new(bytes, CHUNK_BYTES);
             for worker in to_workers.iter().cycle() {
-                let mut chunk = free_rx.try_recv().unwrap_or_default();
-                let (chunk, last) = match reader.next_chunk(&mut chunk) {
-                    Ok(true) => (Ok(chunk), false),
-                    Ok(false) => {
-                        bytes_read.store(reader.read, std::sync::atomic::Ordering::Release);
-                        return;
-                    }
-                    Err(e) => (Err(e), true),
-                };
+                let mut chunk = Chunk::default();
                 // A closed channel: the collector stopped; nothing to do.
-                if worker.send(chunk).is_err() || last {
+                if !cutter.next_chunk(&mut chunk) || worker.send(chunk).is_err() {
                     return;
                 }
             }
         });
         for worker in from_workers.iter().cycle() {
-            let Ok(decoded) = worker.recv() else {
-                // This worker's input ended: every chunk was read and collected.
-                v.bytes_read = bytes_read.load(std::sync::atomic::Ordering::Acquire);
+            let Ok((chunk, sum, results)) = worker.recv() else {
+                // This worker's input ended: every chunk was cut and collected.
                 return Ok(v);
             };
-            let (chunk, sum, results) = decoded?;
             v.chunks.push(sum);
             for (i, outcome) in results.into_iter().enumerate() {
                 let n = chunk.first_line + i as u64;
@@ -424,8 +453,7 @@ fn validate_file(file: &File) -> anyhow::Result<Validation> {
                 );
                 v.line_keys.push(key);
             }
-            // The reader may have stopped: then the chunk is simply dropped.
-            let _ = free_tx.try_send(chunk);
+            input.release(chunk.span);
         }
         unreachable!("cycle over a non-empty list of workers never ends")
     })
@@ -452,7 +480,13 @@ fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
 /// `dealledger validate`.
 pub fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
     let file = open_input(&args.input)?;
-    let v = validate_file(&file)?;
+    let guard = SigbusGuard::install(
+        &args.input,
+        "validate was reading",
+        "it was not validated to its end",
+    );
+    let v = validate_input(&Input::map(&file, &guard)?)?;
+    drop(guard);
     if args.json {
         print_json(&serde_json::json!({
             "valid": v.valid,
@@ -477,10 +511,16 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
     // idempotent producer id in the background while the input is
     // validated. Nothing is sent before validation is done.
     let producer = BulkProducer::new(&args.kafka.settings(), &args.kafka.topic)?;
+    let guard = SigbusGuard::install(
+        &args.input,
+        "produce was reading",
+        "events before that may have been sent",
+    );
+    let input = Input::map(&file, &guard)?;
     let validation = if args.no_validate {
         None
     } else {
-        let v = validate_file(&file)?;
+        let v = validate_input(&input)?;
         if v.invalid_total > 0 && !args.skip_invalid {
             if args.json {
                 print_json(&serde_json::json!({
@@ -502,8 +542,8 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
     };
 
     let mut refused = Vec::new();
-    let changed = for_each_chunk_to_send(&file, validation.as_ref(), |chunk| {
-        for (n, bytes) in chunk.texts() {
+    let changed = for_each_chunk_to_send(&input, validation.as_ref(), |chunk| {
+        for (n, bytes) in chunk.texts(input.bytes()) {
             let subject;
             let key = match &validation {
                 Some(v) => match v.line_keys[(n - 1) as usize] {
@@ -520,7 +560,6 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
             }
         }
     })
-    .context("reading the input again for sending failed; some events may have been sent")?
     .err();
     let topic = producer.topic().to_string();
     let mut report = producer
@@ -592,36 +631,35 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// The second pass: hands `send` each chunk of `file`, from its start. With
-/// a `validation`, reads no further than it did and stops, with
-/// [`InputChanged`], before the first chunk that is not what was validated
-/// (or when the input ends early).
+/// The second pass: hands `send` each chunk of `input`, then gives its
+/// pages back. With a `validation`, stops with [`InputChanged`] before the
+/// first chunk that is not what was validated (or when the input ends
+/// early).
 fn for_each_chunk_to_send(
-    file: &File,
+    input: &Input,
     validation: Option<&Validation>,
     mut send: impl FnMut(&Chunk),
-) -> io::Result<Result<(), InputChanged>> {
-    let mut file = file;
-    file.rewind()?;
-    let limit = validation.map_or(u64::MAX, |v| v.bytes_read);
-    let mut reader = ChunkReader::new(file.take(limit), CHUNK_BYTES);
+) -> Result<(), InputChanged> {
+    let bytes = input.bytes();
+    let mut cutter = LineCutter::new(bytes, CHUNK_BYTES);
     let mut chunk = Chunk::default();
     let mut sums = validation.map(|v| v.chunks.iter());
-    while reader.next_chunk(&mut chunk)? {
+    while cutter.next_chunk(&mut chunk) {
         if let Some(sums) = &mut sums
-            && sums.next() != Some(&ChunkSum::of(&chunk))
+            && sums.next() != Some(&ChunkSum::of(&chunk, bytes))
         {
-            return Ok(Err(InputChanged {
+            return Err(InputChanged {
                 line: chunk.first_line,
-            }));
+            });
         }
         send(&chunk);
+        input.release(chunk.span.clone());
     }
     match sums.and_then(|mut sums| sums.next().copied()) {
-        Some(missing) => Ok(Err(InputChanged {
+        Some(missing) => Err(InputChanged {
             line: missing.first_line,
-        })),
-        None => Ok(Ok(())),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -638,25 +676,29 @@ fn subject_of(bytes: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
 
-    /// Every line as `ChunkReader` cuts it, chunk by chunk of `chunk_bytes`.
+    /// Every line as `LineCutter` cuts it, chunk by chunk of `chunk_bytes`.
     fn lines(input: &[u8], chunk_bytes: usize) -> Vec<(u64, String)> {
-        let mut reader = ChunkReader::new(input, chunk_bytes);
+        let mut cutter = LineCutter::new(input, chunk_bytes);
         let mut chunk = Chunk::default();
         let mut out = Vec::new();
-        while reader.next_chunk(&mut chunk).unwrap() {
+        let mut end = 0;
+        while cutter.next_chunk(&mut chunk) {
+            assert_eq!(chunk.span.start, end, "chunks follow each other");
+            end = chunk.span.end;
             for (i, line) in chunk.lines.iter().enumerate() {
                 out.push((
                     chunk.first_line + i as u64,
                     match line {
                         ChunkLine::Blank => "<blank>".to_string(),
                         ChunkLine::Text(r) => {
-                            String::from_utf8_lossy(&chunk.bytes[r.clone()]).into_owned()
+                            String::from_utf8_lossy(&input[r.clone()]).into_owned()
                         }
                         ChunkLine::TooLong(n) => format!("<too long {n}>"),
                     },
                 ));
             }
         }
+        assert_eq!(end, input.len(), "the chunks cover the input");
         out
     }
 
@@ -671,29 +713,29 @@ mod tests {
     }
 
     /// The numbers of the lines the second pass hands out, and its verdict.
-    fn second_pass(file: &File, v: &Validation) -> (Vec<u64>, Result<(), InputChanged>) {
+    fn second_pass(input: &Input, v: &Validation) -> (Vec<u64>, Result<(), InputChanged>) {
         let mut sent = Vec::new();
-        let verdict = for_each_chunk_to_send(file, Some(v), |chunk| {
-            sent.extend(chunk.texts().map(|(n, _)| n));
-        })
-        .unwrap();
+        let verdict = for_each_chunk_to_send(input, Some(v), |chunk| {
+            sent.extend(chunk.texts(input.bytes()).map(|(n, _)| n));
+        });
         (sent, verdict)
     }
 
     #[test]
     fn the_second_pass_sends_only_what_was_validated() {
+        use std::os::unix::fs::FileExt;
         // 100,000 lines of 100 bytes: three chunks of CHUNK_BYTES (4 MiB).
         let lines = 100_000;
         let tmp = numbered_file(lines);
-        tmp.as_file().rewind().unwrap();
-        let v = validate_file(tmp.as_file()).unwrap();
+        let guard = SigbusGuard::install(tmp.path(), "a test was reading", "-");
+        let input = Input::map(tmp.as_file(), &guard).unwrap();
+        let v = validate_input(&input).unwrap();
         assert_eq!(v.invalid_total, lines);
         assert_eq!(v.chunks.len(), 3);
-        assert_eq!(v.bytes_read, lines * 100);
         let third = v.chunks[2].first_line;
 
         // Unchanged: every line.
-        let (sent, verdict) = second_pass(tmp.as_file(), &v);
+        let (sent, verdict) = second_pass(&input, &v);
         assert!(verdict.is_ok());
         assert_eq!(sent, (1..=lines).collect::<Vec<_>>());
 
@@ -703,27 +745,15 @@ mod tests {
             .open(tmp.path())
             .unwrap();
         appended.write_all(b"appended later\n").unwrap();
-        let (sent, verdict) = second_pass(tmp.as_file(), &v);
+        let (sent, verdict) = second_pass(&input, &v);
         assert!(verdict.is_ok());
         assert_eq!(sent.len() as u64, lines);
 
-        // One byte changed in the third chunk: the first two go, then it stops.
-        let mut bytes = std::fs::read(tmp.path()).unwrap();
-        let at = ((third + 10) * 100 - 50) as usize;
-        bytes[at] = b'#';
-        std::fs::write(tmp.path(), &bytes).unwrap();
-        let file = File::open(tmp.path()).unwrap();
-        let (sent, verdict) = second_pass(&file, &v);
-        assert_eq!(verdict.unwrap_err().line, third);
-        assert_eq!(sent, (1..third).collect::<Vec<_>>());
-
-        // Cut short: what is there and unchanged goes, then it stops.
-        let mut bytes = std::fs::read(tmp.path()).unwrap();
-        bytes[at] = b' ';
-        bytes.truncate((third - 1) as usize * 100);
-        std::fs::write(tmp.path(), &bytes).unwrap();
-        let file = File::open(tmp.path()).unwrap();
-        let (sent, verdict) = second_pass(&file, &v);
+        // One byte changed in place in the third chunk: the first two go,
+        // then it stops.
+        let at = (third + 10) * 100 - 50;
+        tmp.as_file().write_all_at(b"#", at).unwrap();
+        let (sent, verdict) = second_pass(&input, &v);
         let err = verdict.unwrap_err();
         assert_eq!(err.line, third);
         assert!(
@@ -731,6 +761,16 @@ mod tests {
             "{err}"
         );
         assert_eq!(sent, (1..third).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn an_empty_input_has_no_lines() {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        let guard = SigbusGuard::install(tmp.path(), "a test was reading", "-");
+        let input = Input::map(tmp.as_file(), &guard).unwrap();
+        let v = validate_input(&input).unwrap();
+        assert_eq!((v.valid, v.invalid_total, v.chunks.len()), (0, 0, 0));
+        assert_eq!(second_pass(&input, &v), (vec![], Ok(())));
     }
 
     #[test]
