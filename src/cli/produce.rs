@@ -132,16 +132,29 @@ pub struct InputChanged {
     pub line: u64,
 }
 
-/// Opens the input; standard input is spooled to a temporary file so it can be read twice.
+/// Opens the input. Standard input, and any input that is not a regular
+/// file (a pipe such as `<(...)`, a device), is first spooled to an anonymous
+/// temporary file, so that it can be mapped and read twice.
 fn open_input(path: &PathBuf) -> anyhow::Result<File> {
-    if path.as_os_str() == "-" {
-        let mut spool = tempfile::tempfile()
-            .context("cannot create a temporary file to hold standard input")?;
-        io::copy(&mut io::stdin().lock(), &mut spool).context("cannot read standard input")?;
+    let spool = |from: &mut dyn io::Read| -> anyhow::Result<File> {
+        let mut spool =
+            tempfile::tempfile().context("cannot create a temporary file to hold the input")?;
+        io::copy(from, &mut spool).with_context(|| format!("cannot read {}", path.display()))?;
         spool.rewind()?;
         Ok(spool)
+    };
+    if path.as_os_str() == "-" {
+        return spool(&mut io::stdin().lock());
+    }
+    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let kind = file
+        .metadata()
+        .with_context(|| format!("cannot read the metadata of {}", path.display()))?
+        .file_type();
+    if kind.is_file() {
+        Ok(file)
     } else {
-        File::open(path).with_context(|| format!("cannot open {}", path.display()))
+        spool(&mut file)
     }
 }
 
@@ -761,6 +774,28 @@ mod tests {
             "{err}"
         );
         assert_eq!(sent, (1..third).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_pipe_is_spooled_and_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("events.fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success(), "mkfifo {}", fifo.display());
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::write(fifo, b"one\ntwo\n\nthree").unwrap())
+        };
+        let file = open_input(&fifo).unwrap();
+        writer.join().unwrap();
+        let guard = SigbusGuard::install(&fifo, "a test was reading", "-");
+        let input = Input::map(&file, &guard).unwrap();
+        assert_eq!(input.bytes(), b"one\ntwo\n\nthree");
+        let v = validate_input(&input).unwrap();
+        assert_eq!((v.valid, v.invalid_total), (0, 3));
     }
 
     #[test]
