@@ -45,8 +45,9 @@ pub enum Command {
     /// Every line is validated first; if any is invalid, each is reported as
     /// `line N: field PATH: reason`, nothing is sent and the exit code is 2.
     /// Then exactly what was validated is sent: lines appended to the file
-    /// meanwhile are not, and a file changed in between stops the sending at
-    /// the first line that differs (exit code 1, with what was sent).
+    /// meanwhile are not, and a file changed in between stops the sending
+    /// before the first 4 MiB chunk of lines that differs (exit code 1, with
+    /// what was sent).
     ///
     /// Example: dealledger produce --brokers 127.0.0.1:9092 schemas/examples/scenario.jsonl
     Produce(produce::ProduceArgs),
