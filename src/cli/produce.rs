@@ -340,27 +340,63 @@ impl<'a> LineCutter<'a> {
     fn next_chunk(&mut self, chunk: &mut Chunk) -> bool {
         chunk.lines.clear();
         chunk.first_line = self.lines + 1;
-        let start = self.at;
         let input = self.input;
-        while self.at < input.len()
-            && (self.at - start < self.chunk_bytes || chunk.lines.is_empty())
-        {
-            let end = memchr::memchr(b'\n', &input[self.at..]).map_or(input.len(), |i| self.at + i);
-            chunk.push_line(input, self.at..end);
-            self.at = (end + 1).min(input.len());
+        let start = self.at;
+        if start < input.len() {
+            self.at = chunk_end(input, start, self.chunk_bytes);
         }
         chunk.span = start..self.at;
+        for_each_line(input, chunk.span.clone(), |line| {
+            chunk.push_line(input, line)
+        });
         self.lines += chunk.lines.len() as u64;
         !chunk.lines.is_empty()
     }
 }
 
-/// Decodes every line of a chunk: `None` for blank lines.
-fn decode_chunk(chunk: &Chunk, input: &[u8]) -> Vec<Option<Result<crate::event::Id, DecodeError>>> {
-    chunk
-        .lines
-        .iter()
-        .map(|line| match line {
+/// Where the chunk of lines that starts at `start` ends: after the line
+/// that holds its `chunk_bytes`-th byte, or at the end of the input. Both
+/// passes cut chunks with it, so they cut the same chunks.
+fn chunk_end(input: &[u8], start: usize, chunk_bytes: usize) -> usize {
+    assert!(chunk_bytes > 0, "chunks hold at least one byte");
+    let last = start.saturating_add(chunk_bytes - 1);
+    if last >= input.len() {
+        return input.len();
+    }
+    memchr::memchr(b'\n', &input[last..]).map_or(input.len(), |i| last + i + 1)
+}
+
+/// Calls `line` with the range of every line in `span` of `input`, without
+/// its `\n` (the last one may have none).
+fn for_each_line(
+    input: &[u8],
+    span: std::ops::Range<usize>,
+    mut line: impl FnMut(std::ops::Range<usize>),
+) {
+    let mut at = span.start;
+    while at < span.end {
+        let end = memchr::memchr(b'\n', &input[at..span.end]).map_or(span.end, |i| at + i);
+        line(at..end);
+        at = end + 1;
+    }
+}
+
+/// Cuts the lines of a chunk whose span is set, decoding each and adding
+/// it to the chunk's CRC-32 as it is cut, while its bytes are in the CPU's
+/// cache (each byte of the input is read from memory once); the chunk's
+/// first line is left for the caller to number. Returns the outcome of each
+/// line (`None` for blank ones) and the chunk's CRC-32.
+fn cut_and_decode(
+    chunk: &mut Chunk,
+    input: &[u8],
+) -> (Vec<Option<Result<crate::event::Id, DecodeError>>>, u32) {
+    let span = chunk.span.clone();
+    let mut crc = crc32fast::Hasher::new();
+    let mut outcomes = Vec::new();
+    for_each_line(input, span.clone(), |line| {
+        crc.update(&input[line.start..(line.end + 1).min(span.end)]);
+        chunk.push_line(input, line);
+        outcomes.push(match chunk.lines.last().expect("just pushed") {
             ChunkLine::Blank => None,
             ChunkLine::TooLong(size) => Some(Err(DecodeError::TooLarge {
                 size: *size,
@@ -369,21 +405,22 @@ fn decode_chunk(chunk: &Chunk, input: &[u8]) -> Vec<Option<Result<crate::event::
             ChunkLine::Text(range) => {
                 Some(DealEvent::decode(&input[range.clone()]).map(|e| e.deal_id))
             }
-        })
-        .collect()
+        });
+    });
+    (outcomes, crc.finalize())
 }
 
 /// Chunks read ahead of each validating thread.
 const CHUNKS_AHEAD_PER_THREAD: usize = 2;
 
 /// The first pass: validates every line and remembers each valid line's
-/// deal id. A cutter thread cuts the input into chunks of whole lines, up to
-/// 8 threads decode them (chunk `i` on thread `i % threads`), and this
-/// thread takes the results back in input order, giving back the pages of
-/// each chunk it is done with: cutting, decoding and collecting overlap. At
-/// most `threads * (CHUNKS_AHEAD_PER_THREAD + 2) + 2` chunks are being
-/// worked on: per thread, those waiting for it, the one it decodes and the
-/// one waiting for the collector; the one being cut and the one collected.
+/// deal id. The input is split into chunks at line ends ([`chunk_end`]),
+/// up to 8 threads cut them into lines and decode them (chunk `i` on thread
+/// `i % threads`, [`cut_and_decode`]), and this thread takes the results
+/// back in input order, numbers the lines and gives back the pages of each
+/// chunk it is done with. At most `threads * (CHUNKS_AHEAD_PER_THREAD + 2) +
+/// 1` chunks are being worked on: per thread, those waiting for it, the one
+/// it decodes and the one waiting for this thread; and the one collected.
 fn validate_input(input: &Input) -> anyhow::Result<Validation> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -410,9 +447,14 @@ fn validate_input(input: &Input) -> anyhow::Result<Validation> {
             let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(CHUNKS_AHEAD_PER_THREAD);
             let (dtx, drx) = std::sync::mpsc::sync_channel::<Decoded>(1);
             scope.spawn(move || {
-                for chunk in rx {
-                    let results = decode_chunk(&chunk, bytes);
-                    let sum = ChunkSum::of(&chunk, bytes);
+                for mut chunk in rx {
+                    let (results, crc) = cut_and_decode(&mut chunk, bytes);
+                    let sum = ChunkSum {
+                        first_line: 0,
+                        lines: chunk.lines.len(),
+                        bytes: chunk.span.len(),
+                        crc,
+                    };
                     if dtx.send((chunk, sum, results)).is_err() {
                         return;
                     }
@@ -422,20 +464,32 @@ fn validate_input(input: &Input) -> anyhow::Result<Validation> {
             from_workers.push(drx);
         }
         scope.spawn(move || {
-            let mut cutter = LineCutter::new(bytes, CHUNK_BYTES);
+            let mut at = 0;
             for worker in to_workers.iter().cycle() {
-                let mut chunk = Chunk::default();
+                if at == bytes.len() {
+                    return;
+                }
+                let end = chunk_end(bytes, at, CHUNK_BYTES);
+                let chunk = Chunk {
+                    span: at..end,
+                    ..Chunk::default()
+                };
+                at = end;
                 // A closed channel: the collector stopped; nothing to do.
-                if !cutter.next_chunk(&mut chunk) || worker.send(chunk).is_err() {
+                if worker.send(chunk).is_err() {
                     return;
                 }
             }
         });
+        let mut next_line = 1;
         for worker in from_workers.iter().cycle() {
-            let Ok((chunk, sum, results)) = worker.recv() else {
+            let Ok((mut chunk, mut sum, results)) = worker.recv() else {
                 // This worker's input ended: every chunk was cut and collected.
                 return Ok(v);
             };
+            chunk.first_line = next_line;
+            sum.first_line = next_line;
+            next_line += chunk.lines.len() as u64;
             v.chunks.push(sum);
             for (i, outcome) in results.into_iter().enumerate() {
                 let n = chunk.first_line + i as u64;
