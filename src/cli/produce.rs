@@ -110,18 +110,6 @@ struct ChunkSum {
     crc: u32,
 }
 
-impl ChunkSum {
-    fn of(chunk: &Chunk, input: &[u8]) -> ChunkSum {
-        let bytes = &input[chunk.span.clone()];
-        ChunkSum {
-            first_line: chunk.first_line,
-            lines: chunk.lines.len(),
-            bytes: bytes.len(),
-            crc: crc32fast::hash(bytes),
-        }
-    }
-}
-
 /// The input file changed between validation and sending.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
@@ -310,48 +298,48 @@ impl Chunk {
                 ChunkLine::Blank | ChunkLine::TooLong(_) => None,
             })
     }
-}
 
-/// Cuts JSONL into [`Chunk`]s of whole lines, about `chunk_bytes` each. A
-/// line longer than [`limits::MAX_EVENT_BYTES`] is only measured.
-struct LineCutter<'a> {
-    input: &'a [u8],
-    /// Bytes of the chunk before it is closed at the next line end.
-    chunk_bytes: usize,
-    /// Where the next chunk starts.
-    at: usize,
-    /// Lines handed out so far.
-    lines: u64,
-}
-
-impl<'a> LineCutter<'a> {
-    fn new(input: &'a [u8], chunk_bytes: usize) -> Self {
-        assert!(chunk_bytes > 0, "chunks hold at least one byte");
-        LineCutter {
-            input,
-            chunk_bytes,
-            at: 0,
-            lines: 0,
-        }
-    }
-
-    /// Fills `chunk` (its line list reused) with the next lines; false once
-    /// the input is used up.
-    fn next_chunk(&mut self, chunk: &mut Chunk) -> bool {
-        chunk.lines.clear();
-        chunk.first_line = self.lines + 1;
-        let input = self.input;
-        let start = self.at;
-        if start < input.len() {
-            self.at = chunk_end(input, start, self.chunk_bytes);
-        }
-        chunk.span = start..self.at;
-        for_each_line(input, chunk.span.clone(), |line| {
-            chunk.push_line(input, line)
+    /// Makes this the chunk of the lines in `span` of `input`, the first
+    /// numbered `first_line`: cuts them, reading each byte once, calls `each`
+    /// with each line as it is cut, and returns what the chunk holds.
+    fn cut(
+        &mut self,
+        span: std::ops::Range<usize>,
+        first_line: u64,
+        input: &[u8],
+        mut each: impl FnMut(&ChunkLine),
+    ) -> ChunkSum {
+        self.lines.clear();
+        self.first_line = first_line;
+        self.span = span.clone();
+        let mut crc = crc32fast::Hasher::new();
+        for_each_line(input, span.clone(), |line| {
+            crc.update(&input[line.start..(line.end + 1).min(span.end)]);
+            self.push_line(input, line);
+            each(self.lines.last().expect("just pushed"));
         });
-        self.lines += chunk.lines.len() as u64;
-        !chunk.lines.is_empty()
+        ChunkSum {
+            first_line,
+            lines: self.lines.len(),
+            bytes: span.len(),
+            crc: crc.finalize(),
+        }
     }
+}
+
+/// The spans of the chunks of `input`, in order ([`chunk_end`]).
+fn chunk_spans(
+    input: &[u8],
+    chunk_bytes: usize,
+) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        (at < input.len()).then(|| {
+            let span = at..chunk_end(input, at, chunk_bytes);
+            at = span.end;
+            span
+        })
+    })
 }
 
 /// Where the chunk of lines that starts at `start` ends: after the line
@@ -381,22 +369,19 @@ fn for_each_line(
     }
 }
 
-/// Cuts the lines of a chunk whose span is set, decoding each and adding
-/// it to the chunk's CRC-32 as it is cut, while its bytes are in the CPU's
-/// cache (each byte of the input is read from memory once); the chunk's
-/// first line is left for the caller to number. Returns the outcome of each
-/// line (`None` for blank ones) and the chunk's CRC-32.
+/// Cuts the lines of `span` into `chunk` and decodes each as it is cut,
+/// while its bytes are in the CPU's cache (each byte of the input is read
+/// from memory once). Returns the outcome of each line (`None` for blank
+/// ones) and what the chunk holds, its lines numbered from 1 (the caller
+/// numbers them).
 fn cut_and_decode(
     chunk: &mut Chunk,
+    span: std::ops::Range<usize>,
     input: &[u8],
-) -> (Vec<Option<Result<crate::event::Id, DecodeError>>>, u32) {
-    let span = chunk.span.clone();
-    let mut crc = crc32fast::Hasher::new();
+) -> (Vec<Option<Result<crate::event::Id, DecodeError>>>, ChunkSum) {
     let mut outcomes = Vec::new();
-    for_each_line(input, span.clone(), |line| {
-        crc.update(&input[line.start..(line.end + 1).min(span.end)]);
-        chunk.push_line(input, line);
-        outcomes.push(match chunk.lines.last().expect("just pushed") {
+    let sum = chunk.cut(span, 1, input, |line| {
+        outcomes.push(match line {
             ChunkLine::Blank => None,
             ChunkLine::TooLong(size) => Some(Err(DecodeError::TooLarge {
                 size: *size,
@@ -405,9 +390,9 @@ fn cut_and_decode(
             ChunkLine::Text(range) => {
                 Some(DealEvent::decode(&input[range.clone()]).map(|e| e.deal_id))
             }
-        });
+        })
     });
-    (outcomes, crc.finalize())
+    (outcomes, sum)
 }
 
 /// Chunks read ahead of each validating thread.
@@ -444,17 +429,13 @@ fn validate_input(input: &Input) -> anyhow::Result<Validation> {
         let mut to_workers = Vec::with_capacity(threads);
         let mut from_workers = Vec::with_capacity(threads);
         for _ in 0..threads {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(CHUNKS_AHEAD_PER_THREAD);
+            let (tx, rx) =
+                std::sync::mpsc::sync_channel::<std::ops::Range<usize>>(CHUNKS_AHEAD_PER_THREAD);
             let (dtx, drx) = std::sync::mpsc::sync_channel::<Decoded>(1);
             scope.spawn(move || {
-                for mut chunk in rx {
-                    let (results, crc) = cut_and_decode(&mut chunk, bytes);
-                    let sum = ChunkSum {
-                        first_line: 0,
-                        lines: chunk.lines.len(),
-                        bytes: chunk.span.len(),
-                        crc,
-                    };
+                for span in rx {
+                    let mut chunk = Chunk::default();
+                    let (results, sum) = cut_and_decode(&mut chunk, span, bytes);
                     if dtx.send((chunk, sum, results)).is_err() {
                         return;
                     }
@@ -464,19 +445,9 @@ fn validate_input(input: &Input) -> anyhow::Result<Validation> {
             from_workers.push(drx);
         }
         scope.spawn(move || {
-            let mut at = 0;
-            for worker in to_workers.iter().cycle() {
-                if at == bytes.len() {
-                    return;
-                }
-                let end = chunk_end(bytes, at, CHUNK_BYTES);
-                let chunk = Chunk {
-                    span: at..end,
-                    ..Chunk::default()
-                };
-                at = end;
+            for (span, worker) in chunk_spans(bytes, CHUNK_BYTES).zip(to_workers.iter().cycle()) {
                 // A closed channel: the collector stopped; nothing to do.
-                if worker.send(chunk).is_err() {
+                if worker.send(span).is_err() {
                     return;
                 }
             }
@@ -489,7 +460,7 @@ fn validate_input(input: &Input) -> anyhow::Result<Validation> {
             };
             chunk.first_line = next_line;
             sum.first_line = next_line;
-            next_line += chunk.lines.len() as u64;
+            next_line += sum.lines as u64;
             v.chunks.push(sum);
             for (i, outcome) in results.into_iter().enumerate() {
                 let n = chunk.first_line + i as u64;
@@ -708,19 +679,19 @@ fn for_each_chunk_to_send(
     mut send: impl FnMut(&Chunk),
 ) -> Result<(), InputChanged> {
     let bytes = input.bytes();
-    let mut cutter = LineCutter::new(bytes, CHUNK_BYTES);
     let mut chunk = Chunk::default();
     let mut sums = validation.map(|v| v.chunks.iter());
-    while cutter.next_chunk(&mut chunk) {
+    let mut first_line = 1;
+    for span in chunk_spans(bytes, CHUNK_BYTES) {
+        let sum = chunk.cut(span, first_line, bytes, |_| {});
         if let Some(sums) = &mut sums
-            && sums.next() != Some(&ChunkSum::of(&chunk, bytes))
+            && sums.next() != Some(&sum)
         {
-            return Err(InputChanged {
-                line: chunk.first_line,
-            });
+            return Err(InputChanged { line: first_line });
         }
         send(&chunk);
         input.release(chunk.span.clone());
+        first_line += sum.lines as u64;
     }
     match sums.and_then(|mut sums| sums.next().copied()) {
         Some(missing) => Err(InputChanged {
@@ -743,15 +714,18 @@ fn subject_of(bytes: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
 
-    /// Every line as `LineCutter` cuts it, chunk by chunk of `chunk_bytes`.
+    /// Every line as the chunks of `chunk_bytes` cut it.
     fn lines(input: &[u8], chunk_bytes: usize) -> Vec<(u64, String)> {
-        let mut cutter = LineCutter::new(input, chunk_bytes);
         let mut chunk = Chunk::default();
         let mut out = Vec::new();
         let mut end = 0;
-        while cutter.next_chunk(&mut chunk) {
-            assert_eq!(chunk.span.start, end, "chunks follow each other");
-            end = chunk.span.end;
+        let mut first_line = 1;
+        for span in chunk_spans(input, chunk_bytes) {
+            assert_eq!(span.start, end, "chunks follow each other");
+            end = span.end;
+            let sum = chunk.cut(span, first_line, input, |_| {});
+            assert!(sum.lines > 0, "no chunk is empty");
+            first_line += sum.lines as u64;
             for (i, line) in chunk.lines.iter().enumerate() {
                 out.push((
                     chunk.first_line + i as u64,
