@@ -137,6 +137,34 @@ impl SpilledIdentities {
         })
     }
 
+    /// Loads `sorted`, whose records (fingerprint, packed location) `record`
+    /// gives in strictly increasing fingerprint order, into this empty
+    /// index: one run written straight from it, with a filter sized for it.
+    fn load_sorted_records<T>(&mut self, sorted: &[T], record: impl Fn(&T) -> (u64, u64)) {
+        assert!(self.len == 0, "load_sorted into an index that is not empty");
+        assert!(
+            sorted.windows(2).all(|w| record(&w[0]).0 < record(&w[1]).0),
+            "load_sorted: fingerprints not strictly increasing"
+        );
+        let count = sorted.len();
+        let capacity = count.next_power_of_two().max(INITIAL_FILTER_CAPACITY);
+        self.filter = Filter::with_capacity(capacity);
+        for item in sorted {
+            self.filter.insert(record(item).0);
+        }
+        self.len = count;
+        if count < PENDING_LIMIT {
+            self.pending.extend(sorted.iter().map(&record));
+            return;
+        }
+        let records = sorted.iter().map(|item| Ok(record(item)));
+        match self.write_run(&format!("{count} fingerprints"), records) {
+            Some(run) => self.runs.push(run),
+            // Kept in memory: lookups stay right until the shell stops.
+            None => self.pending.extend(sorted.iter().map(&record)),
+        }
+    }
+
     /// The folder holding the runs.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -228,7 +256,7 @@ impl SpilledIdentities {
     /// Doubles the filter, refilling it from every identity.
     fn grow_filter(&mut self) {
         let mut filter = Filter::with_capacity(self.filter.capacity * 2);
-        for (fp, _) in self.sorted() {
+        for (fp, _) in IdentityIndex::sorted(self) {
             filter.insert(fp);
         }
         // After a read failure some identities are missing from the new
@@ -283,41 +311,7 @@ impl IdentityIndex for SpilledIdentities {
     /// One run written straight from `sorted` (a snapshot's list), with a
     /// filter sized for it: no sorting, no merges.
     fn load_sorted(&mut self, sorted: Vec<(u64, Location)>) {
-        assert!(
-            self.is_empty(),
-            "load_sorted into an index that is not empty"
-        );
-        assert!(
-            sorted.windows(2).all(|w| w[0].0 < w[1].0),
-            "load_sorted: fingerprints not strictly increasing"
-        );
-        let count = sorted.len();
-        let capacity = count.next_power_of_two().max(INITIAL_FILTER_CAPACITY);
-        self.filter = Filter::with_capacity(capacity);
-        for (fp, _) in &sorted {
-            self.filter.insert(*fp);
-        }
-        self.len = count;
-        if count < PENDING_LIMIT {
-            self.pending.extend(
-                sorted
-                    .into_iter()
-                    .map(|(fp, location)| (fp, pack(location))),
-            );
-            return;
-        }
-        let records = sorted
-            .iter()
-            .map(|(fp, location)| Ok((*fp, pack(*location))));
-        match self.write_run(&format!("{count} identities"), records) {
-            Some(run) => self.runs.push(run),
-            // Kept in memory: lookups stay right until the shell stops.
-            None => self.pending.extend(
-                sorted
-                    .into_iter()
-                    .map(|(fp, location)| (fp, pack(location))),
-            ),
-        }
+        self.load_sorted_records(&sorted, |(fp, location)| (*fp, pack(*location)));
     }
 
     fn sorted(&self) -> Box<dyn Iterator<Item = (u64, Location)> + '_> {
@@ -343,6 +337,42 @@ impl IdentityIndex for SpilledIdentities {
         self.failure.get()
     }
 }
+
+/// The same files and filter remember the fold's amendment fingerprints
+/// (each set in its own index): they have no location, so each record's
+/// location is [`AMENDMENT_LOCATION`].
+impl crate::deal::AmendmentSet for SpilledIdentities {
+    fn contains(&self, fingerprint: u64) -> bool {
+        IdentityIndex::get(self, fingerprint).is_some()
+    }
+
+    fn insert(&mut self, fingerprint: u64) {
+        IdentityIndex::insert(self, fingerprint, AMENDMENT_LOCATION);
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn load_sorted(&mut self, sorted: Vec<u64>) {
+        let location = pack(AMENDMENT_LOCATION);
+        self.load_sorted_records(&sorted, |fp| (*fp, location));
+    }
+
+    fn sorted(&self) -> Box<dyn Iterator<Item = u64> + '_> {
+        Box::new(IdentityIndex::sorted(self).map(|(fp, _)| fp))
+    }
+
+    fn failure(&self) -> Option<&ScratchFailure> {
+        self.failure.get()
+    }
+}
+
+/// The location an amendment fingerprint's record carries.
+pub const AMENDMENT_LOCATION: Location = Location {
+    partition: 0,
+    seq: 0,
+};
 
 impl Drop for SpilledIdentities {
     fn drop(&mut self) {
@@ -706,6 +736,34 @@ mod tests {
             assert_eq!(index.get(fp(i)), Some(location(i)), "identity {i}");
         }
         assert_eq!(index.sorted().count(), (n + PENDING_LIMIT as u64) as usize);
+    }
+
+    /// As an amendment set it answers as a set in memory does, loaded or
+    /// filled, across runs on disk.
+    #[test]
+    fn as_an_amendment_set_it_answers_like_one_in_memory() {
+        use crate::deal::{AmendmentSet, MemoryAmendments};
+        let parent = scratch();
+        let n = PENDING_LIMIT as u64 * 2 + 7;
+        let mut spilled: Box<dyn AmendmentSet> =
+            Box::new(SpilledIdentities::create(parent.path()).unwrap());
+        let mut memory = MemoryAmendments::default();
+        for i in 0..n {
+            assert!(!spilled.contains(fp(i)));
+            spilled.insert(fp(i));
+            memory.insert(fp(i));
+        }
+        assert_eq!(spilled.len(), n as usize);
+        for i in (0..n + 10_000).step_by(13) {
+            assert_eq!(spilled.contains(fp(i)), memory.contains(fp(i)), "{i}");
+        }
+        assert!(spilled.sorted().eq(memory.sorted()));
+        let mut loaded: Box<dyn AmendmentSet> =
+            Box::new(SpilledIdentities::create(parent.path()).unwrap());
+        loaded.load_sorted(memory.sorted().collect());
+        assert!(loaded.sorted().eq(memory.sorted()));
+        assert!(loaded.contains(fp(n - 1)) && !loaded.contains(fp(n)));
+        assert!(spilled.failure().is_none() && loaded.failure().is_none());
     }
 
     #[test]

@@ -27,7 +27,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use serde::{Deserialize, Serialize};
 
 use crate::chain::{AppendError, ChainHead, Entry, Record, StreamId};
-use crate::deal::DealBook;
+use crate::deal::{AmendmentSet, DealBook};
 use crate::event::{DealEvent, DecodeError, EventType, Id, Payload};
 use crate::index::{DealIndex, Judged, SegmentStore};
 
@@ -504,6 +504,18 @@ impl LedgerState {
         self.seen.failure()
     }
 
+    /// Moves the book's amendment fingerprints to `set` (empty), where those
+    /// to come go too ([`DealBook::keep_amendments_in`]).
+    pub fn keep_amendments_in(&mut self, set: Box<dyn AmendmentSet>) {
+        self.book.keep_amendments_in(set);
+    }
+
+    /// The first I/O failure of the set of amendment fingerprints, if any:
+    /// a lookup since may have missed a reused amendment id.
+    pub fn amendment_failure(&self) -> Option<&ScratchFailure> {
+        self.book.amendments().failure()
+    }
+
     /// Moves the index's history items and the book's ended locks to
     /// `store` from now on (see [`DealIndex::spill_history_to`] and
     /// [`crate::deal::DealLocks`]).
@@ -833,13 +845,15 @@ impl LedgerState {
     pub fn restore(
         parts: LedgerParts,
         identities: Box<dyn IdentityIndex>,
+        mut amendment_set: Box<dyn AmendmentSet>,
     ) -> Result<LedgerState, RestoreError> {
         let LedgerParts {
             topic,
             heads,
             fingerprints,
             collided,
-            book,
+            mut book,
+            amendments,
             index,
             next_batch,
             entries,
@@ -904,6 +918,15 @@ impl LedgerState {
             }
             state.collided.insert(identity, location);
         }
+        if let Some(w) = amendments.windows(2).find(|w| w[0] >= w[1]) {
+            return Err(RestoreError(format!(
+                "amendment fingerprints out of order or repeated: {:016x} before {:016x}",
+                w[0], w[1]
+            )));
+        }
+        amendment_set.load_sorted(amendments);
+        book.keep_amendments_in_loaded(amendment_set)
+            .map_err(RestoreError)?;
         state.book = book;
         state.index = index;
         state.index.rebuild_lock_tables(state.book.locks());
@@ -925,8 +948,11 @@ pub struct LedgerParts {
     pub fingerprints: Vec<(u64, Location)>,
     /// Identities whose fingerprint collided, with their first location.
     pub collided: Vec<((String, String), Location)>,
-    /// The deal book.
+    /// The deal book (its amendments are in `amendments`).
     pub book: DealBook,
+    /// The fingerprint of every amendment applied, in increasing order
+    /// ([`crate::deal::amendment_fingerprint`]).
+    pub amendments: Vec<u64>,
     /// The query index.
     pub index: DealIndex,
     /// Number of the next batch.

@@ -92,6 +92,7 @@ use crate::chain::{
     self, BreakKind, ChainBreak, ChainHead, ChainVerifier, DecodeEntryError, Entry, HASH_LEN, Hash,
     StreamId,
 };
+use crate::deal::AmendmentSet;
 use crate::identities;
 use crate::index::DealIndex;
 use crate::ledger::{
@@ -1500,6 +1501,14 @@ impl Store {
         Ok(Box::new(index))
     }
 
+    /// An empty set of amendment fingerprints for a state of this ledger:
+    /// on disk, like an identity index (see [`crate::deal::AmendmentSet`]).
+    pub fn new_amendment_set(&self) -> Result<Box<dyn AmendmentSet>, StoreError> {
+        let set = identities::SpilledIdentities::create(&self.dir)
+            .map_err(|e| io_error(&self.dir, "creating an amendment set", e))?;
+        Ok(Box::new(set))
+    }
+
     /// Number of entries stored: the sum of the streams' stored heads.
     pub fn stored_entries(&self) -> Result<u64, StoreError> {
         Ok(self.heads()?.iter().map(ChainHead::next_seq).sum())
@@ -1518,6 +1527,7 @@ impl Store {
     pub fn new_state_with(&self, index: QueryIndex) -> Result<LedgerState, StoreError> {
         let identities = self.new_identities(self.stored_entries()?)?;
         let mut state = LedgerState::with_identities(self.topic.clone(), identities);
+        state.keep_amendments_in(self.new_amendment_set()?);
         match index {
             QueryIndex::Kept => self.spill_history(&mut state)?,
             QueryIndex::Dropped => state.drop_query_index(),
@@ -1553,6 +1563,9 @@ impl Store {
         };
         if let Some(failure) = state.identity_failure() {
             return failed("identity index", failure);
+        }
+        if let Some(failure) = state.amendment_failure() {
+            return failed("amendment set", failure);
         }
         if let Some(failure) = state.index().segment_failure() {
             return failed("history segments", failure);
@@ -3064,7 +3077,7 @@ const PROGRESS_STEP: u64 = 4096;
 const FAMILY_SNAPSHOT: u8 = b'S';
 
 /// Format byte at the start of every snapshot (`S` value).
-pub const SNAPSHOT_FORMAT: u8 = 3;
+pub const SNAPSHOT_FORMAT: u8 = 4;
 
 /// Snapshots kept: the newest, and the one before it as a fallback.
 pub const SNAPSHOTS_KEPT: usize = 2;
@@ -3198,6 +3211,24 @@ where
     write_framed(&mut out, |out| {
         serde_json::to_writer(out, state.book()).map_err(io::Error::other)
     })?;
+    // Streamed from the amendment set, in increasing order: no copy.
+    let amendments = state.book().amendments();
+    let count = amendments.len() as u64;
+    out.write_all(&count.to_be_bytes())?;
+    let mut written = 0u64;
+    for fp in amendments.sorted() {
+        out.write_all(&fp.to_be_bytes())?;
+        written += 1;
+    }
+    if written != count {
+        // The set on disk failed a read (kept as its failure).
+        return Err(io::Error::other(format!(
+            "the amendment set gave {written} of its {count} fingerprints: {}",
+            amendments
+                .failure()
+                .map_or_else(|| "no failure recorded".to_string(), ToString::to_string)
+        )));
+    }
     write_framed(&mut out, |out| {
         let mut failed = None;
         state.index().encode_in_pieces(|piece| {
@@ -3515,6 +3546,11 @@ impl<R: io::Read> SnapshotReader<R> {
         let len = self.count(true, 1, "deal book byte")?;
         let book = serde_json::from_slice(&self.bytes(len, "the deal book")?)
             .map_err(|e| format!("its deal book does not decode: {e}"))?;
+        let count = self.count(true, 8, "amendment fingerprint")?;
+        let mut amendments = Vec::with_capacity(count);
+        for _ in 0..count {
+            amendments.push(self.u64("an amendment fingerprint")?);
+        }
         let len = self.count(true, 1, "query index byte")?;
         let (index, used) = DealIndex::decode(&self.bytes(len, "the query index")?)
             .map_err(|e| format!("its query index does not decode: {e}"))?;
@@ -3527,6 +3563,7 @@ impl<R: io::Read> SnapshotReader<R> {
             fingerprints,
             collided,
             book,
+            amendments,
             index,
             next_batch: batch_no + 1,
             entries,
@@ -3795,7 +3832,8 @@ impl Store {
             Ok(parts) => {
                 // No size hint: loading the snapshot's sorted list sizes it.
                 let mut state =
-                    LedgerState::restore(parts, self.new_identities(0)?).map_err(|e| e.to_string());
+                    LedgerState::restore(parts, self.new_identities(0)?, self.new_amendment_set()?)
+                        .map_err(|e| e.to_string());
                 if let Ok(state) = &mut state {
                     match index {
                         QueryIndex::Kept => self.spill_history(state)?,
@@ -5855,7 +5893,8 @@ mod tests {
                 })
                 .count()
         };
-        assert_eq!(scratch(&path), 2);
+        // Identity index, amendment set, history segments.
+        assert_eq!(scratch(&path), 3);
         drop(state);
         assert_eq!(scratch(&path), 0);
     }
@@ -6738,7 +6777,8 @@ mod tests {
     // ---- snapshots -----------------------------------------------------------
 
     /// Everything a state holds, comparable: heads, sorted fingerprints,
-    /// collided identities, book JSON, batch number, entry count.
+    /// collided identities, book JSON, amendment fingerprints, batch
+    /// number, entry count.
     fn state_parts(state: &LedgerState) -> impl PartialEq + std::fmt::Debug {
         let mut fingerprints: Vec<(u64, Location)> = state.fingerprints().collect();
         fingerprints.sort_unstable();
@@ -6752,6 +6792,7 @@ mod tests {
             fingerprints,
             collided,
             book_json(state),
+            state.book().amendments().sorted().collect::<Vec<u64>>(),
             state.next_batch(),
             state.entry_count(),
         )
@@ -6786,6 +6827,10 @@ mod tests {
         let restored = store.read_snapshot(2).unwrap().expect("readable");
         assert_eq!(state_parts(&restored), state_parts(&state));
         assert!(restored.identities() > 100);
+        assert!(
+            restored.book().amendments().len() > 10,
+            "the amendments, beside the book, come back too"
+        );
         assert_eq!(
             encode_snapshot(&restored),
             encode_snapshot(&state),
