@@ -297,6 +297,22 @@ impl Timestamp {
         DateTime::from_timestamp_micros(us).and_then(Timestamp::in_range)
     }
 
+    /// Whole seconds since the Unix epoch and the nanoseconds past them:
+    /// the instant exactly ([`Timestamp::from_unix_parts`] reads it back).
+    pub fn unix_parts(&self) -> (i64, u32) {
+        (self.0.timestamp(), self.0.timestamp_subsec_nanos())
+    }
+
+    /// The instant `secs` seconds and `nanos` nanoseconds (below 10^9)
+    /// after the Unix epoch, if its UTC year is within
+    /// [`Timestamp::MIN_YEAR`]..=[`Timestamp::MAX_YEAR`].
+    pub fn from_unix_parts(secs: i64, nanos: u32) -> Option<Self> {
+        if nanos >= 1_000_000_000 {
+            return None;
+        }
+        DateTime::from_timestamp(secs, nanos).and_then(Timestamp::in_range)
+    }
+
     /// The underlying chrono value.
     pub fn as_datetime(&self) -> DateTime<Utc> {
         self.0
@@ -2030,6 +2046,12 @@ mod tests {
             let chrono = DateTime::parse_from_rfc3339(&s).map(|t| t.with_timezone(&Utc));
             if &s.as_bytes()[17..19] != b"60" {
                 prop_assert_eq!(fast, chrono.ok(), "{}", s);
+            }
+            // Seconds and nanoseconds give the instant back exactly.
+            if let Ok(t) = Timestamp::parse(&s) {
+                let (secs, nanos) = t.unix_parts();
+                prop_assert_eq!(Timestamp::from_unix_parts(secs, nanos), Some(t));
+                prop_assert_eq!(Timestamp::from_unix_parts(secs, 1_000_000_000), None);
             }
         }
     }

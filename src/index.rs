@@ -808,6 +808,7 @@ impl DealIndex {
             deal.items.spill_to(&store);
             deal.locks.store_in(&store);
         }
+        self.timeline.store_in(Arc::clone(&store));
         self.segments = Segments(Some(store));
     }
 
@@ -940,6 +941,9 @@ impl DealIndex {
         self.in_force.clear();
         let locks: Vec<std::borrow::Cow<'a, crate::deal::Lock>> = locks.collect();
         self.timeline = LockTimeline::from_locks(locks.iter().map(|l| &**l));
+        if let Some(store) = &self.segments.0 {
+            self.timeline.store_in(Arc::clone(store));
+        }
         for lock in &locks {
             if lock.ended.is_none() {
                 self.in_force
@@ -952,7 +956,7 @@ impl DealIndex {
 
     /// The (deal, lock) ids of every lock binding at business time `t`
     /// ([`crate::deal::Lock::active_at`]), in no particular order.
-    pub fn locks_active_at(&self, t: Timestamp) -> impl Iterator<Item = (&Id, &Id)> + '_ {
+    pub fn locks_active_at(&self, t: Timestamp) -> Vec<(Id, Id)> {
         self.timeline.active_at(t)
     }
 

@@ -804,11 +804,8 @@ fn first_locks_of_timeline<'a>(
     after: Option<(&Id, &Id)>,
     wanted: usize,
 ) -> Vec<Cow<'a, Lock>> {
-    let mut ids: Vec<(&Id, &Id)> = state
-        .index()
-        .locks_active_at(at)
-        .filter(|&ids| after.is_none_or(|a| ids > a))
-        .collect();
+    let mut ids: Vec<(Id, Id)> = state.index().locks_active_at(at);
+    ids.retain(|(deal, lock)| after.is_none_or(|a| (deal, lock) > a));
     if ids.len() > wanted {
         ids.select_nth_unstable(wanted - 1);
         ids.truncate(wanted);
@@ -818,14 +815,14 @@ fn first_locks_of_timeline<'a>(
         .filter_map(|(deal_id, lock_id)| {
             let locks = state
                 .book()
-                .get(deal_id)
+                .get(&deal_id)
                 .map(|deal| &deal.locks)
-                .filter(|locks| locks.contains(lock_id))
+                .filter(|locks| locks.contains(&lock_id))
                 .unwrap_or_else(|| {
                     panic!("the lock timeline names {deal_id}/{lock_id}, which the book lacks")
                 });
             // A failed read leaves it out; the caller checks for that.
-            locks.get(lock_id)
+            locks.get(&lock_id)
         })
         .collect()
 }

@@ -16,22 +16,44 @@
 //! bind at `t` (each may keep one chunk of 32 in the scan), not
 //! all the locks ever granted.
 //!
+//! Locks that ended never change again. Once a [`SegmentStore`] is
+//! attached ([`LockTimeline::store_in`]) their spans leave memory: they
+//! gather in a buffer of at most [`BUFFERED_SPANS`], which is then sorted
+//! and written as a *run* of chunks; runs of equal size are merged (a
+//! streaming merge, chunk by chunk), so there are few runs and each span
+//! is rewritten a few times. In memory a run is, per chunk of 32 spans, its
+//! first start, its latest end and where it is (~1.5 bytes a lock, against
+//! ~72 for a span kept), and a query reads back only the chunks that may
+//! hold a binding lock. Their order of arrival does not matter: a
+//! catch-up ingest meets the partitions' locks far apart in business time,
+//! which made keeping one sorted structure on disk rewrite a chunk for
+//! half the locks. Locks not ended (those with a `valid_until` may still
+//! end earlier) stay in memory, as do ended ones without a store.
+//!
 //! Derived data, part of the pure core: the query index
 //! ([`crate::index::DealIndex`]) updates it as locks are granted and end,
-//! and rebuilds it from the deal book on restore; it is never encoded.
+//! and rebuilds it from the deal book on restore; it is never encoded
+//! (chunks in the store are scratch, in this process's own encoding).
 //! [`LockTimeline::active_at`] answers exactly what testing
 //! [`Lock::active_at`] on every lock answers (a property test holds it to
 //! that).
 
 use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::Arc;
 
 use crate::deal::Lock;
 use crate::event::{Id, Timestamp};
+use crate::index::{SegmentRef, SegmentStore};
 
 /// Most locks in one chunk; a chunk that grows past it splits in two.
 /// A query scans every lock of a chunk that holds one binding lock, so
 /// chunks are kept small; updating a chunk's latest end is a scan of it.
 const CHUNK_MAX: usize = 32;
+
+/// Most spans of ended locks held in memory before they are written as a
+/// run (~1.2 MB): the size of the smallest run.
+pub const BUFFERED_SPANS: usize = 16_384;
 
 /// One ended or expiring lock's binding interval.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,6 +66,9 @@ struct Span {
     lock: Id,
 }
 
+/// What spans are sorted by: (from, deal, lock).
+type SpanKey = (Timestamp, Id, Id);
+
 impl Span {
     fn binds_at(&self, t: Timestamp) -> bool {
         self.from <= t && t < self.end
@@ -51,6 +76,10 @@ impl Span {
 
     fn key(&self) -> (Timestamp, &Id, &Id) {
         (self.from, &self.deal, &self.lock)
+    }
+
+    fn ids(&self) -> (Id, Id) {
+        (self.deal.clone(), self.lock.clone())
     }
 }
 
@@ -80,19 +109,387 @@ fn latest_end(spans: &[Span]) -> Timestamp {
         .expect("a chunk is never empty")
 }
 
-/// The binding intervals of locks. See the module docs.
+/// Spans in memory: chunks sorted and non-overlapping (every span of a
+/// chunk sorts before every span of the next), none empty.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Chunks {
+    chunks: Vec<Chunk>,
+    /// Spans in `chunks`.
+    len: usize,
+}
+
+impl Chunks {
+    /// Full chunks of `spans`, which are sorted by key and distinct.
+    fn of_sorted(spans: Vec<Span>) -> Chunks {
+        let len = spans.len();
+        let mut chunks = Vec::with_capacity(len.div_ceil(CHUNK_MAX));
+        let mut spans = spans.into_iter().peekable();
+        while spans.peek().is_some() {
+            chunks.push(Chunk::new(spans.by_ref().take(CHUNK_MAX).collect()));
+        }
+        Chunks { chunks, len }
+    }
+
+    /// The chunk `span` belongs in: the last whose first span sorts at or
+    /// before it (the first for a span before all). `None` if empty.
+    fn chunk_of(&self, key: (Timestamp, &Id, &Id)) -> Option<usize> {
+        if self.chunks.is_empty() {
+            return None;
+        }
+        Some(
+            self.chunks
+                .partition_point(|c| c.spans[0].key() <= key)
+                .saturating_sub(1),
+        )
+    }
+
+    /// Adds `span`, or sets its end if its lock is there.
+    fn put(&mut self, span: Span) {
+        let Some(c) = self.chunk_of(span.key()) else {
+            self.chunks.push(Chunk::new(vec![span]));
+            self.len = 1;
+            return;
+        };
+        let last = c + 1 == self.chunks.len();
+        let chunk = &mut self.chunks[c];
+        match chunk.spans.binary_search_by(|s| s.key().cmp(&span.key())) {
+            Ok(at) => chunk.spans[at].end = span.end,
+            // Spans mostly come in the order of their start: one after
+            // every other starts a new chunk once the last is full, instead
+            // of splitting it into two half-empty ones.
+            Err(at) if last && at == CHUNK_MAX => {
+                self.chunks.push(Chunk::new(vec![span]));
+                self.len += 1;
+                return;
+            }
+            Err(at) => {
+                chunk.spans.insert(at, span);
+                self.len += 1;
+            }
+        }
+        chunk.latest_end = latest_end(&chunk.spans);
+        if chunk.spans.len() > CHUNK_MAX {
+            let upper = chunk.spans.split_off(chunk.spans.len() / 2);
+            chunk.latest_end = latest_end(&chunk.spans);
+            self.chunks.insert(c + 1, Chunk::new(upper));
+        }
+    }
+
+    /// Takes out the span of `key`'s lock, if there.
+    fn remove(&mut self, key: (Timestamp, &Id, &Id)) -> Option<Span> {
+        let c = self.chunk_of(key)?;
+        let chunk = &mut self.chunks[c];
+        let at = chunk.spans.binary_search_by(|s| s.key().cmp(&key)).ok()?;
+        let span = chunk.spans.remove(at);
+        self.len -= 1;
+        if chunk.spans.is_empty() {
+            self.chunks.remove(c);
+        } else {
+            chunk.latest_end = latest_end(&chunk.spans);
+        }
+        Some(span)
+    }
+
+    /// Adds the ids of its spans binding at `t` to `found`.
+    fn active_at(&self, t: Timestamp, found: &mut Vec<(Id, Id)>) {
+        let live = self
+            .chunks
+            .iter()
+            .take_while(|c| c.first_from() <= t)
+            .filter(|c| t < c.latest_end);
+        for chunk in live {
+            found.extend(chunk.spans.iter().filter(|s| s.binds_at(t)).map(Span::ids));
+        }
+    }
+
+    fn spans(&self) -> impl Iterator<Item = &Span> {
+        self.chunks.iter().flat_map(|c| c.spans.iter())
+    }
+}
+
+/// Where one chunk of a run is, and what a query needs to skip it.
+#[derive(Clone, Debug)]
+struct ChunkRef {
+    first_from: Timestamp,
+    latest_end: Timestamp,
+    at: SegmentRef,
+    len: u8,
+}
+
+/// Spans sorted by key, in chunks of [`CHUNK_MAX`] in the store.
+#[derive(Clone, Debug, Default)]
+struct Run {
+    chunks: Vec<ChunkRef>,
+    /// Spans in it.
+    len: usize,
+}
+
+/// Spans of ended locks, in the store: see the module docs.
+#[derive(Clone)]
+struct StoredSpans {
+    store: Arc<dyn SegmentStore>,
+    /// Not written yet, in arrival order; fewer than `buffer_limit`.
+    buffered: Vec<Span>,
+    /// [`BUFFERED_SPANS`] (tests make runs sooner).
+    buffer_limit: usize,
+    /// Oldest (largest) first; a later one is smaller than an earlier one.
+    runs: Vec<Run>,
+    /// Spans in all.
+    len: usize,
+}
+
+impl StoredSpans {
+    fn new(store: Arc<dyn SegmentStore>, buffer_limit: usize) -> StoredSpans {
+        assert!(buffer_limit >= 1, "a run holds at least one span");
+        StoredSpans {
+            store,
+            buffer_limit,
+            buffered: Vec::new(),
+            runs: Vec::new(),
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, span: Span) {
+        self.buffered.push(span);
+        self.len += 1;
+        if self.buffered.len() >= self.buffer_limit {
+            let mut spans = std::mem::take(&mut self.buffered);
+            spans.sort_unstable_by(|a, b| a.key().cmp(&b.key()));
+            let run = self.write_run(spans.into_iter());
+            self.runs.push(run);
+            self.merge();
+        }
+    }
+
+    /// Merges the newest runs while the newest is as large as the one
+    /// before it.
+    fn merge(&mut self) {
+        while let [.., older, newer] = &self.runs[..]
+            && newer.len >= older.len
+        {
+            let merged = {
+                let (a, b) = (self.read_run(older), self.read_run(newer));
+                self.write_run(Merged {
+                    a: a.peekable(),
+                    b: b.peekable(),
+                })
+            };
+            self.runs.truncate(self.runs.len() - 2);
+            self.runs.push(merged);
+        }
+    }
+
+    /// Writes `spans` (sorted, distinct) as a run.
+    fn write_run(&self, spans: impl Iterator<Item = Span>) -> Run {
+        let mut run = Run::default();
+        let mut chunk = Vec::with_capacity(CHUNK_MAX);
+        let flush = |chunk: &mut Vec<Span>, run: &mut Run| {
+            run.len += chunk.len();
+            run.chunks.push(ChunkRef {
+                first_from: chunk[0].from,
+                latest_end: latest_end(chunk),
+                at: self.store.append(&encode(chunk)),
+                len: u8::try_from(chunk.len()).expect("CHUNK_MAX fits a byte"),
+            });
+            chunk.clear();
+        };
+        for span in spans {
+            debug_assert!(chunk.last().is_none_or(|l: &Span| l.key() < span.key()));
+            chunk.push(span);
+            if chunk.len() == CHUNK_MAX {
+                flush(&mut chunk, &mut run);
+            }
+        }
+        if !chunk.is_empty() {
+            flush(&mut chunk, &mut run);
+        }
+        run
+    }
+
+    /// A chunk's spans (none if the read failed: the store keeps the
+    /// failure, and the shell stops on it).
+    fn read_chunk(&self, chunk: &ChunkRef) -> Vec<Span> {
+        let mut bytes = Vec::new();
+        if !self.store.read(chunk.at, &mut bytes) {
+            return Vec::new();
+        }
+        decode(&bytes, usize::from(chunk.len))
+    }
+
+    /// A run's spans in order, read a chunk at a time.
+    fn read_run<'a>(&'a self, run: &'a Run) -> impl Iterator<Item = Span> + 'a {
+        run.chunks.iter().flat_map(|c| self.read_chunk(c))
+    }
+
+    fn active_at(&self, t: Timestamp, found: &mut Vec<(Id, Id)>) {
+        found.extend(
+            self.buffered
+                .iter()
+                .filter(|s| s.binds_at(t))
+                .map(Span::ids),
+        );
+        for run in &self.runs {
+            let live = run
+                .chunks
+                .iter()
+                .take_while(|c| c.first_from <= t)
+                .filter(|c| t < c.latest_end);
+            for chunk in live {
+                found.extend(
+                    self.read_chunk(chunk)
+                        .iter()
+                        .filter(|s| s.binds_at(t))
+                        .map(Span::ids),
+                );
+            }
+        }
+    }
+
+    /// Every span, in key order.
+    fn spans(&self) -> Vec<Span> {
+        let mut all: Vec<Span> = self
+            .runs
+            .iter()
+            .flat_map(|run| self.read_run(run))
+            .chain(self.buffered.iter().cloned())
+            .collect();
+        all.sort_unstable_by(|a, b| a.key().cmp(&b.key()));
+        all
+    }
+}
+
+/// Two sorted streams of spans merged into one.
+struct Merged<A: Iterator<Item = Span>, B: Iterator<Item = Span>> {
+    a: std::iter::Peekable<A>,
+    b: std::iter::Peekable<B>,
+}
+
+impl<A: Iterator<Item = Span>, B: Iterator<Item = Span>> Iterator for Merged<A, B> {
+    type Item = Span;
+
+    fn next(&mut self) -> Option<Span> {
+        match (self.a.peek(), self.b.peek()) {
+            (Some(x), Some(y)) if y.key() < x.key() => self.b.next(),
+            (Some(_), _) => self.a.next(),
+            (None, _) => self.b.next(),
+        }
+    }
+}
+
+/// Bytes of a span's times: two (seconds, nanoseconds) pairs.
+const SPAN_TIME_BYTES: usize = 2 * (8 + 4);
+
+/// The encoding of spans in the store: per span, `from` and `end` as
+/// big-endian seconds (i64) and nanoseconds (u32) since the Unix epoch,
+/// then the deal id and the lock id, each a length byte and its bytes.
+fn encode(spans: &[Span]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(spans.len() * (SPAN_TIME_BYTES + 2 + 32));
+    for span in spans {
+        for t in [span.from, span.end] {
+            let (secs, nanos) = t.unix_parts();
+            out.extend_from_slice(&secs.to_be_bytes());
+            out.extend_from_slice(&nanos.to_be_bytes());
+        }
+        for id in [&span.deal, &span.lock] {
+            let bytes = id.as_str().as_bytes();
+            out.push(u8::try_from(bytes.len()).expect("an id has at most 128 characters"));
+            out.extend_from_slice(bytes);
+        }
+    }
+    out
+}
+
+/// Decodes what [`encode`] wrote (in this process: anything else is a bug).
+fn decode(mut bytes: &[u8], len: usize) -> Vec<Span> {
+    fn take<'a>(bytes: &mut &'a [u8], n: usize) -> &'a [u8] {
+        let (head, rest) = bytes.split_at(n);
+        *bytes = rest;
+        head
+    }
+    let mut spans = Vec::with_capacity(len);
+    for _ in 0..len {
+        let mut time = || {
+            let secs = i64::from_be_bytes(take(&mut bytes, 8).try_into().expect("8 bytes"));
+            let nanos = u32::from_be_bytes(take(&mut bytes, 4).try_into().expect("4 bytes"));
+            Timestamp::from_unix_parts(secs, nanos).expect("a span's time this process wrote")
+        };
+        let (from, end) = (time(), time());
+        let mut id = || {
+            let n = usize::from(take(&mut bytes, 1)[0]);
+            let text = std::str::from_utf8(take(&mut bytes, n)).expect("an id this process wrote");
+            Id::parse(text).expect("an id this process wrote")
+        };
+        let (deal, lock) = (id(), id());
+        spans.push(Span {
+            from,
+            end,
+            deal,
+            lock,
+        });
+    }
+    assert!(bytes.is_empty(), "a stored chunk has bytes after its spans");
+    spans
+}
+
+/// Where the spans of ended locks are.
+#[derive(Clone)]
+enum Ended {
+    Kept(Chunks),
+    Stored(StoredSpans),
+}
+
+impl Default for Ended {
+    fn default() -> Self {
+        Ended::Kept(Chunks::default())
+    }
+}
+
+/// The binding intervals of locks. See the module docs.
+#[derive(Clone, Default)]
 pub struct LockTimeline {
     /// Locks with no end yet (not ended, no `valid_until`), by (from,
     /// deal, lock): all of them bind at every time from their start on.
     /// Kept apart so that they do not make every chunk look live.
-    open: BTreeSet<(Timestamp, Id, Id)>,
-    /// Locks with an end, sorted and non-overlapping: every span of a
-    /// chunk sorts before every span of the next. No chunk is empty.
-    chunks: Vec<Chunk>,
-    /// Spans in `chunks`.
-    ended: usize,
+    open: BTreeSet<SpanKey>,
+    /// Locks not ended that expire (`valid_until`): their end may still
+    /// move earlier.
+    expiring: Chunks,
+    /// Locks that ended.
+    ended: Ended,
 }
+
+impl fmt::Debug for LockTimeline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (ended, stored) = match &self.ended {
+            Ended::Kept(chunks) => (chunks.len, false),
+            Ended::Stored(stored) => (stored.len, true),
+        };
+        f.debug_struct("LockTimeline")
+            .field("open", &self.open.len())
+            .field("expiring", &self.expiring.len)
+            .field("ended", &ended)
+            .field("stored", &stored)
+            .finish()
+    }
+}
+
+/// Equal when they hold the same spans, however chunked, wherever kept.
+impl PartialEq for LockTimeline {
+    fn eq(&self, other: &Self) -> bool {
+        let ended = |t: &LockTimeline| -> Vec<Span> {
+            match &t.ended {
+                Ended::Kept(chunks) => chunks.spans().cloned().collect(),
+                Ended::Stored(stored) => stored.spans(),
+            }
+        };
+        self.open == other.open
+            && self.expiring.spans().eq(other.expiring.spans())
+            && ended(self) == ended(other)
+    }
+}
+
+impl Eq for LockTimeline {}
 
 /// When `lock` stops binding: the earlier of its `valid_until` and its end.
 fn binding_end(lock: &Lock) -> Option<Timestamp> {
@@ -108,38 +505,66 @@ impl LockTimeline {
         LockTimeline::default()
     }
 
-    /// The timeline of `locks`, built at once: full chunks, in order.
+    /// The timeline of `locks` (each once), built at once: full chunks, in
+    /// order.
     pub fn from_locks<'a>(locks: impl Iterator<Item = &'a Lock>) -> LockTimeline {
         let mut timeline = LockTimeline::new();
-        let mut spans = Vec::new();
+        let (mut expiring, mut ended) = (Vec::new(), Vec::new());
         for lock in locks {
             let (deal, id) = (lock.deal_id.clone(), lock.lock_id.clone());
-            match binding_end(lock) {
-                None => {
-                    timeline.open.insert((lock.valid_from, deal, id));
-                }
-                Some(end) => spans.push(Span {
-                    from: lock.valid_from,
-                    end,
-                    deal,
-                    lock: id,
-                }),
+            let Some(end) = binding_end(lock) else {
+                timeline.open.insert((lock.valid_from, deal, id));
+                continue;
+            };
+            let span = Span {
+                from: lock.valid_from,
+                end,
+                deal,
+                lock: id,
+            };
+            match lock.ended {
+                None => expiring.push(span),
+                Some(_) => ended.push(span),
             }
         }
-        spans.sort_unstable_by(|a, b| a.key().cmp(&b.key()));
-        spans.dedup_by(|a, b| a.key() == b.key());
-        timeline.ended = spans.len();
-        let mut spans = spans.into_iter().peekable();
-        while spans.peek().is_some() {
-            let chunk: Vec<Span> = spans.by_ref().take(CHUNK_MAX).collect();
-            timeline.chunks.push(Chunk::new(chunk));
+        for spans in [&mut expiring, &mut ended] {
+            spans.sort_unstable_by(|a, b| a.key().cmp(&b.key()));
+            spans.dedup_by(|a, b| a.key() == b.key());
         }
+        timeline.expiring = Chunks::of_sorted(expiring);
+        timeline.ended = Ended::Kept(Chunks::of_sorted(ended));
         timeline
+    }
+
+    /// Moves the spans of ended locks to `store`, as one run, and those of
+    /// locks that end from now on (see the module docs).
+    pub fn store_in(&mut self, store: Arc<dyn SegmentStore>) {
+        self.store_in_buffering(store, BUFFERED_SPANS);
+    }
+
+    /// [`LockTimeline::store_in`], writing a run every `buffer_limit` spans.
+    fn store_in_buffering(&mut self, store: Arc<dyn SegmentStore>, buffer_limit: usize) {
+        let Ended::Kept(kept) = &mut self.ended else {
+            panic!("the lock timeline stored twice");
+        };
+        let kept = std::mem::take(kept);
+        let mut stored = StoredSpans::new(store, buffer_limit);
+        if kept.len > 0 {
+            let run = stored.write_run(kept.chunks.into_iter().flat_map(|c| c.spans));
+            stored.len = run.len;
+            stored.runs.push(run);
+        }
+        self.ended = Ended::Stored(stored);
     }
 
     /// How many locks it holds.
     pub fn len(&self) -> usize {
-        self.open.len() + self.ended
+        self.open.len()
+            + self.expiring.len
+            + match &self.ended {
+                Ended::Kept(chunks) => chunks.len,
+                Ended::Stored(stored) => stored.len,
+            }
     }
 
     /// Whether it holds none.
@@ -147,22 +572,22 @@ impl LockTimeline {
         self.len() == 0
     }
 
-    /// Adds `lock`'s interval, or sets it if the lock is there: a lock's
-    /// start never changes, only its end (when it is released or its deal
-    /// terminated), so this also records that a lock ended.
+    /// Adds `lock` as it is now: granted, or ended (then it replaces what
+    /// was recorded of it when granted). A lock ends once.
     pub fn insert(&mut self, lock: &Lock) {
-        self.put(
-            &lock.deal_id,
-            &lock.lock_id,
-            lock.valid_from,
-            binding_end(lock),
-        );
-    }
-
-    /// Records that `lock` (as it was before it ended) ended at `at`.
-    pub fn ended(&mut self, lock: &Lock, at: Timestamp) {
-        let end = lock.valid_until.map_or(at, |until| until.min(at));
-        self.put(&lock.deal_id, &lock.lock_id, lock.valid_from, Some(end));
+        match &lock.ended {
+            None => self.granted(
+                &lock.deal_id,
+                &lock.lock_id,
+                lock.valid_from,
+                lock.valid_until,
+            ),
+            Some(end) => {
+                let mut granted = lock.clone();
+                granted.ended = None;
+                self.ended(&granted, end.at);
+            }
+        }
     }
 
     /// Adds the lock `lock` of deal `deal`, just granted: it binds from
@@ -174,75 +599,61 @@ impl LockTimeline {
         valid_from: Timestamp,
         valid_until: Option<Timestamp>,
     ) {
-        self.put(deal, lock, valid_from, valid_until);
+        let (deal, lock) = (deal.clone(), lock.clone());
+        match valid_until {
+            None => {
+                self.open.insert((valid_from, deal, lock));
+            }
+            Some(end) => self.expiring.put(Span {
+                from: valid_from,
+                end,
+                deal,
+                lock,
+            }),
+        }
     }
 
-    fn put(&mut self, deal: &Id, lock: &Id, from: Timestamp, end: Option<Timestamp>) {
-        let key = (from, deal.clone(), lock.clone());
-        let Some(end) = end else {
-            self.open.insert(key);
-            return;
-        };
-        self.open.remove(&key);
-        let (from, deal, lock) = key;
+    /// Records that `lock` (as it was before it ended) ended at `at`.
+    pub fn ended(&mut self, lock: &Lock, at: Timestamp) {
+        let key = (lock.valid_from, &lock.deal_id, &lock.lock_id);
+        match lock.valid_until {
+            None => {
+                self.open
+                    .remove(&(lock.valid_from, lock.deal_id.clone(), lock.lock_id.clone()));
+            }
+            Some(_) => {
+                self.expiring.remove(key);
+            }
+        }
         let span = Span {
-            from,
-            end,
-            deal,
-            lock,
+            from: lock.valid_from,
+            end: lock.valid_until.map_or(at, |until| until.min(at)),
+            deal: lock.deal_id.clone(),
+            lock: lock.lock_id.clone(),
         };
-        if self.chunks.is_empty() {
-            self.chunks.push(Chunk::new(vec![span]));
-            self.ended = 1;
-            return;
-        }
-        // The last chunk whose first span sorts at or before this one (the
-        // first chunk for a span before all).
-        let c = self
-            .chunks
-            .partition_point(|c| c.spans[0].key() <= span.key())
-            .saturating_sub(1);
-        let last = c + 1 == self.chunks.len();
-        let chunk = &mut self.chunks[c];
-        match chunk.spans.binary_search_by(|s| s.key().cmp(&span.key())) {
-            Ok(at) => chunk.spans[at].end = span.end,
-            // Locks mostly end in the order they started: a span after
-            // every other one starts a new chunk once the last is full,
-            // instead of splitting it into two half-empty ones.
-            Err(at) if last && at == CHUNK_MAX => {
-                self.chunks.push(Chunk::new(vec![span]));
-                self.ended += 1;
-                return;
-            }
-            Err(at) => {
-                chunk.spans.insert(at, span);
-                self.ended += 1;
-            }
-        }
-        chunk.latest_end = latest_end(&chunk.spans);
-        if chunk.spans.len() > CHUNK_MAX {
-            let upper = chunk.spans.split_off(chunk.spans.len() / 2);
-            chunk.latest_end = latest_end(&chunk.spans);
-            self.chunks.insert(c + 1, Chunk::new(upper));
+        match &mut self.ended {
+            Ended::Kept(chunks) => chunks.put(span),
+            Ended::Stored(stored) => stored.push(span),
         }
     }
 
     /// The (deal, lock) ids of every lock binding at `t`, in no particular
-    /// order: exactly the locks whose [`Lock::active_at`] is true.
-    pub fn active_at(&self, t: Timestamp) -> impl Iterator<Item = (&Id, &Id)> + '_ {
-        let open = self
+    /// order: exactly the locks whose [`Lock::active_at`] is true (but
+    /// those of a stored chunk that could not be read back: the store keeps
+    /// that failure).
+    pub fn active_at(&self, t: Timestamp) -> Vec<(Id, Id)> {
+        let mut found: Vec<(Id, Id)> = self
             .open
             .iter()
-            .take_while(move |(from, _, _)| *from <= t)
-            .map(|(_, deal, lock)| (deal, lock));
-        let ended = self
-            .chunks
-            .iter()
-            .take_while(move |c| c.first_from() <= t)
-            .filter(move |c| t < c.latest_end)
-            .flat_map(move |c| c.spans.iter().filter(move |s| s.binds_at(t)))
-            .map(|s| (&s.deal, &s.lock));
-        open.chain(ended)
+            .take_while(|(from, _, _)| *from <= t)
+            .map(|(_, deal, lock)| (deal.clone(), lock.clone()))
+            .collect();
+        self.expiring.active_at(t, &mut found);
+        match &self.ended {
+            Ended::Kept(chunks) => chunks.active_at(t, &mut found),
+            Ended::Stored(stored) => stored.active_at(t, &mut found),
+        }
+        found
     }
 }
 
@@ -297,6 +708,7 @@ mod tests {
         t.insert(&ended(released.clone(), 180));
         let at = |s| -> Vec<String> {
             t.active_at(ts(s))
+                .iter()
                 .map(|(d, l)| format!("{d}/{l}"))
                 .collect()
         };
@@ -333,18 +745,28 @@ mod tests {
         /// Over grants (many enough to split chunks) and ends in any order,
         /// the timeline answers what testing every lock answers, at every
         /// time, chunk edges included.
+        /// A store attached at any point (after `store_at` operations),
+        /// with runs of any size, changes no answer.
         #[test]
         fn answers_what_testing_every_lock_answers(
             ops in proptest::collection::vec(op(), 0..600),
             probes in proptest::collection::vec(-10i64..1_300, 1..40),
+            store_at in 0usize..700,
+            buffer in 1usize..40,
         ) {
+            let store = Arc::new(crate::index::MemorySegments::default());
             let mut timeline = LockTimeline::new();
+            let mut stored = LockTimeline::new();
             let mut locks: Vec<Lock> = Vec::new();
-            for op in ops {
-                match op {
+            for (i, op) in ops.iter().enumerate() {
+                if i == store_at {
+                    stored.store_in_buffering(store.clone(), buffer);
+                }
+                match *op {
                     Op::Grant { deal, from, until } => {
                         let l = lock(deal, locks.len() as u32, from, until);
                         timeline.insert(&l);
+                        stored.insert(&l);
                         locks.push(l);
                     }
                     Op::End { pick, at } if !locks.is_empty() => {
@@ -352,24 +774,54 @@ mod tests {
                         if locks[i].ended.is_none() {
                             locks[i] = ended(locks[i].clone(), at);
                             timeline.insert(&locks[i]);
+                            stored.insert(&locks[i]);
                         }
                     }
                     Op::End { .. } => {}
                 }
             }
+            if store_at >= ops.len() {
+                stored.store_in_buffering(store.clone(), buffer);
+            }
             prop_assert_eq!(timeline.len(), locks.len());
+            prop_assert_eq!(stored.len(), locks.len());
             let rebuilt = LockTimeline::from_locks(locks.iter());
             prop_assert_eq!(rebuilt.len(), locks.len());
-            prop_assert!(timeline.chunks.iter().all(|c| !c.spans.is_empty() && c.spans.len() <= CHUNK_MAX));
-            prop_assert_eq!(timeline.ended, timeline.chunks.iter().map(|c| c.spans.len()).sum::<usize>());
-            for p in probes.into_iter().chain(locks.iter().map(|l| l.valid_from.unix_millis() / 1000)) {
+            let chunks_hold = |c: &Chunks| {
+                c.chunks.iter().all(|c| !c.spans.is_empty() && c.spans.len() <= CHUNK_MAX)
+                    && c.len == c.chunks.iter().map(|c| c.spans.len()).sum::<usize>()
+                    && c.spans().zip(c.spans().skip(1)).all(|(a, b)| a.key() < b.key())
+            };
+            for t in [&timeline, &stored, &rebuilt] {
+                prop_assert!(chunks_hold(&t.expiring));
+                if let Ended::Kept(kept) = &t.ended {
+                    prop_assert!(chunks_hold(kept));
+                }
+            }
+            let Ended::Stored(s) = &stored.ended else { panic!("stored") };
+            prop_assert!(s.buffered.len() < buffer);
+            prop_assert!(s.runs.windows(2).all(|w| w[0].len > w[1].len), "runs shrink");
+            prop_assert_eq!(s.len, s.buffered.len() + s.runs.iter().map(|r| r.len).sum::<usize>());
+            for run in &s.runs {
+                prop_assert_eq!(run.len, run.chunks.iter().map(|c| usize::from(c.len)).sum::<usize>());
+                prop_assert!(run.chunks.iter().all(|c| usize::from(c.len) <= CHUNK_MAX));
+                let spans: Vec<Span> = s.read_run(run).collect();
+                prop_assert!(spans.windows(2).all(|w| w[0].key() < w[1].key()));
+            }
+            prop_assert!(stored == timeline && timeline == rebuilt);
+            let starts = locks.iter().map(|l| l.valid_from.unix_millis() / 1000);
+            for (i, p) in probes.into_iter().chain(starts).enumerate() {
                 let t = ts(p);
                 let expected = sorted(locks.iter().filter(|l| l.active_at(t)).map(|l| (l.deal_id.clone(), l.lock_id.clone())).collect());
-                let found = sorted(timeline.active_at(t).map(|(d, l)| (d.clone(), l.clone())).collect());
-                prop_assert_eq!(&found, &expected, "at {}", p);
-                let found = sorted(rebuilt.active_at(t).map(|(d, l)| (d.clone(), l.clone())).collect());
-                prop_assert_eq!(found, expected, "rebuilt, at {}", p);
+                prop_assert_eq!(&sorted(timeline.active_at(t)), &expected, "at {}", p);
+                prop_assert_eq!(&sorted(rebuilt.active_at(t)), &expected, "rebuilt, at {}", p);
+                // Reading chunks back is slower: every 4th time (and the
+                // times are random, chunk edges included).
+                if i % 4 == 0 {
+                    prop_assert_eq!(&sorted(stored.active_at(t)), &expected, "stored, at {}", p);
+                }
             }
+            prop_assert!(store.failure().is_none());
         }
     }
 }
