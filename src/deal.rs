@@ -1602,6 +1602,11 @@ impl DealBook {
         self.iter().flat_map(|(_, d)| d.locks.iter())
     }
 
+    /// Whether ended locks go to a store ([`DealBook::store_ended_locks_in`]).
+    pub fn stores_ended_locks(&self) -> bool {
+        self.lock_store.is_some()
+    }
+
     /// Moves every deal's ended locks to `store`, and those that end from
     /// now on (see [`DealLocks`]): what keeps the book's memory from growing
     /// with every lock granted.

@@ -92,9 +92,10 @@ use crate::chain::{
     self, BreakKind, ChainBreak, ChainHead, ChainVerifier, DecodeEntryError, Entry, HASH_LEN, Hash,
     StreamId,
 };
-use crate::deal::AmendmentSet;
+use crate::deal::{AmendmentSet, DealBook};
 use crate::identities;
 use crate::index::DealIndex;
+use crate::index::SegmentStore;
 use crate::ledger::{
     self, BatchWrite, IdentityIndex, LedgerParts, LedgerState, Location, MAX_BATCH_RECORDS,
     OriginalLookup, Outcome, Verdict,
@@ -1538,10 +1539,15 @@ impl Store {
     /// Moves `state`'s history items to a new scratch file in the ledger
     /// folder (see [`crate::segments`]).
     pub fn spill_history(&self, state: &mut LedgerState) -> Result<(), StoreError> {
-        let file = segments::SegmentFile::create(&self.dir)
-            .map_err(|e| io_error(&self.dir, "creating a history segment file", e))?;
-        state.spill_history_to(Arc::new(file));
+        state.spill_history_to(Arc::new(self.new_segment_file()?));
         Ok(())
+    }
+
+    /// A new scratch file for a state's history items, ended locks and
+    /// the timeline's runs (see [`crate::segments`]).
+    fn new_segment_file(&self) -> Result<segments::SegmentFile, StoreError> {
+        segments::SegmentFile::create(&self.dir)
+            .map_err(|e| io_error(&self.dir, "creating a history segment file", e))
     }
 
     /// [`StoreError`] for the first failure of `state`'s scratch files (its
@@ -3077,7 +3083,7 @@ const PROGRESS_STEP: u64 = 4096;
 const FAMILY_SNAPSHOT: u8 = b'S';
 
 /// Format byte at the start of every snapshot (`S` value).
-pub const SNAPSHOT_FORMAT: u8 = 4;
+pub const SNAPSHOT_FORMAT: u8 = 5;
 
 /// Snapshots kept: the newest, and the one before it as a fallback.
 pub const SNAPSHOTS_KEPT: usize = 2;
@@ -3180,25 +3186,6 @@ where
         out.write_all(&partition_bytes(*partition))?;
         out.write_all(&encode_head(head))?;
     }
-    // Streamed from the identity index, in increasing order: no copy.
-    let identities = state.identities() as u64;
-    out.write_all(&identities.to_be_bytes())?;
-    let mut written = 0u64;
-    for (fp, location) in state.fingerprints() {
-        out.write_all(&fp.to_be_bytes())?;
-        out.write_all(&partition_bytes(location.partition))?;
-        out.write_all(&location.seq.to_be_bytes())?;
-        written += 1;
-    }
-    if written != identities {
-        // The index on disk failed a read (kept as its failure).
-        return Err(io::Error::other(format!(
-            "the identity index gave {written} of its {identities} identities: {}",
-            state
-                .identity_failure()
-                .map_or_else(|| "no failure recorded".to_string(), ToString::to_string)
-        )));
-    }
     out.write_all(&(collided.len() as u32).to_be_bytes())?;
     for ((source, id), location) in collided {
         for text in [source, id] {
@@ -3244,6 +3231,27 @@ where
     // items: such an encoding is never finished.
     if let Some(failure) = state.index().segment_failure() {
         return Err(io::Error::other(failure.to_string()));
+    }
+    // Streamed from the identity index, in increasing order: no copy.
+    // Last, so that a restore reads the list when the book's and the
+    // index's encodings are gone.
+    let identities = state.identities() as u64;
+    out.write_all(&identities.to_be_bytes())?;
+    let mut written = 0u64;
+    for (fp, location) in state.fingerprints() {
+        out.write_all(&fp.to_be_bytes())?;
+        out.write_all(&partition_bytes(location.partition))?;
+        out.write_all(&location.seq.to_be_bytes())?;
+        written += 1;
+    }
+    if written != identities {
+        // The index on disk failed a read (kept as its failure).
+        return Err(io::Error::other(format!(
+            "the identity index gave {written} of its {identities} identities: {}",
+            state
+                .identity_failure()
+                .map_or_else(|| "no failure recorded".to_string(), ToString::to_string)
+        )));
     }
     let end = out.stream_position()?;
     out.into_inner().map_err(io::IntoInnerError::into_error)?;
@@ -3388,7 +3396,9 @@ impl<R: io::Read> SnapshotReader<R> {
         };
         if self.at != self.body_len {
             let extra = self.body_len - self.at;
-            return Err(self.damage_or(format!("it has {extra} bytes after the query index")));
+            return Err(self.damage_or(format!(
+                "it has {extra} bytes after the identity fingerprints"
+            )));
         }
         match self.checksum_matches() {
             Ok(true) => Ok(decoded),
@@ -3514,17 +3524,12 @@ impl<R: io::Read> SnapshotReader<R> {
     /// Everything after the heads, as the parts of a state.
     fn rest(
         &mut self,
+        lock_store: Option<&Arc<dyn SegmentStore>>,
         topic: &str,
         batch_no: u64,
         entries: u64,
         heads: Vec<ChainHead>,
     ) -> Result<LedgerParts, SnapshotFault> {
-        let count = self.count(true, FINGERPRINT_BYTES, "fingerprint")?;
-        let mut fingerprints = Vec::with_capacity(count);
-        for _ in 0..count {
-            let fp = self.u64("a fingerprint")?;
-            fingerprints.push((fp, self.location("a fingerprint")?));
-        }
         let count = self.count(false, 4 + 4 + SNAPSHOT_LOCATION_BYTES, "collided identity")?;
         let mut collided = Vec::with_capacity(count);
         for _ in 0..count {
@@ -3546,6 +3551,13 @@ impl<R: io::Read> SnapshotReader<R> {
         let len = self.count(true, 1, "deal book byte")?;
         let book = serde_json::from_slice(&self.bytes(len, "the deal book")?)
             .map_err(|e| format!("its deal book does not decode: {e}"))?;
+        let mut book: DealBook = book;
+        if let Some(store) = lock_store {
+            // Ended locks leave memory now, before the index is read, not
+            // after the whole state is decoded: at 3M events they are ~75 MB
+            // of a restart's peak.
+            book.store_ended_locks_in(Arc::clone(store));
+        }
         let count = self.count(true, 8, "amendment fingerprint")?;
         let mut amendments = Vec::with_capacity(count);
         for _ in 0..count {
@@ -3556,6 +3568,14 @@ impl<R: io::Read> SnapshotReader<R> {
             .map_err(|e| format!("its query index does not decode: {e}"))?;
         if used != len {
             return Err(format!("its query index has {} bytes after its end", len - used).into());
+        }
+        // Last, when the book's and the index's encodings are gone: at 3M
+        // events the list is 72 MB.
+        let count = self.count(true, FINGERPRINT_BYTES, "fingerprint")?;
+        let mut fingerprints = Vec::with_capacity(count);
+        for _ in 0..count {
+            let fp = self.u64("a fingerprint")?;
+            fingerprints.push((fp, self.location("a fingerprint")?));
         }
         Ok(LedgerParts {
             topic: topic.to_owned(),
@@ -3822,10 +3842,15 @@ impl Store {
             }
         };
         let input = io::BufReader::with_capacity(SNAPSHOT_READ_BUFFER_BYTES, file);
+        // The scratch file of the state to be, from the start (see `rest`).
+        let segments: Option<Arc<dyn SegmentStore>> = match index {
+            QueryIndex::Kept => Some(Arc::new(self.new_segment_file()?)),
+            QueryIndex::Dropped => None,
+        };
         let parts = SnapshotReader::open(input, size).and_then(|reader| {
             reader.decode_all(|reader| {
                 let (entries, heads) = reader.heads(&self.topic)?;
-                reader.rest(&self.topic, batch_no, entries, heads)
+                reader.rest(segments.as_ref(), &self.topic, batch_no, entries, heads)
             })
         });
         Ok(match parts {
@@ -3835,9 +3860,9 @@ impl Store {
                     LedgerState::restore(parts, self.new_identities(0)?, self.new_amendment_set()?)
                         .map_err(|e| e.to_string());
                 if let Ok(state) = &mut state {
-                    match index {
-                        QueryIndex::Kept => self.spill_history(state)?,
-                        QueryIndex::Dropped => state.drop_query_index(),
+                    match segments {
+                        Some(segments) => state.spill_history_to(segments),
+                        None => state.drop_query_index(),
                     }
                     self.check_derived(state)?;
                 }
