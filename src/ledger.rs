@@ -261,6 +261,28 @@ pub trait IdentityIndex: Send + Sync {
             self.insert(fp, location);
         }
     }
+    /// Records the `(fingerprint, first location)`s that `next` gives,
+    /// fingerprints strictly increasing, until it gives `None`, in this
+    /// empty index (`count` of them expected: a hint), without holding
+    /// them all at once (a snapshot's list, read as it is loaded). Returns
+    /// how many it recorded.
+    fn load_sorted_from(
+        &mut self,
+        count: usize,
+        next: &mut dyn FnMut() -> Option<(u64, Location)>,
+    ) -> usize {
+        let _ = count;
+        assert!(
+            self.is_empty(),
+            "load_sorted_from into an index that is not empty"
+        );
+        let mut loaded = 0;
+        while let Some((fp, location)) = next() {
+            self.insert(fp, location);
+            loaded += 1;
+        }
+        loaded
+    }
     /// Every `(fingerprint, first location)`, in increasing fingerprint order.
     fn sorted(&self) -> Box<dyn Iterator<Item = (u64, Location)> + '_>;
     /// The first I/O failure met, if any.
@@ -843,8 +865,10 @@ impl LedgerState {
     /// Rebuilds a state from its parts (as [`LedgerState::heads`],
     /// [`LedgerState::fingerprints`], [`LedgerState::collided`], ... give
     /// them), checking that they fit together, with its identities in
-    /// `identities` (empty). The parts come from storage, so nothing here
-    /// panics on bad input.
+    /// `identities`: empty, or already holding them (a snapshot reader loads
+    /// them as it reads, checked as [`LedgerState::check_fingerprint`] does;
+    /// then `parts.fingerprints` is empty). The parts come from storage, so
+    /// nothing here panics on bad input.
     pub fn restore(
         parts: LedgerParts,
         identities: Box<dyn IdentityIndex>,
@@ -861,7 +885,13 @@ impl LedgerState {
             next_batch,
             entries,
         } = parts;
-        let mut state = LedgerState::with_identities(topic, identities);
+        if !identities.is_empty() && !fingerprints.is_empty() {
+            return Err(RestoreError(
+                "fingerprints are given both loaded and listed".to_string(),
+            ));
+        }
+        let mut state = LedgerState::with_identities(topic, Box::new(MemoryIdentities::default()));
+        state.seen = identities;
         let mut chained = 0u64;
         for head in heads {
             let stream = head.stream();
@@ -894,13 +924,11 @@ impl LedgerState {
                 .is_some_and(|h| location.seq < h.next_seq())
         };
         for (fp, location) in &fingerprints {
-            if !inside(&state, *location) {
-                return Err(RestoreError(format!(
-                    "fingerprint {fp:016x} points at {location}, which is not an entry"
-                )));
-            }
+            check_fingerprint(&state.heads, None, *fp, *location)?;
         }
-        if fingerprints.windows(2).all(|w| w[0].0 < w[1].0) {
+        if fingerprints.is_empty() {
+            // None, or loaded already.
+        } else if fingerprints.windows(2).all(|w| w[0].0 < w[1].0) {
             // As snapshots list them: loaded in one piece, no lookups.
             state.seen.load_sorted(fingerprints);
         } else {
@@ -939,6 +967,31 @@ impl LedgerState {
     }
 }
 
+/// Checks one fingerprint of a state's list against the state's `heads`
+/// and the fingerprint before it in the list, if any: it must point at an
+/// entry, and the list must strictly increase.
+pub fn check_fingerprint(
+    heads: &BTreeMap<i32, ChainHead>,
+    previous: Option<u64>,
+    fp: u64,
+    location: Location,
+) -> Result<(), RestoreError> {
+    if heads
+        .get(&location.partition)
+        .is_none_or(|h| location.seq >= h.next_seq())
+    {
+        return Err(RestoreError(format!(
+            "fingerprint {fp:016x} points at {location}, which is not an entry"
+        )));
+    }
+    if previous.is_some_and(|p| p >= fp) {
+        return Err(RestoreError(format!(
+            "fingerprint {fp:016x} is listed out of order or twice"
+        )));
+    }
+    Ok(())
+}
+
 /// A [`LedgerState`] taken apart: what a snapshot stores, and what
 /// [`LedgerState::restore`] takes.
 #[derive(Debug)]
@@ -973,6 +1026,26 @@ pub struct RestoreError(pub String);
 mod tests {
     use super::*;
     use crate::chain::TimestampType;
+
+    #[test]
+    fn a_listed_fingerprint_points_at_an_entry_and_follows_the_one_before() {
+        let mut head = ChainHead::genesis(StreamId::new("deal-events", 2));
+        for offset in 0..3 {
+            head.append(record(2, offset, b"{}")).unwrap();
+        }
+        let heads = BTreeMap::from([(2, head)]);
+        let at = |partition, seq| Location { partition, seq };
+        assert!(check_fingerprint(&heads, None, 5, at(2, 2)).is_ok());
+        assert!(check_fingerprint(&heads, Some(4), 5, at(2, 0)).is_ok());
+        let err = check_fingerprint(&heads, None, 5, at(2, 3)).unwrap_err();
+        assert!(err.0.contains("which is not an entry"), "{err}");
+        let err = check_fingerprint(&heads, None, 5, at(1, 0)).unwrap_err();
+        assert!(err.0.contains("which is not an entry"), "{err}");
+        for previous in [5, 6] {
+            let err = check_fingerprint(&heads, Some(previous), 5, at(2, 0)).unwrap_err();
+            assert!(err.0.contains("out of order or twice"), "{err}");
+        }
+    }
 
     fn record(partition: i32, offset: i64, value: &[u8]) -> Record {
         Record {

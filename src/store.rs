@@ -3525,6 +3525,7 @@ impl<R: io::Read> SnapshotReader<R> {
     fn rest(
         &mut self,
         lock_store: Option<&Arc<dyn SegmentStore>>,
+        identities: &mut dyn IdentityIndex,
         topic: &str,
         batch_no: u64,
         entries: u64,
@@ -3571,16 +3572,48 @@ impl<R: io::Read> SnapshotReader<R> {
         }
         // Last, when the book's and the index's encodings are gone: at 3M
         // events the list is 72 MB.
+        // Loaded as they are read, not held in a list.
         let count = self.count(true, FINGERPRINT_BYTES, "fingerprint")?;
-        let mut fingerprints = Vec::with_capacity(count);
-        for _ in 0..count {
-            let fp = self.u64("a fingerprint")?;
-            fingerprints.push((fp, self.location("a fingerprint")?));
+        let by_partition: BTreeMap<i32, ChainHead> = heads
+            .iter()
+            .map(|h| (h.stream().partition, h.clone()))
+            .collect();
+        let mut fault: Option<SnapshotFault> = None;
+        let mut previous: Option<u64> = None;
+        let mut read = 0usize;
+        let mut next = || -> Option<(u64, Location)> {
+            if read == count || fault.is_some() {
+                return None;
+            }
+            let item = self
+                .u64("a fingerprint")
+                .and_then(|fp| Ok((fp, self.location("a fingerprint")?)));
+            let checked = item.and_then(|(fp, location)| {
+                ledger::check_fingerprint(&by_partition, previous, fp, location)
+                    .map(|()| (fp, location))
+                    .map_err(|e| SnapshotFault::Invalid(e.0))
+            });
+            match checked {
+                Ok((fp, location)) => {
+                    previous = Some(fp);
+                    read += 1;
+                    Some((fp, location))
+                }
+                Err(f) => {
+                    fault = Some(f);
+                    None
+                }
+            }
+        };
+        let loaded = identities.load_sorted_from(count, &mut next);
+        if let Some(fault) = fault {
+            return Err(fault);
         }
+        debug_assert_eq!(loaded, count);
         Ok(LedgerParts {
             topic: topic.to_owned(),
             heads,
-            fingerprints,
+            fingerprints: Vec::new(),
             collided,
             book,
             amendments,
@@ -3847,18 +3880,25 @@ impl Store {
             QueryIndex::Kept => Some(Arc::new(self.new_segment_file()?)),
             QueryIndex::Dropped => None,
         };
+        // No size hint: the snapshot's count sizes it.
+        let mut identities = self.new_identities(0)?;
         let parts = SnapshotReader::open(input, size).and_then(|reader| {
             reader.decode_all(|reader| {
                 let (entries, heads) = reader.heads(&self.topic)?;
-                reader.rest(segments.as_ref(), &self.topic, batch_no, entries, heads)
+                reader.rest(
+                    segments.as_ref(),
+                    &mut *identities,
+                    &self.topic,
+                    batch_no,
+                    entries,
+                    heads,
+                )
             })
         });
         Ok(match parts {
             Ok(parts) => {
-                // No size hint: loading the snapshot's sorted list sizes it.
-                let mut state =
-                    LedgerState::restore(parts, self.new_identities(0)?, self.new_amendment_set()?)
-                        .map_err(|e| e.to_string());
+                let mut state = LedgerState::restore(parts, identities, self.new_amendment_set()?)
+                    .map_err(|e| e.to_string());
                 if let Ok(state) = &mut state {
                     match segments {
                         Some(segments) => state.spill_history_to(segments),

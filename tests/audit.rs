@@ -810,7 +810,24 @@ fn a_killed_export_never_leaves_a_partial_file() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(wait);
+        if round % 2 == 0 {
+            std::thread::sleep(wait);
+        } else {
+            // Every other round aims at the write itself: once the staging
+            // file appears (a loaded machine can stretch what comes before
+            // it past any fixed wait), within a tenth of a full export.
+            let tmp_file = tmp.path().join("killed.dlx.tmp");
+            let deadline = Instant::now() + full * 20 + Duration::from_secs(5);
+            while !tmp_file.exists() && Instant::now() < deadline {
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            std::thread::sleep(Duration::from_micros(
+                rng % (full.as_micros() as u64 / 10).max(1),
+            ));
+        }
         child.kill().unwrap();
         let status = child.wait().unwrap();
         if status.code().is_none() && tmp.path().join("killed.dlx.tmp").exists() {
