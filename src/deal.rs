@@ -1602,6 +1602,21 @@ impl DealBook {
         self.iter().flat_map(|(_, d)| d.locks.iter())
     }
 
+    /// Adds `deal` as read back from storage (a snapshot lists the deals one
+    /// by one): its ended locks go to the book's store if it has one. An
+    /// error if the book has a deal of that id already.
+    pub fn insert_restored(&mut self, mut deal: Deal) -> Result<(), String> {
+        if self.deals.contains_key(&deal.id) {
+            return Err(format!("deal {} appears twice", deal.id));
+        }
+        if let Some(LockStore(store)) = &self.lock_store {
+            deal.locks.store_ended_in(store);
+        }
+        self.order.insert(deal.id.clone());
+        self.deals.insert(deal.id.clone(), Box::new(deal));
+        Ok(())
+    }
+
     /// Whether ended locks go to a store ([`DealBook::store_ended_locks_in`]).
     pub fn stores_ended_locks(&self) -> bool {
         self.lock_store.is_some()

@@ -314,6 +314,53 @@ impl IdentityIndex for SpilledIdentities {
         self.load_sorted_records(&sorted, |(fp, location)| (*fp, pack(*location)));
     }
 
+    /// One run written as `next` gives the records, with a filter sized for
+    /// `count`. A failed write is recorded and loses what was given (the
+    /// shell stops on the failure): the records are not held.
+    fn load_sorted_from(
+        &mut self,
+        count: usize,
+        next: &mut dyn FnMut() -> Option<(u64, Location)>,
+    ) -> usize {
+        assert!(
+            self.len == 0,
+            "load_sorted_from into an index that is not empty"
+        );
+        let capacity = count.next_power_of_two().max(INITIAL_FILTER_CAPACITY);
+        let mut filter = Filter::with_capacity(capacity);
+        let mut loaded = 0usize;
+        let mut previous: Option<u64> = None;
+        let mut record = |(fp, location): (u64, Location)| {
+            assert!(
+                previous.is_none_or(|p| p < fp),
+                "load_sorted_from: fingerprints not strictly increasing"
+            );
+            previous = Some(fp);
+            filter.insert(fp);
+            loaded += 1;
+            (fp, pack(location))
+        };
+        if count < PENDING_LIMIT {
+            while let Some(item) = next() {
+                let (fp, packed) = record(item);
+                self.pending.insert(fp, packed);
+            }
+        } else {
+            let path = self.run_path();
+            let records = std::iter::from_fn(|| next().map(|item| Ok(record(item))));
+            match Run::write(&path, records) {
+                Ok(run) => self.runs.push(run),
+                Err(e) => self.fail(
+                    format!("writing {} ({count} identities)", path.display()),
+                    e,
+                ),
+            }
+        }
+        self.filter = filter;
+        self.len = loaded;
+        loaded
+    }
+
     fn sorted(&self) -> Box<dyn Iterator<Item = (u64, Location)> + '_> {
         let mut pending: Vec<(u64, u64)> = self.pending.iter().map(|(f, p)| (*f, *p)).collect();
         pending.sort_unstable();
@@ -736,6 +783,30 @@ mod tests {
             assert_eq!(index.get(fp(i)), Some(location(i)), "identity {i}");
         }
         assert_eq!(index.sorted().count(), (n + PENDING_LIMIT as u64) as usize);
+    }
+
+    /// Loading from a stream gives what loading the list gives, in one run
+    /// (or pending, below a run's size).
+    #[test]
+    fn a_streamed_load_equals_a_listed_one() {
+        let parent = scratch();
+        for n in [0, 100, PENDING_LIMIT as u64 * 2 + 5] {
+            let mut sorted: Vec<(u64, Location)> = (0..n).map(|i| (fp(i), location(i))).collect();
+            sorted.sort_unstable();
+            let mut listed = SpilledIdentities::create(parent.path()).unwrap();
+            listed.load_sorted(sorted.clone());
+            let mut streamed = SpilledIdentities::create(parent.path()).unwrap();
+            let mut items = sorted.iter().copied();
+            let loaded = streamed.load_sorted_from(sorted.len(), &mut || items.next());
+            assert_eq!(loaded, n as usize);
+            assert_eq!(streamed.len(), n as usize);
+            assert_eq!(streamed.run_count(), listed.run_count());
+            assert!(IdentityIndex::sorted(&streamed).eq(IdentityIndex::sorted(&listed)));
+            for i in (0..n + 1000).step_by(7) {
+                assert_eq!(streamed.get(fp(i)), listed.get(fp(i)), "{i}");
+            }
+            assert!(streamed.failure().is_none());
+        }
     }
 
     /// As an amendment set it answers as a set in memory does, loaded or

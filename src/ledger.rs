@@ -542,12 +542,14 @@ impl LedgerState {
     /// `store` from now on (see [`DealIndex::spill_history_to`] and
     /// [`crate::deal::DealLocks`]).
     pub fn spill_history_to(&mut self, store: std::sync::Arc<dyn SegmentStore>) {
-        // A book restored from a snapshot may have stored them already.
+        // A state restored from a snapshot may have stored them already.
         if !self.book.stores_ended_locks() {
             self.book
                 .store_ended_locks_in(std::sync::Arc::clone(&store));
         }
-        self.index.spill_history_to(store);
+        if !self.index.is_spilled() {
+            self.index.spill_history_to(store);
+        }
     }
 
     /// Applies a batch of freshly consumed records: appends each to its

@@ -92,7 +92,7 @@ use crate::chain::{
     self, BreakKind, ChainBreak, ChainHead, ChainVerifier, DecodeEntryError, Entry, HASH_LEN, Hash,
     StreamId,
 };
-use crate::deal::{AmendmentSet, DealBook};
+use crate::deal::{AmendmentSet, Deal, DealBook};
 use crate::identities;
 use crate::index::DealIndex;
 use crate::index::SegmentStore;
@@ -3083,7 +3083,7 @@ const PROGRESS_STEP: u64 = 4096;
 const FAMILY_SNAPSHOT: u8 = b'S';
 
 /// Format byte at the start of every snapshot (`S` value).
-pub const SNAPSHOT_FORMAT: u8 = 5;
+pub const SNAPSHOT_FORMAT: u8 = 6;
 
 /// Snapshots kept: the newest, and the one before it as a fallback.
 pub const SNAPSHOTS_KEPT: usize = 2;
@@ -3195,9 +3195,18 @@ where
         out.write_all(&partition_bytes(location.partition))?;
         out.write_all(&location.seq.to_be_bytes())?;
     }
-    write_framed(&mut out, |out| {
-        serde_json::to_writer(out, state.book()).map_err(io::Error::other)
-    })?;
+    // The deals one by one, each its own JSON: a reader holds one at a time.
+    let book = state.book();
+    out.write_all(&(book.len() as u64).to_be_bytes())?;
+    let mut json = Vec::new();
+    for (_, deal) in book.iter() {
+        json.clear();
+        serde_json::to_writer(&mut json, deal).map_err(io::Error::other)?;
+        let len = u32::try_from(json.len())
+            .map_err(|_| io::Error::other(format!("deal {} has over 4 GiB of JSON", deal.id)))?;
+        out.write_all(&len.to_be_bytes())?;
+        out.write_all(&json)?;
+    }
     // Streamed from the amendment set, in increasing order: no copy.
     let amendments = state.book().amendments();
     let count = amendments.len() as u64;
@@ -3549,15 +3558,23 @@ impl<R: io::Read> SnapshotReader<R> {
             let identity = (text()?, text()?);
             collided.push((identity, self.location("a collided identity")?));
         }
-        let len = self.count(true, 1, "deal book byte")?;
-        let book = serde_json::from_slice(&self.bytes(len, "the deal book")?)
-            .map_err(|e| format!("its deal book does not decode: {e}"))?;
-        let mut book: DealBook = book;
+        // Deal by deal, each ended lock leaving memory as its deal is read:
+        // the book's whole JSON (~100 MB at 3M events) and its ended locks
+        // (~75 MB) were most of a restart's peak.
+        let deals = self.count(true, 4 + 2, "deal")?;
+        let mut book = DealBook::new();
         if let Some(store) = lock_store {
-            // Ended locks leave memory now, before the index is read, not
-            // after the whole state is decoded: at 3M events they are ~75 MB
-            // of a restart's peak.
             book.store_ended_locks_in(Arc::clone(store));
+        }
+        let mut json = Vec::new();
+        for i in 0..deals {
+            let len = self.count(false, 1, "deal byte")?;
+            json.resize(len, 0);
+            self.fill(&mut json, "a deal")?;
+            let deal: Deal = serde_json::from_slice(&json)
+                .map_err(|e| format!("deal {i} of its book does not decode: {e}"))?;
+            book.insert_restored(deal)
+                .map_err(|e| format!("its deal book: {e}"))?;
         }
         let count = self.count(true, 8, "amendment fingerprint")?;
         let mut amendments = Vec::with_capacity(count);
@@ -3565,8 +3582,9 @@ impl<R: io::Read> SnapshotReader<R> {
             amendments.push(self.u64("an amendment fingerprint")?);
         }
         let len = self.count(true, 1, "query index byte")?;
-        let (index, used) = DealIndex::decode(&self.bytes(len, "the query index")?)
-            .map_err(|e| format!("its query index does not decode: {e}"))?;
+        let (index, used) =
+            DealIndex::decode_spilling(&self.bytes(len, "the query index")?, lock_store)
+                .map_err(|e| format!("its query index does not decode: {e}"))?;
         if used != len {
             return Err(format!("its query index has {} bytes after its end", len - used).into());
         }

@@ -507,10 +507,13 @@ impl LockTimeline {
 
     /// The timeline of `locks` (each once), built at once: full chunks, in
     /// order.
-    pub fn from_locks<'a>(locks: impl Iterator<Item = &'a Lock>) -> LockTimeline {
+    pub fn from_locks<L: std::borrow::Borrow<Lock>>(
+        locks: impl Iterator<Item = L>,
+    ) -> LockTimeline {
         let mut timeline = LockTimeline::new();
         let (mut expiring, mut ended) = (Vec::new(), Vec::new());
         for lock in locks {
+            let lock = lock.borrow();
             let (deal, id) = (lock.deal_id.clone(), lock.lock_id.clone());
             let Some(end) = binding_end(lock) else {
                 timeline.open.insert((lock.valid_from, deal, id));
