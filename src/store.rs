@@ -3217,13 +3217,12 @@ where
         written += 1;
     }
     if written != count {
-        // The set on disk failed a read (kept as its failure).
-        return Err(io::Error::other(format!(
-            "the amendment set gave {written} of its {count} fingerprints: {}",
-            amendments
-                .failure()
-                .map_or_else(|| "no failure recorded".to_string(), ToString::to_string)
-        )));
+        return Err(listed_short(
+            "the amendment set",
+            written,
+            count,
+            amendments.failure(),
+        ));
     }
     write_framed(&mut out, |out| {
         let mut failed = None;
@@ -3254,17 +3253,31 @@ where
         written += 1;
     }
     if written != identities {
-        // The index on disk failed a read (kept as its failure).
-        return Err(io::Error::other(format!(
-            "the identity index gave {written} of its {identities} identities: {}",
-            state
-                .identity_failure()
-                .map_or_else(|| "no failure recorded".to_string(), ToString::to_string)
-        )));
+        return Err(listed_short(
+            "the identity index",
+            written,
+            identities,
+            state.identity_failure(),
+        ));
     }
     let end = out.stream_position()?;
     out.into_inner().map_err(io::IntoInnerError::into_error)?;
     append_checksum(file, end)
+}
+
+/// The error of a snapshot whose list of fingerprints from `what` (on
+/// disk) came out short, `written` of `count`: a read failed, and `failure`
+/// (kept by `what`) says which.
+fn listed_short(
+    what: &str,
+    written: u64,
+    count: u64,
+    failure: Option<&ledger::ScratchFailure>,
+) -> io::Error {
+    io::Error::other(format!(
+        "{what} gave {written} of its {count} fingerprints: {}",
+        failure.map_or_else(|| "no failure recorded".to_string(), ToString::to_string)
+    ))
 }
 
 /// Writes a `u64` big-endian length, then what `body` writes, and sets the
