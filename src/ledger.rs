@@ -868,7 +868,7 @@ impl LedgerState {
     /// [`LedgerState::fingerprints`], [`LedgerState::collided`], ... give
     /// them), checking that they fit together, with its identities in
     /// `identities`: empty, or already holding them (a snapshot reader loads
-    /// them as it reads, checked as [`LedgerState::check_fingerprint`] does;
+    /// them as it reads, checked as [`check_fingerprint`] does;
     /// then `parts.fingerprints` is empty). The parts come from storage, so
     /// nothing here panics on bad input.
     pub fn restore(
