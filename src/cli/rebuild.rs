@@ -35,7 +35,7 @@ use super::verify::{EXIT_BROKEN, fail, open_export, prepare_new_ledger, publish_
 use super::{EXIT_BAD_INPUT, KafkaArgs};
 use crate::chain::ChainHead;
 use crate::ingest::{self, IngestConfig, IngestError, Mode};
-use crate::ledger::{LedgerState, MAX_BATCH_RECORDS};
+use crate::ledger::MAX_BATCH_RECORDS;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -201,6 +201,16 @@ pub fn rebuild(args: RebuildArgs) -> anyhow::Result<ExitCode> {
             return Ok(fail(EXIT_BAD_INPUT, e));
         }
     };
+    // The daemon's kind of state: identities, amendments and history in
+    // scratch files in the staging folder, not all in memory.
+    let state = match store.new_state() {
+        Ok(state) => state,
+        Err(e) => {
+            drop(store);
+            let _ = fs::remove_dir_all(&staging);
+            return Ok(fail(EXIT_BROKEN, format!("rebuild: {e}")));
+        }
+    };
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop))
@@ -213,7 +223,7 @@ pub fn rebuild(args: RebuildArgs) -> anyhow::Result<ExitCode> {
     let result = ingest::run(
         &config,
         Arc::clone(&store),
-        Arc::new(std::sync::RwLock::new(LedgerState::new(topic.clone()))),
+        Arc::new(std::sync::RwLock::new(state)),
         Arc::new(Metrics::new()),
         Arc::clone(&stop),
     );
