@@ -36,8 +36,9 @@
 //! I/O errors cannot reach the pure fold, which calls
 //! [`IdentityIndex`] methods that do not fail: the first one is kept
 //! ([`IdentityIndex::failure`]) and the shell checks it before it stores
-//! anything derived from the state. A failed run write keeps the
-//! identities in memory, so lookups stay right until the shell stops.
+//! anything derived from the state. A failed spill keeps the identities
+//! in memory, so lookups stay right until the shell stops; a sorted load
+//! (a restore) holds nothing to keep, and the restore fails its check.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -137,32 +138,45 @@ impl SpilledIdentities {
         })
     }
 
-    /// Loads `sorted`, whose records (fingerprint, packed location) `record`
-    /// gives in strictly increasing fingerprint order, into this empty
-    /// index: one run written straight from it, with a filter sized for it.
-    fn load_sorted_records<T>(&mut self, sorted: &[T], record: impl Fn(&T) -> (u64, u64)) {
-        assert!(self.len == 0, "load_sorted into an index that is not empty");
+    /// Loads the records (fingerprint, packed location) `records` gives,
+    /// in strictly increasing fingerprint order, into this empty index: one
+    /// run written as they come (pending, below a run's size), with a filter
+    /// sized for `count` (a hint). They are not held: a failed write is
+    /// recorded and loses them, and the shell stops on the failure. Returns
+    /// how many were loaded.
+    fn load_records(&mut self, count: usize, records: impl Iterator<Item = (u64, u64)>) -> usize {
         assert!(
-            sorted.windows(2).all(|w| record(&w[0]).0 < record(&w[1]).0),
-            "load_sorted: fingerprints not strictly increasing"
+            self.len == 0,
+            "a sorted load into an index that is not empty"
         );
-        let count = sorted.len();
         let capacity = count.next_power_of_two().max(INITIAL_FILTER_CAPACITY);
-        self.filter = Filter::with_capacity(capacity);
-        for item in sorted {
-            self.filter.insert(record(item).0);
-        }
-        self.len = count;
+        let mut filter = Filter::with_capacity(capacity);
+        let mut loaded = 0usize;
+        let mut previous: Option<u64> = None;
+        let mut records = records.inspect(|&(fp, _)| {
+            assert!(
+                previous.is_none_or(|p| p < fp),
+                "a sorted load: fingerprints not strictly increasing"
+            );
+            previous = Some(fp);
+            filter.insert(fp);
+            loaded += 1;
+        });
         if count < PENDING_LIMIT {
-            self.pending.extend(sorted.iter().map(&record));
-            return;
+            self.pending.extend(&mut records);
+        } else {
+            let path = self.run_path();
+            match Run::write(&path, records.map(Ok)) {
+                Ok(run) => self.runs.push(run),
+                Err(e) => self.fail(
+                    format!("writing {} ({count} fingerprints)", path.display()),
+                    e,
+                ),
+            }
         }
-        let records = sorted.iter().map(|item| Ok(record(item)));
-        match self.write_run(&format!("{count} fingerprints"), records) {
-            Some(run) => self.runs.push(run),
-            // Kept in memory: lookups stay right until the shell stops.
-            None => self.pending.extend(sorted.iter().map(&record)),
-        }
+        self.filter = filter;
+        self.len = loaded;
+        loaded
     }
 
     /// The folder holding the runs.
@@ -311,54 +325,18 @@ impl IdentityIndex for SpilledIdentities {
     /// One run written straight from `sorted` (a snapshot's list), with a
     /// filter sized for it: no sorting, no merges.
     fn load_sorted(&mut self, sorted: Vec<(u64, Location)>) {
-        self.load_sorted_records(&sorted, |(fp, location)| (*fp, pack(*location)));
+        let count = sorted.len();
+        self.load_records(count, sorted.into_iter().map(|(fp, l)| (fp, pack(l))));
     }
 
-    /// One run written as `next` gives the records, with a filter sized for
-    /// `count`. A failed write is recorded and loses what was given (the
-    /// shell stops on the failure): the records are not held.
+    /// [`IdentityIndex::load_sorted`], as `next` gives the records: they
+    /// are never all held.
     fn load_sorted_from(
         &mut self,
         count: usize,
         next: &mut dyn FnMut() -> Option<(u64, Location)>,
     ) -> usize {
-        assert!(
-            self.len == 0,
-            "load_sorted_from into an index that is not empty"
-        );
-        let capacity = count.next_power_of_two().max(INITIAL_FILTER_CAPACITY);
-        let mut filter = Filter::with_capacity(capacity);
-        let mut loaded = 0usize;
-        let mut previous: Option<u64> = None;
-        let mut record = |(fp, location): (u64, Location)| {
-            assert!(
-                previous.is_none_or(|p| p < fp),
-                "load_sorted_from: fingerprints not strictly increasing"
-            );
-            previous = Some(fp);
-            filter.insert(fp);
-            loaded += 1;
-            (fp, pack(location))
-        };
-        if count < PENDING_LIMIT {
-            while let Some(item) = next() {
-                let (fp, packed) = record(item);
-                self.pending.insert(fp, packed);
-            }
-        } else {
-            let path = self.run_path();
-            let records = std::iter::from_fn(|| next().map(|item| Ok(record(item))));
-            match Run::write(&path, records) {
-                Ok(run) => self.runs.push(run),
-                Err(e) => self.fail(
-                    format!("writing {} ({count} identities)", path.display()),
-                    e,
-                ),
-            }
-        }
-        self.filter = filter;
-        self.len = loaded;
-        loaded
+        self.load_records(count, std::iter::from_fn(next).map(|(fp, l)| (fp, pack(l))))
     }
 
     fn sorted(&self) -> Box<dyn Iterator<Item = (u64, Location)> + '_> {
@@ -403,7 +381,8 @@ impl crate::deal::AmendmentSet for SpilledIdentities {
 
     fn load_sorted(&mut self, sorted: Vec<u64>) {
         let location = pack(AMENDMENT_LOCATION);
-        self.load_sorted_records(&sorted, |fp| (*fp, location));
+        let count = sorted.len();
+        self.load_records(count, sorted.into_iter().map(|fp| (fp, location)));
     }
 
     fn sorted(&self) -> Box<dyn Iterator<Item = u64> + '_> {

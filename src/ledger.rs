@@ -919,12 +919,6 @@ impl LedgerState {
                 "the heads hold {chained} entries, but the entry count is {entries}"
             )));
         }
-        let inside = |state: &LedgerState, location: Location| {
-            state
-                .heads
-                .get(&location.partition)
-                .is_some_and(|h| location.seq < h.next_seq())
-        };
         for (fp, location) in &fingerprints {
             check_fingerprint(&state.heads, None, *fp, *location)?;
         }
@@ -944,7 +938,7 @@ impl LedgerState {
             }
         }
         for (identity, location) in collided {
-            if !inside(&state, location) {
+            if !is_entry(&state.heads, location) {
                 return Err(RestoreError(format!(
                     "collided identity {identity:?} points at {location}, which is not an entry"
                 )));
@@ -978,10 +972,7 @@ pub fn check_fingerprint(
     fp: u64,
     location: Location,
 ) -> Result<(), RestoreError> {
-    if heads
-        .get(&location.partition)
-        .is_none_or(|h| location.seq >= h.next_seq())
-    {
+    if !is_entry(heads, location) {
         return Err(RestoreError(format!(
             "fingerprint {fp:016x} points at {location}, which is not an entry"
         )));
@@ -992,6 +983,13 @@ pub fn check_fingerprint(
         )));
     }
     Ok(())
+}
+
+/// Whether `location` is an entry of the chains whose `heads` these are.
+fn is_entry(heads: &BTreeMap<i32, ChainHead>, location: Location) -> bool {
+    heads
+        .get(&location.partition)
+        .is_some_and(|h| location.seq < h.next_seq())
 }
 
 /// A [`LedgerState`] taken apart: what a snapshot stores, and what
