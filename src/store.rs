@@ -3163,12 +3163,11 @@ fn encode_snapshot(state: &LedgerState) -> Vec<u8> {
 /// Writes `state` as a snapshot (the bytes of docs/FORMAT.md, section
 /// "Snapshots") to `file`, from its start, checksum included, and returns
 /// its size. Deterministic: the same state gives the same bytes. Streamed:
-/// no copy of the state's largest parts (the deal book, the index) is held
-/// in memory, and each is encoded once: their lengths, which come first, are
-/// written as placeholders and filled in once known ([`write_framed`]); the
-/// checksum is computed by reading the bytes back ([`append_checksum`]),
-/// which costs less than a second encoding pass (a 1M-event state: the
-/// deal book's JSON is ~60 MB).
+/// no copy of the state's largest parts is held in memory: the deals are
+/// written one JSON at a time, the index is encoded once, its length (which
+/// comes first) written as a placeholder and filled in once known
+/// ([`write_framed`]); the checksum is computed by reading the bytes back
+/// ([`append_checksum`]), which costs less than a second encoding pass.
 fn encode_snapshot_to<F>(state: &LedgerState, file: &mut F) -> io::Result<u64>
 where
     F: io::Read + io::Write + io::Seek,
@@ -3349,8 +3348,8 @@ impl io::Write for HashingSink<'_> {
 /// Read buffer for snapshot files.
 const SNAPSHOT_READ_BUFFER_BYTES: usize = 1024 * 1024;
 
-/// Reads a snapshot file front to back, streaming: only one part (the
-/// deal book's JSON, the query index) is held as bytes at a time, never the
+/// Reads a snapshot file front to back, streaming: only one part (one
+/// deal's JSON, the query index) is held as bytes at a time, never the
 /// whole file. Every error says what is wrong. The checksum covers the
 /// whole body and is checked at the end ([`SnapshotReader::finish`]); a
 /// part that fails to decode first is reported as a checksum failure when
