@@ -2077,7 +2077,12 @@ impl PageCache {
 
             trace!("load_snapshot pid {} {:?}", pid, state);
 
-            let mut cache_infos = Vec::default();
+            // dealledger patch 4 (PATCHES.md): exactly as many as the
+            // page has; pushes into an empty Vec reserve 4 (192 bytes).
+            let mut cache_infos = Vec::with_capacity(match *state {
+                PageState::Present { ref frags, .. } => 1 + frags.len(),
+                _ => 1,
+            });
 
             let guard = pin();
 
