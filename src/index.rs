@@ -550,30 +550,61 @@ pub struct DealEntries {
 /// ([`crate::deal::DealLocks`]).
 ///
 /// A lock's entries are final once it ended: they are then written to the
-/// store (two cited entries, as the index encodes them) and read back by
-/// the queries that cite them; about 48 bytes a lock stay in memory
-/// instead of ~140. A failed read yields none and is recorded by the store,
-/// which the shell checks ([`DealIndex::segment_failure`]).
+/// store (two cited entries and the lock id) and read back by the queries
+/// that cite them. In memory each stays as a 64-bit fingerprint of its id
+/// and where it is, 16 bytes (~40 with the id before). A fingerprint only
+/// picks the records to read: the id in the record decides, so two ids
+/// with the same fingerprint are told apart. A failed read yields none and
+/// is recorded by the store, which the shell checks
+/// ([`DealIndex::segment_failure`]).
 #[derive(Clone, Default)]
 pub struct LockEntries {
     /// Locks not ended.
     held: IdMap<LockRefs>,
-    /// Ended locks.
-    ended: IdMap<EndedRefs>,
+    /// Ended locks while no store is attached.
+    ended: IdMap<LockRefs>,
+    /// Ended locks whose entries are in the store: (fingerprint of the lock
+    /// id, [`StoredPlace`]), in fingerprint order.
+    stored: Vec<(u64, StoredPlace)>,
     /// Where ended locks' entries go, once spilled.
     store: Option<Arc<dyn SegmentStore>>,
 }
 
-#[derive(Clone, Debug)]
-enum EndedRefs {
-    Kept(Box<LockRefs>),
-    Stored(SegmentRef),
+/// A [`SegmentRef`] in 8 bytes: offset (below 2^40) and length (below
+/// 2^24) of a stored record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct StoredPlace(u64);
+
+impl StoredPlace {
+    const LEN_BITS: u32 = 24;
+
+    fn of(at: SegmentRef) -> StoredPlace {
+        assert!(
+            at.offset < 1 << (64 - Self::LEN_BITS) && at.len < 1 << Self::LEN_BITS,
+            "a lock record at {at:?} is past what 8 bytes place"
+        );
+        StoredPlace(at.offset << Self::LEN_BITS | u64::from(at.len))
+    }
+
+    fn at(self) -> SegmentRef {
+        SegmentRef {
+            offset: self.0 >> Self::LEN_BITS,
+            len: (self.0 & ((1 << Self::LEN_BITS) - 1)) as u32,
+        }
+    }
+}
+
+/// The fingerprint of a lock id in [`LockEntries`]: the first 8 bytes of
+/// its blake3 hash. In memory only, never written.
+fn lock_fingerprint(id: &Id) -> u64 {
+    let hash = blake3::hash(id.as_str().as_bytes());
+    u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
 impl LockEntries {
     /// How many locks.
     pub fn len(&self) -> usize {
-        self.held.len() + self.ended.len()
+        self.held.len() + self.ended.len() + self.stored.len()
     }
 
     /// Whether there are none.
@@ -583,42 +614,59 @@ impl LockEntries {
 
     /// The entries of lock `id` (read back if it ended and was moved out).
     pub fn get(&self, id: &Id) -> Option<LockRefs> {
-        match self.held.get(id) {
-            Some(refs) => Some(*refs),
-            None => self.ended.get(id).and_then(|e| self.read(e)),
+        if let Some(refs) = self.held.get(id).or_else(|| self.ended.get(id)) {
+            return Some(*refs);
         }
+        let fingerprint = lock_fingerprint(id);
+        let first = self.stored.partition_point(|(f, _)| *f < fingerprint);
+        self.stored[first..]
+            .iter()
+            .take_while(|(f, _)| *f == fingerprint)
+            .filter_map(|(_, place)| self.read(*place))
+            .find(|(stored, _)| stored == id)
+            .map(|(_, refs)| refs)
     }
 
     /// Every lock's id and entries, in id order (one whose read failed is
     /// left out).
-    pub fn iter(&self) -> impl Iterator<Item = (&Id, LockRefs)> {
-        crate::deal::merged(&self.held, &self.ended).filter_map(|entry| match entry {
-            crate::deal::Either::First(id, refs) => Some((id, *refs)),
-            crate::deal::Either::Second(id, ended) => Some((id, self.read(ended)?)),
-        })
+    pub fn iter(&self) -> impl Iterator<Item = (Cow<'_, Id>, LockRefs)> {
+        let mut all: Vec<(Cow<'_, Id>, LockRefs)> = self
+            .held
+            .iter()
+            .chain(self.ended.iter())
+            .map(|(id, refs)| (Cow::Borrowed(id), *refs))
+            .chain(
+                self.stored
+                    .iter()
+                    .filter_map(|(_, place)| self.read(*place))
+                    .map(|(id, refs)| (Cow::Owned(id), refs)),
+            )
+            .collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        all.into_iter()
     }
 
-    fn read(&self, ended: &EndedRefs) -> Option<LockRefs> {
-        match ended {
-            EndedRefs::Kept(refs) => Some(**refs),
-            EndedRefs::Stored(at) => {
-                let store = self.store.as_ref().expect("stored entries have a store");
-                let mut bytes = Vec::new();
-                if !store.read(*at, &mut bytes) {
-                    return None;
-                }
-                let mut r = Reader {
-                    bytes: &bytes,
-                    at: 0,
-                };
-                // What this process wrote; anything else is a bug.
-                let refs = LockRefs {
-                    granted: r.cited().expect("stored lock entries decode"),
-                    ended: r.cited().expect("stored lock entries decode"),
-                };
-                Some(refs)
-            }
+    /// The lock id and entries stored at `place` (`None` if the read failed).
+    fn read(&self, place: StoredPlace) -> Option<(Id, LockRefs)> {
+        let store = self.store.as_ref().expect("stored entries have a store");
+        let mut bytes = Vec::new();
+        if !store.read(place.at(), &mut bytes) {
+            return None;
         }
+        let mut r = Reader {
+            bytes: &bytes,
+            at: 0,
+        };
+        // What this process wrote; anything else is a bug.
+        let refs = LockRefs {
+            granted: r.cited().expect("stored lock entries decode"),
+            ended: r.cited().expect("stored lock entries decode"),
+        };
+        let id = std::str::from_utf8(&bytes[r.at..])
+            .ok()
+            .and_then(|id| Id::parse(id).ok())
+            .expect("a stored lock id decodes");
+        Some((id, refs))
     }
 
     fn grant(&mut self, id: Id, granted: Option<Cited>) {
@@ -635,8 +683,15 @@ impl LockEntries {
     fn end(&mut self, id: &Id, ended: Option<Cited>) {
         if let Some(mut refs) = self.held.remove(id) {
             refs.ended = ended;
-            let kept = self.keep(refs);
-            self.ended.insert(id.clone(), kept);
+            match &self.store {
+                None => {
+                    self.ended.insert(id.clone(), refs);
+                }
+                Some(store) => {
+                    let place = StoredPlace::of(store.append(&Self::encoded(id, refs)));
+                    self.insert_stored(lock_fingerprint(id), place);
+                }
+            }
         }
     }
 
@@ -648,17 +703,17 @@ impl LockEntries {
         }
     }
 
-    fn keep(&self, refs: LockRefs) -> EndedRefs {
-        match &self.store {
-            None => EndedRefs::Kept(Box::new(refs)),
-            Some(store) => EndedRefs::Stored(store.append(&Self::encoded(refs))),
-        }
+    fn insert_stored(&mut self, fingerprint: u64, place: StoredPlace) {
+        let at = self.stored.partition_point(|(f, _)| *f <= fingerprint);
+        self.stored.insert(at, (fingerprint, place));
     }
 
-    fn encoded(refs: LockRefs) -> Vec<u8> {
-        let mut out = Vec::with_capacity(2 * (8 + HASH_LEN));
+    /// A stored record: the two cited entries, then the lock id's bytes.
+    fn encoded(id: &Id, refs: LockRefs) -> Vec<u8> {
+        let mut out = Vec::with_capacity(2 * (8 + HASH_LEN) + id.as_str().len());
         put_cited(&mut out, refs.granted);
         put_cited(&mut out, refs.ended);
+        out.extend_from_slice(id.as_str().as_bytes());
         out
     }
 
@@ -666,18 +721,21 @@ impl LockEntries {
     /// end from now on.
     fn store_in(&mut self, store: &Arc<dyn SegmentStore>) {
         assert!(self.store.is_none(), "lock entries stored twice");
-        for (_, ended) in self.ended.iter_mut() {
-            if let EndedRefs::Kept(refs) = ended {
-                *ended = EndedRefs::Stored(store.append(&Self::encoded(**refs)));
-            }
+        for (id, refs) in std::mem::take(&mut self.ended).iter() {
+            let place = StoredPlace::of(store.append(&Self::encoded(id, *refs)));
+            self.insert_stored(lock_fingerprint(id), place);
         }
         self.store = Some(Arc::clone(store));
     }
 
     /// Sets the entries of lock `id` as read from an encoding.
     fn insert_decoded(&mut self, id: Id, refs: LockRefs) {
+        assert!(
+            self.store.is_none(),
+            "decoded entries come before the store"
+        );
         if refs.ended.is_some() {
-            self.ended.insert(id, EndedRefs::Kept(Box::new(refs)));
+            self.ended.insert(id, refs);
         } else {
             self.held.insert(id, refs);
         }
@@ -1646,6 +1704,54 @@ mod tests {
     }
 
     #[test]
+    fn stored_lock_entries_with_one_fingerprint_are_told_apart_by_their_ids() {
+        let store: Arc<dyn SegmentStore> = Arc::new(MemorySegments::default());
+        let mut locks = LockEntries::default();
+        locks.store_in(&store);
+        let cited = |seq| {
+            Some(Cited {
+                location: loc(0, seq),
+                hash: Hash([seq as u8; HASH_LEN]),
+            })
+        };
+        // Three ids filed under one fingerprint, as if they collided.
+        for (n, id) in ["l1", "l2", "l3"].into_iter().enumerate() {
+            let id = Id::new(id).unwrap();
+            let refs = LockRefs {
+                granted: cited(n as u64),
+                ended: cited(10 + n as u64),
+            };
+            let place = StoredPlace::of(store.append(&LockEntries::encoded(&id, refs)));
+            locks.insert_stored(7, place);
+        }
+        for (n, id) in ["l1", "l2", "l3"].into_iter().enumerate() {
+            let id = Id::new(id).unwrap();
+            // A real fingerprint differs from 7: look the records up by it.
+            let f = lock_fingerprint(&id);
+            locks.stored.iter_mut().for_each(|(g, _)| *g = f);
+            let refs = locks.get(&id).expect("found by its id");
+            assert_eq!(refs.granted, cited(n as u64));
+            assert_eq!(refs.ended, cited(10 + n as u64));
+        }
+        assert_eq!(locks.get(&Id::new("l4").unwrap()), None);
+        let ids: Vec<String> = locks.iter().map(|(id, _)| id.to_string()).collect();
+        assert_eq!(ids, ["l1", "l2", "l3"]);
+    }
+
+    #[test]
+    fn stored_places_keep_offset_and_length() {
+        for (offset, len) in [
+            (0, 0),
+            (1, 1),
+            ((1 << 40) - 1, (1 << 24) - 1),
+            (123_456_789, 81),
+        ] {
+            let at = SegmentRef { offset, len };
+            assert_eq!(StoredPlace::of(at).at(), at);
+        }
+    }
+
+    #[test]
     fn a_spilled_index_records_and_encodes_as_one_in_memory() {
         let store = Arc::new(MemorySegments::default());
         let mut memory = DealIndex::new();
@@ -1669,9 +1775,10 @@ mod tests {
                     &spilled.deals[&Id::new("d1").unwrap()].locks,
                     &memory.deals[&Id::new("d1").unwrap()].locks,
                 );
-                assert!(s.ended.values().all(|e| matches!(e, EndedRefs::Stored(_))));
-                assert!(m.ended.values().all(|e| matches!(e, EndedRefs::Kept(_))));
-                assert!(s.ended.len() > 50 && !s.held.is_empty());
+                assert!(s.ended.is_empty() && m.stored.is_empty());
+                assert!(s.stored.len() > 50 && !s.held.is_empty());
+                assert_eq!(s.stored.len(), m.ended.len());
+                assert!(s.stored.is_sorted_by_key(|(f, _)| *f));
                 assert_eq!(s, m);
             }
         }
