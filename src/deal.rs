@@ -424,6 +424,29 @@ impl<'a> LockEntry<'a> {
         }
     }
 
+    /// The lock, if it has not ended (it is then in memory).
+    pub fn not_ended(&self) -> Option<&'a Lock> {
+        match self.at {
+            LockAt::NotEnded(lock) => Some(lock),
+            LockAt::Ended(_) => None,
+        }
+    }
+
+    /// What the lock timeline needs of it, without reading it back.
+    pub fn span(&self, deal: &Id) -> crate::timeline::LockSpan {
+        let (from, end, ended) = match self.at {
+            LockAt::NotEnded(lock) => (lock.valid_from, lock.valid_until, false),
+            LockAt::Ended(e) => (e.from, Some(e.until), true),
+        };
+        crate::timeline::LockSpan {
+            deal: deal.clone(),
+            lock: self.id.clone(),
+            from,
+            end,
+            ended,
+        }
+    }
+
     /// The lock itself (read from the store if it was moved there; `None`
     /// if that read failed, see [`DealLocks`]).
     pub fn load(&self) -> Option<Cow<'a, Lock>> {

@@ -998,22 +998,24 @@ impl DealIndex {
     /// Rebuilds the tables of locks derived from the deal book's locks
     /// (after a restore: they are not part of the encoding): the locks in
     /// force and the lock timeline.
-    pub fn rebuild_lock_tables<'a>(
-        &mut self,
-        locks: impl Iterator<Item = std::borrow::Cow<'a, crate::deal::Lock>>,
-    ) {
+    pub fn rebuild_lock_tables(&mut self, book: &crate::deal::DealBook) {
         self.in_force.clear();
-        // One pass: ended locks are read back from the store one at a time
-        // (collecting them held ~60 MB at 3M events).
+        // From what the book keeps in memory of each lock: ended locks are
+        // not read back (reading them took ~0.4 s at 3M events).
         let in_force = &mut self.in_force;
-        self.timeline = LockTimeline::from_locks(locks.inspect(|lock| {
-            if lock.ended.is_none() {
-                in_force
-                    .entry((lock.bound_party.clone(), lock.scope.clone()))
-                    .or_default()
-                    .insert((lock.deal_id.clone(), lock.lock_id.clone()));
-            }
-        }));
+        let spans = book
+            .iter()
+            .flat_map(|(deal_id, deal)| deal.locks.entries().map(move |entry| (deal_id, entry)))
+            .map(|(deal_id, entry)| {
+                if let Some(lock) = entry.not_ended() {
+                    in_force
+                        .entry((lock.bound_party.clone(), lock.scope.clone()))
+                        .or_default()
+                        .insert((lock.deal_id.clone(), lock.lock_id.clone()));
+                }
+                entry.span(deal_id)
+            });
+        self.timeline = LockTimeline::from_spans(spans);
         if let Some(store) = &self.segments.0 {
             self.timeline.store_in(Arc::clone(store));
         }

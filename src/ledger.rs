@@ -956,7 +956,7 @@ impl LedgerState {
             .map_err(RestoreError)?;
         state.book = book;
         state.index = index;
-        state.index.rebuild_lock_tables(state.book.locks());
+        state.index.rebuild_lock_tables(&state.book);
         state.next_batch = next_batch;
         state.entries = entries;
         Ok(state)

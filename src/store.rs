@@ -6890,6 +6890,8 @@ mod tests {
             state.book().amendments().sorted().collect::<Vec<u64>>(),
             state.next_batch(),
             state.entry_count(),
+            // Its lock tables are rebuilt on restore, not read.
+            state.index().clone(),
         )
     }
 

@@ -491,6 +491,21 @@ impl PartialEq for LockTimeline {
 
 impl Eq for LockTimeline {}
 
+/// What the timeline needs of one lock ([`LockTimeline::from_spans`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockSpan {
+    /// The deal that granted it.
+    pub deal: Id,
+    /// Its id.
+    pub lock: Id,
+    /// It binds from then (its `valid_from`).
+    pub from: Timestamp,
+    /// Until then (exclusive; [`binding_end`]), or for ever.
+    pub end: Option<Timestamp>,
+    /// Whether it ended (released, or its deal terminated): final.
+    pub ended: bool,
+}
+
 /// When `lock` stops binding: the earlier of its `valid_until` and its end.
 fn binding_end(lock: &Lock) -> Option<Timestamp> {
     match (lock.valid_until, lock.ended.as_ref().map(|e| e.at)) {
@@ -510,24 +525,37 @@ impl LockTimeline {
     pub fn from_locks<L: std::borrow::Borrow<Lock>>(
         locks: impl Iterator<Item = L>,
     ) -> LockTimeline {
+        LockTimeline::from_spans(locks.map(|lock| {
+            let lock = lock.borrow();
+            LockSpan {
+                deal: lock.deal_id.clone(),
+                lock: lock.lock_id.clone(),
+                from: lock.valid_from,
+                end: binding_end(lock),
+                ended: lock.ended.is_some(),
+            }
+        }))
+    }
+
+    /// The timeline of the locks `spans` describe (each once), built at
+    /// once: full chunks, in order.
+    pub fn from_spans(spans: impl Iterator<Item = LockSpan>) -> LockTimeline {
         let mut timeline = LockTimeline::new();
         let (mut expiring, mut ended) = (Vec::new(), Vec::new());
-        for lock in locks {
-            let lock = lock.borrow();
-            let (deal, id) = (lock.deal_id.clone(), lock.lock_id.clone());
-            let Some(end) = binding_end(lock) else {
-                timeline.open.insert((lock.valid_from, deal, id));
+        for lock in spans {
+            let Some(end) = lock.end else {
+                timeline.open.insert((lock.from, lock.deal, lock.lock));
                 continue;
             };
             let span = Span {
-                from: lock.valid_from,
+                from: lock.from,
                 end,
-                deal,
-                lock: id,
+                deal: lock.deal,
+                lock: lock.lock,
             };
             match lock.ended {
-                None => expiring.push(span),
-                Some(_) => ended.push(span),
+                false => expiring.push(span),
+                true => ended.push(span),
             }
         }
         for spans in [&mut expiring, &mut ended] {
