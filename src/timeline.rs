@@ -500,7 +500,8 @@ pub struct LockSpan {
     pub lock: Id,
     /// It binds from then (its `valid_from`).
     pub from: Timestamp,
-    /// Until then (exclusive; [`binding_end`]), or for ever.
+    /// Until then (exclusive: the earlier of its `valid_until` and its
+    /// end), or for ever.
     pub end: Option<Timestamp>,
     /// Whether it ended (released, or its deal terminated): final.
     pub ended: bool,
