@@ -34,8 +34,9 @@ fn main() {
     let store = Store::open_existing(std::path::Path::new(&dir)).expect("open the ledger");
     let state = store.load_state().expect("load the state");
     // Loading frees what it decoded from (the snapshot's parts); return
-    // those pages to the OS, as the daemon does every 50,000 entries, so
-    // what follows is what the state holds.
+    // those pages to the OS now (the daemon leaves it to jemalloc's decay,
+    // over ~10 s by default), so what follows is what the state
+    // holds.
     // SAFETY: a NUL-terminated mallctl name that takes no old or new value.
     unsafe {
         tikv_jemalloc_sys::mallctl(
