@@ -646,11 +646,14 @@ pub fn run(
         Mode::UntilCaughtUp => {
             let mut tpl = TopicPartitionList::new();
             for p in &partitions {
-                let (_, high) = consumer
-                    .fetch_watermarks(&config.topic, *p, METADATA_TIMEOUT)
-                    .map_err(kafka_err(format!(
-                        "reading the high watermark of partition {p}"
-                    )))?;
+                let Some(high) = high_watermark(&consumer, config, *p, &stop)? else {
+                    return Ok(finish(
+                        &config.topic,
+                        &read_state(&state),
+                        IngestSummary::default(),
+                        started,
+                    ));
+                };
                 targets.insert(*p, high);
                 metrics.set_high_watermark(*p, high);
                 let next = read_state(&state).next_offset(*p);
@@ -1165,15 +1168,96 @@ fn wait_for_partitions(
                 security_check(consumer, metrics)?;
                 metrics.set_kafka_status(false, Some(format!("cannot read metadata: {e}")));
                 tracing::warn!(error = %e, brokers = %config.kafka.brokers, "Kafka unreachable; retrying in {backoff:?}");
-                let until = Instant::now() + backoff;
-                while Instant::now() < until {
-                    if stop.load(Ordering::Relaxed) {
-                        return Ok(None);
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
+                if !sleep_unless_stopped(backoff, stop) {
+                    return Ok(None);
                 }
                 backoff = (backoff * 2).min(CONNECT_BACKOFF_MAX);
             }
+        }
+    }
+}
+
+/// Sleeps for `duration`, checking `stop` every 50 ms; false if it was set.
+fn sleep_unless_stopped(duration: Duration, stop: &AtomicBool) -> bool {
+    let until = Instant::now() + duration;
+    while Instant::now() < until {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
+/// How long `ingest --until-caught-up` keeps retrying to read a
+/// partition's high watermark while the cluster answers that the partition
+/// has no leader yet (a broker that just started, a leader moving).
+const WATERMARK_RETRY_LIMIT: Duration = Duration::from_secs(60);
+
+/// Whether reading a watermark failed for a reason that passes by itself.
+fn is_transient(error: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            Code::NotLeaderForPartition
+                | Code::LeaderNotAvailable
+                | Code::RequestTimedOut
+                | Code::BrokerNotAvailable
+                | Code::OperationTimedOut
+                | Code::AllBrokersDown
+                | Code::BrokerTransportFailure
+        )
+    )
+}
+
+/// The high watermark of `partition`, retried with backoff for up to
+/// [`WATERMARK_RETRY_LIMIT`] while the failure is transient; `None` if
+/// asked to stop meanwhile.
+fn high_watermark(
+    consumer: &BaseConsumer<LedgerContext>,
+    config: &IngestConfig,
+    partition: i32,
+    stop: &AtomicBool,
+) -> Result<Option<i64>, IngestError> {
+    retry_transient(
+        &format!("the high watermark of partition {partition}"),
+        || consumer.fetch_watermarks(&config.topic, partition, METADATA_TIMEOUT),
+        WATERMARK_RETRY_LIMIT,
+        stop,
+    )
+    .map(|high| high.map(|(_, high)| high))
+    .map_err(|(e, waited)| {
+        kafka_err(format!(
+            "reading the high watermark of partition {partition} (for {waited:.0?})"
+        ))(e)
+    })
+}
+
+/// What `attempt` (reading `what`) gives, tried again with backoff (from
+/// [`CONNECT_BACKOFF_FIRST`], doubling up to [`CONNECT_BACKOFF_MAX`]) while
+/// it fails transiently ([`is_transient`]) and less than `limit` has
+/// passed; `None` if `stop` is set meanwhile. A failure that is not
+/// transient, or one past `limit`, is returned with the time spent.
+fn retry_transient<T>(
+    what: &str,
+    mut attempt: impl FnMut() -> Result<T, KafkaError>,
+    limit: Duration,
+    stop: &AtomicBool,
+) -> Result<Option<T>, (KafkaError, Duration)> {
+    let started = Instant::now();
+    let mut backoff = CONNECT_BACKOFF_FIRST;
+    loop {
+        match attempt() {
+            Ok(value) => return Ok(Some(value)),
+            Err(e) if is_transient(&e) && started.elapsed() + backoff < limit => {
+                tracing::warn!(error = %e, "cannot read {what} yet; retrying in {backoff:?}");
+                if !sleep_unless_stopped(backoff, stop) {
+                    return Ok(None);
+                }
+                backoff = (backoff * 2).min(CONNECT_BACKOFF_MAX);
+            }
+            Err(e) => return Err((e, started.elapsed())),
         }
     }
 }
@@ -1291,6 +1375,78 @@ fn commit_positions(
 
 #[cfg(test)]
 mod tests {
+    use rdkafka::types::RDKafkaErrorCode;
+
+    fn not_leader() -> KafkaError {
+        KafkaError::MetadataFetch(RDKafkaErrorCode::NotLeaderForPartition)
+    }
+
+    #[test]
+    fn a_transient_failure_is_retried_until_it_passes() {
+        let stop = AtomicBool::new(false);
+        let mut attempts = 0;
+        let got = retry_transient(
+            "a value",
+            || {
+                attempts += 1;
+                if attempts < 3 {
+                    Err(not_leader())
+                } else {
+                    Ok(42)
+                }
+            },
+            Duration::from_secs(60),
+            &stop,
+        );
+        assert_eq!(got.unwrap(), Some(42));
+        assert_eq!(attempts, 3);
+    }
+
+    #[test]
+    fn a_lasting_or_other_failure_is_returned() {
+        let stop = AtomicBool::new(false);
+        // (failure, time allowed): not transient; transient, but the next
+        // pause would end past the limit. Each is tried once.
+        for (code, limit) in [
+            (
+                RDKafkaErrorCode::UnknownTopicOrPartition,
+                Duration::from_secs(60),
+            ),
+            (
+                RDKafkaErrorCode::NotLeaderForPartition,
+                Duration::from_millis(100),
+            ),
+        ] {
+            let mut attempts = 0;
+            let got = retry_transient::<()>(
+                "a value",
+                || {
+                    attempts += 1;
+                    Err(KafkaError::MetadataFetch(code))
+                },
+                limit,
+                &stop,
+            );
+            assert!(
+                matches!(got, Err((KafkaError::MetadataFetch(c), _)) if c == code),
+                "{code:?}"
+            );
+            assert_eq!(attempts, 1, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn a_stop_ends_the_retries() {
+        let stop = AtomicBool::new(true);
+        let got = retry_transient::<()>(
+            "a value",
+            || Err(not_leader()),
+            Duration::from_secs(60),
+            &stop,
+        );
+        assert!(matches!(got, Ok(None)));
+    }
+
     use super::*;
 
     /// Where periodic snapshots fall for a ledger ingested from empty in
