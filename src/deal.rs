@@ -292,6 +292,23 @@ pub trait AmendmentSet: Send + Sync {
             self.insert(fingerprint);
         }
     }
+    /// [`AmendmentSet::load_sorted`] of the `count` fingerprints `next`
+    /// gives (strictly increasing; fewer if it ends early), never all held
+    /// at once. Returns how many it loaded.
+    fn load_sorted_from(&mut self, count: usize, next: &mut dyn FnMut() -> Option<u64>) -> usize {
+        assert!(
+            self.is_empty(),
+            "load_sorted_from into a set that is not empty"
+        );
+        let mut loaded = 0;
+        while loaded < count
+            && let Some(fingerprint) = next()
+        {
+            self.insert(fingerprint);
+            loaded += 1;
+        }
+        loaded
+    }
     /// Every fingerprint, in increasing order.
     fn sorted(&self) -> Box<dyn Iterator<Item = u64> + '_>;
     /// The first I/O failure met, if any: a lookup after it may have been

@@ -385,6 +385,16 @@ impl crate::deal::AmendmentSet for SpilledIdentities {
         self.load_records(count, sorted.into_iter().map(|fp| (fp, location)));
     }
 
+    fn load_sorted_from(&mut self, count: usize, next: &mut dyn FnMut() -> Option<u64>) -> usize {
+        let location = pack(AMENDMENT_LOCATION);
+        self.load_records(
+            count,
+            std::iter::from_fn(next)
+                .take(count)
+                .map(|fp| (fp, location)),
+        )
+    }
+
     fn sorted(&self) -> Box<dyn Iterator<Item = u64> + '_> {
         Box::new(IdentityIndex::sorted(self).map(|(fp, _)| fp))
     }

@@ -869,8 +869,10 @@ impl LedgerState {
     /// them), checking that they fit together, with its identities in
     /// `identities`: empty, or already holding them (a snapshot reader loads
     /// them as it reads, checked as [`check_fingerprint`] does;
-    /// then `parts.fingerprints` is empty). The parts come from storage, so
-    /// nothing here panics on bad input.
+    /// then `parts.fingerprints` is empty), and its amendment fingerprints in
+    /// `amendment_set`, likewise empty or loaded already (then
+    /// `parts.amendments` is empty; the book checks the count either way).
+    /// The parts come from storage, so nothing here panics on bad input.
     pub fn restore(
         parts: LedgerParts,
         identities: Box<dyn IdentityIndex>,
@@ -945,13 +947,20 @@ impl LedgerState {
             }
             state.collided.insert(identity, location);
         }
+        if !amendment_set.is_empty() && !amendments.is_empty() {
+            return Err(RestoreError(
+                "amendment fingerprints are given both loaded and listed".to_string(),
+            ));
+        }
         if let Some(w) = amendments.windows(2).find(|w| w[0] >= w[1]) {
             return Err(RestoreError(format!(
                 "amendment fingerprints out of order or repeated: {:016x} before {:016x}",
                 w[0], w[1]
             )));
         }
-        amendment_set.load_sorted(amendments);
+        if !amendments.is_empty() {
+            amendment_set.load_sorted(amendments);
+        }
         book.keep_amendments_in_loaded(amendment_set)
             .map_err(RestoreError)?;
         state.book = book;

@@ -3542,16 +3542,21 @@ impl<R: io::Read> SnapshotReader<R> {
         Ok((entries, heads))
     }
 
-    /// Everything after the heads, as the parts of a state.
+    /// Everything after the heads, as the parts of a state; the identity
+    /// and amendment fingerprints go into `sets` as they are read.
     fn rest(
         &mut self,
         lock_store: Option<&Arc<dyn SegmentStore>>,
-        identities: &mut dyn IdentityIndex,
+        sets: FingerprintSets<'_>,
         topic: &str,
         batch_no: u64,
         entries: u64,
         heads: Vec<ChainHead>,
     ) -> Result<LedgerParts, SnapshotFault> {
+        let FingerprintSets {
+            identities,
+            amendments: amendment_set,
+        } = sets;
         let count = self.count(false, 4 + 4 + SNAPSHOT_LOCATION_BYTES, "collided identity")?;
         let mut collided = Vec::with_capacity(count);
         for _ in 0..count {
@@ -3588,11 +3593,21 @@ impl<R: io::Read> SnapshotReader<R> {
             book.insert_restored(deal)
                 .map_err(|e| format!("its deal book: {e}"))?;
         }
+        // Loaded as they are read, not held in a list (20 MB at 3M events).
         let count = self.count(true, 8, "amendment fingerprint")?;
-        let mut amendments = Vec::with_capacity(count);
-        for _ in 0..count {
-            amendments.push(self.u64("an amendment fingerprint")?);
-        }
+        load_checked(
+            count,
+            |previous| {
+                let fp = self.u64("an amendment fingerprint")?;
+                match previous {
+                    Some(p) if p >= fp => Err(SnapshotFault::Invalid(format!(
+                        "amendment fingerprints out of order or repeated: {p:016x} before {fp:016x}"
+                    ))),
+                    _ => Ok(fp),
+                }
+            },
+            |next| amendment_set.load_sorted_from(count, next),
+        )?;
         let len = self.count(true, 1, "query index byte")?;
         let (index, used) =
             DealIndex::decode_spilling(&self.bytes(len, "the query index")?, lock_store)
@@ -3608,50 +3623,71 @@ impl<R: io::Read> SnapshotReader<R> {
             .iter()
             .map(|h| (h.stream().partition, h.clone()))
             .collect();
-        let mut fault: Option<SnapshotFault> = None;
-        let mut previous: Option<u64> = None;
-        let mut read = 0usize;
-        let mut next = || -> Option<(u64, Location)> {
-            if read == count || fault.is_some() {
-                return None;
-            }
-            let item = self
-                .u64("a fingerprint")
-                .and_then(|fp| Ok((fp, self.location("a fingerprint")?)));
-            let checked = item.and_then(|(fp, location)| {
-                ledger::check_fingerprint(&by_partition, previous, fp, location)
-                    .map(|()| (fp, location))
-                    .map_err(|e| SnapshotFault::Invalid(e.0))
-            });
-            match checked {
-                Ok((fp, location)) => {
-                    previous = Some(fp);
-                    read += 1;
-                    Some((fp, location))
-                }
-                Err(f) => {
-                    fault = Some(f);
-                    None
-                }
-            }
-        };
-        let loaded = identities.load_sorted_from(count, &mut next);
-        if let Some(fault) = fault {
-            return Err(fault);
-        }
-        debug_assert_eq!(loaded, count);
+        load_checked(
+            count,
+            |previous: Option<(u64, Location)>| {
+                let fp = self.u64("a fingerprint")?;
+                let location = self.location("a fingerprint")?;
+                ledger::check_fingerprint(&by_partition, previous.map(|(p, _)| p), fp, location)
+                    .map_err(|e| SnapshotFault::Invalid(e.0))?;
+                Ok((fp, location))
+            },
+            |next| identities.load_sorted_from(count, next),
+        )?;
         Ok(LedgerParts {
             topic: topic.to_owned(),
             heads,
             fingerprints: Vec::new(),
             collided,
             book,
-            amendments,
+            amendments: Vec::new(),
             index,
             next_batch: batch_no + 1,
             entries,
         })
     }
+}
+
+/// Hands `load` the `count` items `read` gives (each read knowing the one
+/// before, to check their order), as `load` asks for them; stops at the
+/// first fault and returns it. No list of them is ever held.
+fn load_checked<T: Copy>(
+    count: usize,
+    mut read: impl FnMut(Option<T>) -> Result<T, SnapshotFault>,
+    load: impl FnOnce(&mut dyn FnMut() -> Option<T>) -> usize,
+) -> Result<(), SnapshotFault> {
+    let mut fault = None;
+    let mut previous = None;
+    let mut taken = 0usize;
+    let mut next = || {
+        if taken == count || fault.is_some() {
+            return None;
+        }
+        match read(previous) {
+            Ok(item) => {
+                previous = Some(item);
+                taken += 1;
+                Some(item)
+            }
+            Err(f) => {
+                fault = Some(f);
+                None
+            }
+        }
+    };
+    let loaded = load(&mut next);
+    if let Some(fault) = fault {
+        return Err(fault);
+    }
+    debug_assert_eq!(loaded, count);
+    Ok(())
+}
+
+/// The empty sets a snapshot reader loads the fingerprints into as it reads
+/// them ([`SnapshotReader::rest`]), never holding them in a list.
+struct FingerprintSets<'a> {
+    identities: &'a mut dyn IdentityIndex,
+    amendments: &'a mut dyn AmendmentSet,
 }
 
 impl Store {
@@ -3912,12 +3948,16 @@ impl Store {
         };
         // No size hint: the snapshot's count sizes it.
         let mut identities = self.new_identities(0)?;
+        let mut amendment_set = self.new_amendment_set()?;
         let parts = SnapshotReader::open(input, size).and_then(|reader| {
             reader.decode_all(|reader| {
                 let (entries, heads) = reader.heads(&self.topic)?;
                 reader.rest(
                     segments.as_ref(),
-                    &mut *identities,
+                    FingerprintSets {
+                        identities: &mut *identities,
+                        amendments: &mut *amendment_set,
+                    },
                     &self.topic,
                     batch_no,
                     entries,
@@ -3927,7 +3967,7 @@ impl Store {
         });
         Ok(match parts {
             Ok(parts) => {
-                let mut state = LedgerState::restore(parts, identities, self.new_amendment_set()?)
+                let mut state = LedgerState::restore(parts, identities, amendment_set)
                     .map_err(|e| e.to_string());
                 if let Ok(state) = &mut state {
                     match segments {
@@ -6934,6 +6974,47 @@ mod tests {
             "the encoding is deterministic"
         );
         assert!(matches!(store.read_snapshot(7).unwrap(), Err(r) if r == "it is not stored"));
+    }
+
+    #[test]
+    fn amendment_fingerprints_out_of_order_are_refused_as_they_load() {
+        let (_tmp, path) = ledger_dir();
+        let store = Store::open(&path, TOPIC).unwrap();
+        let mut state = LedgerState::new(TOPIC);
+        write_batches(&store, &mut state, &mut Feed::new(5), 3, 90);
+        let batch = store
+            .write_snapshot(&state)
+            .unwrap()
+            .expect("written")
+            .batch_no;
+        let sorted: Vec<u64> = state.book().amendments().sorted().collect();
+        assert!(sorted.len() > 10);
+        // Swap the first two (big-endian, adjacent), then seal it again so
+        // that only the order check can refuse it.
+        let file = store.snapshot_path(batch);
+        let mut bytes = fs::read(&file).unwrap();
+        bytes.truncate(bytes.len() - HASH_LEN);
+        let pair: Vec<u8> = [sorted[0], sorted[1]]
+            .iter()
+            .flat_map(|f| f.to_be_bytes())
+            .collect();
+        let at = bytes
+            .windows(16)
+            .position(|w| w == pair.as_slice())
+            .expect("the first two fingerprints, side by side");
+        bytes[at..at + 16].rotate_left(8);
+        let seal = blake3::Hasher::new_derive_key(SNAPSHOT_CONTEXT)
+            .update(&bytes)
+            .finalize();
+        bytes.extend_from_slice(seal.as_bytes());
+        fs::write(&file, &bytes).unwrap();
+        let Err(reason) = store.read_snapshot(batch).unwrap() else {
+            panic!("a snapshot with its amendments out of order was read");
+        };
+        assert!(
+            reason.contains("amendment fingerprints out of order or repeated"),
+            "{reason}"
+        );
     }
 
     #[test]
