@@ -865,35 +865,28 @@ impl LedgerState {
     }
 
     /// Rebuilds a state from its parts (as [`LedgerState::heads`],
-    /// [`LedgerState::fingerprints`], [`LedgerState::collided`], ... give
-    /// them), checking that they fit together, with its identities in
-    /// `identities`: empty, or already holding them (a snapshot reader loads
-    /// them as it reads, checked as [`check_fingerprint`] does;
-    /// then `parts.fingerprints` is empty), and its amendment fingerprints in
-    /// `amendment_set`, likewise empty or loaded already (then
-    /// `parts.amendments` is empty; the book checks the count either way).
-    /// The parts come from storage, so nothing here panics on bad input.
+    /// [`LedgerState::collided`], ... give them), checking that they fit
+    /// together, with its identities in `identities` and its amendment
+    /// fingerprints in `amendment_set`, both loaded already (a snapshot
+    /// reader loads them as it reads, checking each as [`check_fingerprint`]
+    /// does; the book checks the amendments' count). The parts come from
+    /// storage, so nothing here panics on bad input.
     pub fn restore(
         parts: LedgerParts,
         identities: Box<dyn IdentityIndex>,
-        mut amendment_set: Box<dyn AmendmentSet>,
+        amendment_set: Box<dyn AmendmentSet>,
     ) -> Result<LedgerState, RestoreError> {
         let LedgerParts {
             topic,
             heads,
-            fingerprints,
             collided,
             mut book,
-            amendments,
             index,
             next_batch,
             entries,
         } = parts;
-        if !identities.is_empty() && !fingerprints.is_empty() {
-            return Err(RestoreError(
-                "fingerprints are given both loaded and listed".to_string(),
-            ));
-        }
+        // `with_identities` takes an empty index; this one holds the
+        // snapshot's identities already.
         let mut state = LedgerState::with_identities(topic, Box::new(MemoryIdentities::default()));
         state.seen = identities;
         let mut chained = 0u64;
@@ -921,24 +914,6 @@ impl LedgerState {
                 "the heads hold {chained} entries, but the entry count is {entries}"
             )));
         }
-        for (fp, location) in &fingerprints {
-            check_fingerprint(&state.heads, None, *fp, *location)?;
-        }
-        if fingerprints.is_empty() {
-            // None, or loaded already.
-        } else if fingerprints.windows(2).all(|w| w[0].0 < w[1].0) {
-            // As snapshots list them: loaded in one piece, no lookups.
-            state.seen.load_sorted(fingerprints);
-        } else {
-            for (fp, location) in fingerprints {
-                if state.seen.get(fp).is_some() {
-                    return Err(RestoreError(format!(
-                        "fingerprint {fp:016x} is given twice"
-                    )));
-                }
-                state.seen.insert(fp, location);
-            }
-        }
         for (identity, location) in collided {
             if !is_entry(&state.heads, location) {
                 return Err(RestoreError(format!(
@@ -946,20 +921,6 @@ impl LedgerState {
                 )));
             }
             state.collided.insert(identity, location);
-        }
-        if !amendment_set.is_empty() && !amendments.is_empty() {
-            return Err(RestoreError(
-                "amendment fingerprints are given both loaded and listed".to_string(),
-            ));
-        }
-        if let Some(w) = amendments.windows(2).find(|w| w[0] >= w[1]) {
-            return Err(RestoreError(format!(
-                "amendment fingerprints out of order or repeated: {:016x} before {:016x}",
-                w[0], w[1]
-            )));
-        }
-        if !amendments.is_empty() {
-            amendment_set.load_sorted(amendments);
         }
         book.keep_amendments_in_loaded(amendment_set)
             .map_err(RestoreError)?;
@@ -1001,23 +962,20 @@ fn is_entry(heads: &BTreeMap<i32, ChainHead>, location: Location) -> bool {
         .is_some_and(|h| location.seq < h.next_seq())
 }
 
-/// A [`LedgerState`] taken apart: what a snapshot stores, and what
-/// [`LedgerState::restore`] takes.
+/// A [`LedgerState`] taken apart, but for its identity and amendment
+/// fingerprints: what a snapshot stores besides them, and what
+/// [`LedgerState::restore`] takes with them.
 #[derive(Debug)]
 pub struct LedgerParts {
     /// The topic.
     pub topic: String,
     /// The chain head of every stream, at most one per partition.
     pub heads: Vec<ChainHead>,
-    /// `(fingerprint, first location)` of every identity seen.
-    pub fingerprints: Vec<(u64, Location)>,
     /// Identities whose fingerprint collided, with their first location.
     pub collided: Vec<((String, String), Location)>,
-    /// The deal book (its amendments are in `amendments`).
+    /// The deal book (its amendment fingerprints are given to
+    /// [`LedgerState::restore`] in their set, as the identities are).
     pub book: DealBook,
-    /// The fingerprint of every amendment applied, in increasing order
-    /// ([`crate::deal::amendment_fingerprint`]).
-    pub amendments: Vec<u64>,
     /// The query index.
     pub index: DealIndex,
     /// Number of the next batch.

@@ -3637,10 +3637,8 @@ impl<R: io::Read> SnapshotReader<R> {
         Ok(LedgerParts {
             topic: topic.to_owned(),
             heads,
-            fingerprints: Vec::new(),
             collided,
             book,
-            amendments: Vec::new(),
             index,
             next_batch: batch_no + 1,
             entries,
