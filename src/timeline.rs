@@ -78,6 +78,17 @@ impl Span {
         (self.from, &self.deal, &self.lock)
     }
 
+    /// The ids of those of `spans` binding at `t`.
+    fn binding_at<'a>(
+        spans: impl IntoIterator<Item = &'a Span>,
+        t: Timestamp,
+    ) -> impl Iterator<Item = (Id, Id)> {
+        spans
+            .into_iter()
+            .filter(move |s| s.binds_at(t))
+            .map(Span::ids)
+    }
+
     fn ids(&self) -> (Id, Id) {
         (self.deal.clone(), self.lock.clone())
     }
@@ -198,7 +209,7 @@ impl Chunks {
             .take_while(|c| c.first_from() <= t)
             .filter(|c| t < c.latest_end);
         for chunk in live {
-            found.extend(chunk.spans.iter().filter(|s| s.binds_at(t)).map(Span::ids));
+            found.extend(Span::binding_at(&chunk.spans, t));
         }
     }
 
@@ -323,12 +334,7 @@ impl StoredSpans {
     }
 
     fn active_at(&self, t: Timestamp, found: &mut Vec<(Id, Id)>) {
-        found.extend(
-            self.buffered
-                .iter()
-                .filter(|s| s.binds_at(t))
-                .map(Span::ids),
-        );
+        found.extend(Span::binding_at(&self.buffered, t));
         for run in &self.runs {
             let live = run
                 .chunks
@@ -336,12 +342,7 @@ impl StoredSpans {
                 .take_while(|c| c.first_from <= t)
                 .filter(|c| t < c.latest_end);
             for chunk in live {
-                found.extend(
-                    self.read_chunk(chunk)
-                        .iter()
-                        .filter(|s| s.binds_at(t))
-                        .map(Span::ids),
-                );
+                found.extend(Span::binding_at(&self.read_chunk(chunk), t));
             }
         }
     }
