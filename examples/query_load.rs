@@ -33,7 +33,10 @@
 //! a verdict from those figures: RSS growth in the first and the last
 //! intervals (and per event ingested), the RSS slope, and p99 drift;
 //! figures only, no assertion. Deal ids come from `QUERY_DEALS_FILE` (one
-//! per line), or from listing `/v1/deals`.
+//! per line, or `LINE<TAB>ID`: in soak mode that deal is queried once
+//! `LINE` events are ingested, so that a steady load whose deals come and
+//! go queries every deal that exists, old and new), or from listing
+//! `/v1/deals`.
 
 use std::time::{Duration, Instant};
 
@@ -364,6 +367,7 @@ async fn fixed_rate(base: String) {
 /// Soak mode: a steady mixed query load for a long time, with one line of
 /// figures per interval and a verdict at the end (see the module doc).
 mod soak {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
@@ -380,6 +384,8 @@ mod soak {
     const EDGE_INTERVALS: usize = 3;
     /// Largest deal-ids file read, lines.
     const MAX_DEAL_IDS: usize = 10_000_000;
+    /// How often the deals queried are brought up to the events ingested.
+    const DEALS_REFRESH: Duration = Duration::from_secs(1);
     /// The routes, in the order requests take them in turn.
     const ROUTES: [&str; 3] = ["deals/{id}", "deals/{id}/history", "locks/active"];
 
@@ -422,6 +428,8 @@ mod soak {
         memory: Option<Memory>,
         disk_bytes: Option<u64>,
         load: Option<f64>,
+        /// Deals queryable at the end of the interval.
+        deals: usize,
         requests: usize,
         errors: u64,
         not_found: u64,
@@ -468,7 +476,7 @@ mod soak {
     /// modulo 3.
     struct Lane {
         target: &'static Target,
-        deals: &'static [String],
+        deals: &'static Deals,
         at: &'static str,
         c: usize,
         connections: usize,
@@ -490,7 +498,7 @@ mod soak {
                 }
                 tokio::time::sleep_until(scheduled.into()).await;
                 let route = (i % ROUTES.len() as u64) as usize;
-                let deal = &self.deals[(rng.next() % self.deals.len() as u64) as usize];
+                let deal = self.deals.pick(rng.next());
                 let url = match route {
                     0 => format!("/v1/deals/{deal}"),
                     1 => format!("/v1/deals/{deal}/history"),
@@ -602,23 +610,65 @@ mod soak {
         text.split_whitespace().next()?.parse().ok()
     }
 
-    /// The deal ids to query: `QUERY_DEALS_FILE`, or every listed deal.
-    async fn deal_ids(target: &'static Target) -> Vec<String> {
-        if let Ok(path) = std::env::var("QUERY_DEALS_FILE") {
-            let text = std::fs::read_to_string(&path)
-                .unwrap_or_else(|e| panic!("cannot read QUERY_DEALS_FILE {path}: {e}"));
-            let ids: Vec<String> = text
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .take(MAX_DEAL_IDS)
-                .map(str::to_string)
-                .collect();
-            println!("{} deal ids from {path}", ids.len());
-            ids
-        } else {
-            let mut client = target.connect().await;
-            super::list_deals(target, &mut client).await
+    /// The deals to query, each with the number of events that must be
+    /// ingested before it exists (the line of the events file that opens
+    /// it), in that order; the first `ready` of them are queried.
+    struct Deals {
+        ids: Vec<(u64, String)>,
+        ready: AtomicUsize,
+    }
+
+    impl Deals {
+        /// `QUERY_DEALS_FILE` (`ID` or `LINE<TAB>ID` per line), or every
+        /// listed deal (all ready).
+        async fn load(target: &'static Target) -> Self {
+            let mut ids: Vec<(u64, String)> = if let Ok(path) = std::env::var("QUERY_DEALS_FILE") {
+                let text = std::fs::read_to_string(&path)
+                    .unwrap_or_else(|e| panic!("cannot read QUERY_DEALS_FILE {path}: {e}"));
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .take(MAX_DEAL_IDS)
+                    .map(|l| match l.split_once('\t') {
+                        Some((line, id)) => (
+                            line.parse().unwrap_or_else(|_| {
+                                panic!("QUERY_DEALS_FILE {path}: {line:?} is not a line number")
+                            }),
+                            id.to_string(),
+                        ),
+                        None => (0, l.to_string()),
+                    })
+                    .collect()
+            } else {
+                let mut client = target.connect().await;
+                super::list_deals(target, &mut client)
+                    .await
+                    .into_iter()
+                    .map(|id| (0, id))
+                    .collect()
+            };
+            ids.sort_by_key(|(line, _)| *line);
+            println!("{} deal ids", ids.len());
+            Deals {
+                ids,
+                ready: AtomicUsize::new(0),
+            }
+        }
+
+        /// Makes every deal opened within the first `ingested` events
+        /// queryable; returns how many are.
+        fn catch_up(&self, ingested: f64) -> usize {
+            let ready = self
+                .ids
+                .partition_point(|(line, _)| (*line as f64) <= ingested);
+            self.ready.fetch_max(ready, Ordering::Relaxed).max(ready)
+        }
+
+        /// A queryable deal, chosen by `random`.
+        fn pick(&self, random: u64) -> &str {
+            let ready = self.ready.load(Ordering::Relaxed);
+            assert!(ready > 0, "no deal is queryable yet");
+            &self.ids[(random % ready as u64) as usize].1
         }
     }
 
@@ -654,7 +704,7 @@ mod soak {
         );
         println!();
         println!(
-            "{:>6} {:>10} {:>9} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>5} {:>5} {:>6} {:>4} {:>4} {:>7} {:>7} {:>8}  p99 ms per route (deal/history/locks)  KiB per answer",
+            "{:>6} {:>10} {:>9} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>5} {:>5} {:>7} {:>6} {:>4} {:>4} {:>7} {:>7} {:>8}  p99 ms per route (deal/history/locks)  KiB per answer",
             "min",
             "ingested",
             "ingest/s",
@@ -666,6 +716,7 @@ mod soak {
             "disk MiB",
             "CPU %",
             "load",
+            "deals",
             "reqs",
             "err",
             "404",
@@ -737,7 +788,7 @@ mod soak {
             ("-".into(), "-".into(), "-".into(), "-".into())
         };
         println!(
-            "{:>6.1} {:>10.0} {:>9} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>5} {:>5} {:>6} {:>4} {:>4} {:>7} {:>7} {:>8}  {}",
+            "{:>6.1} {:>10.0} {:>9} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>5} {:>5} {:>7} {:>6} {:>4} {:>4} {:>7} {:>7} {:>8}  {}",
             row.seconds / 60.0,
             row.scrape.ingested,
             ingest_rate,
@@ -749,6 +800,7 @@ mod soak {
             disk,
             cpu,
             load,
+            row.deals,
             row.requests,
             row.errors,
             row.not_found,
@@ -861,22 +913,40 @@ mod soak {
     pub async fn run(base: String) {
         let config = Config::from_env();
         let target = super::target_from(&base);
-        let deals = deal_ids(target).await;
-        assert!(!deals.is_empty(), "no deal ids to query");
-        let deals: &'static [String] = Box::leak(deals.into_boxed_slice());
+        let deals: &'static Deals = Box::leak(Box::new(Deals::load(target).await));
         let at: &'static str = Box::leak(config.at.clone().into_boxed_str());
         let mut metrics_client = target.connect().await;
+        let first = scrape(target, &mut metrics_client).await;
+        let ready = deals.catch_up(first.ingested);
+        assert!(
+            ready > 0,
+            "no deal is opened by the {} events ingested",
+            first.ingested
+        );
+        println!(
+            "{ready} of them opened by the {} events ingested so far",
+            first.ingested
+        );
+        // Brings the deals queried up to the events ingested, every second.
+        let refresher = tokio::spawn(async move {
+            let mut client = target.connect().await;
+            loop {
+                tokio::time::sleep(DEALS_REFRESH).await;
+                deals.catch_up(scrape(target, &mut client).await.ingested);
+            }
+        });
 
         print_header(&config);
         let window = Arc::new(Mutex::new(Window::default()));
         let t0 = Instant::now();
         let mut rows = vec![Row {
             seconds: 0.0,
-            scrape: scrape(target, &mut metrics_client).await,
+            scrape: first,
             sent: sent(&config.produced_file),
             memory: config.pid.and_then(memory),
             disk_bytes: disk_bytes(&config.data_dir),
             load: load_average(),
+            deals: ready,
             requests: 0,
             errors: 0,
             not_found: 0,
@@ -934,6 +1004,7 @@ mod soak {
                 memory: config.pid.and_then(memory),
                 disk_bytes: disk_bytes(&config.data_dir),
                 load: load_average(),
+                deals: deals.ready.load(Ordering::Relaxed),
                 requests: all.len(),
                 errors: w.errors,
                 not_found: w.not_found,
@@ -946,6 +1017,7 @@ mod soak {
             print_row(&row, rows.last());
             rows.push(row);
         }
+        refresher.abort();
         print_verdict(&rows);
     }
 }
