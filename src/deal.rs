@@ -349,7 +349,7 @@ impl AmendmentSet for MemoryAmendments {
 }
 
 /// A deal's locks, ended or not, by id; those that ended move out of memory
-/// once a [`SegmentStore`] is attached ([`DealBook::store_ended_locks_in`]).
+/// once a [`SegmentStore`] is attached ([`DealBook::store_ended_in`]).
 ///
 /// A lock that ended (released, or its deal terminated) never changes
 /// again, and the fold needs only its id (a reused id is refused) and when
@@ -1505,13 +1505,21 @@ impl Deal {
 /// Serialized (JSON) as the object of its deals only: the amendment
 /// fingerprints are not in it ([`DealBook::amendments`]; snapshots store
 /// them beside it and give them back with [`DealBook::keep_amendments_in`]).
+///
+/// With a store attached ([`DealBook::store_ended_in`]) a deal that is
+/// terminated, and so changes no more, goes to the store, and memory keeps
+/// what the fold and the lock queries need of it (its id, place, times, amendment count and locks): the
+/// book's memory follows the deals open, not every deal ever opened.
+/// [`DealBook::get`] and [`DealBook::iter`] read such a deal back; a read
+/// that fails leaves it out and is recorded by the store, which the shell
+/// checks, as for ended locks.
 pub struct DealBook {
-    deals: HashMap<Id, Box<Deal>>,
+    deals: HashMap<Id, KeptDeal>,
     /// The ids of `deals`, in order.
     order: BTreeSet<Id>,
     /// Every amendment applied, by (deal, amendment id) fingerprint.
     amendments: Box<dyn AmendmentSet>,
-    /// Where ended locks go, once attached ([`DealBook::store_ended_locks_in`]).
+    /// Where ended locks go, once attached ([`DealBook::store_ended_in`]).
     lock_store: Option<LockStore>,
 }
 
@@ -1544,7 +1552,10 @@ impl Clone for DealBook {
 impl fmt::Debug for DealBook {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DealBook")
-            .field("deals", &self.deals)
+            .field(
+                "deals",
+                &fmt::from_fn(|f| f.debug_map().entries(self.iter()).finish()),
+            )
             .field("amendments", &self.amendments.len())
             .field("lock_store", &self.lock_store)
             .finish()
@@ -1552,19 +1563,87 @@ impl fmt::Debug for DealBook {
 }
 
 /// Equal when they hold the same deals and amendments, wherever they keep
-/// their ended locks and amendments.
+/// their ended locks, terminated deals and amendments.
 impl PartialEq for DealBook {
     fn eq(&self, other: &Self) -> bool {
-        self.deals == other.deals
+        self.deals.len() == other.deals.len()
             && self.order == other.order
+            && self.iter().eq(other.iter())
             && self.amendments.len() == other.amendments.len()
             && self.amendments.sorted().eq(other.amendments.sorted())
     }
 }
 
-/// [`DealBook`]'s handle on the store of ended locks.
+/// [`DealBook`]'s handle on the store of ended locks and deals.
 #[derive(Clone)]
 struct LockStore(Arc<dyn SegmentStore>);
+
+/// A deal as [`DealBook`] keeps it.
+#[derive(Clone)]
+enum KeptDeal {
+    /// Whole, in memory: every deal not terminated, and every deal of a
+    /// book without a store.
+    Open(Box<Deal>),
+    /// A terminated deal, which no event changes any more, in the store.
+    Stored(Box<StoredDeal>),
+}
+
+/// What the book keeps in memory of a terminated deal once it is in the
+/// store: where its JSON is (written without its locks) and what the fold
+/// and the lock queries read without loading it back. About 100 bytes and
+/// its ended locks', instead of ~1.8 KB for a deal of a few proposals.
+#[derive(Clone)]
+struct StoredDeal {
+    at: SegmentRef,
+    /// When it opened (the fold's `AlreadyOpened` names it).
+    opened_at: Timestamp,
+    /// When it was terminated (the fold's `DealTerminated` names it).
+    terminated_at: Timestamp,
+    /// Its `amendment_count` ([`DealBook::amendments_applied`]).
+    amendment_count: u32,
+    /// Its locks, all ended (as the deal's [`DealLocks`] kept them).
+    locks: DealLocks,
+}
+
+impl StoredDeal {
+    /// `deal`, terminated, written to `store`.
+    fn of(mut deal: Box<Deal>, store: &dyn SegmentStore) -> StoredDeal {
+        let terminated_at = deal.termination.as_ref().expect("a terminated deal").at;
+        debug_assert!(deal.locks.not_ended().next().is_none());
+        let locks = std::mem::take(&mut deal.locks);
+        let json = serde_json::to_vec(&*deal).expect("a deal serializes");
+        StoredDeal {
+            at: store.append(&json),
+            opened_at: deal.opened_at,
+            terminated_at,
+            amendment_count: deal.amendment_count,
+            locks,
+        }
+    }
+
+    /// The deal read back, or `None` if the read failed (the store records
+    /// it; the shell checks before it trusts anything derived).
+    fn load(&self, store: &dyn SegmentStore) -> Option<Deal> {
+        let mut bytes = Vec::new();
+        if !store.read(self.at, &mut bytes) {
+            return None;
+        }
+        // What this process wrote; anything else is a bug.
+        let mut deal: Deal =
+            serde_json::from_slice(&bytes).expect("a stored deal decodes: this process wrote it");
+        deal.locks = self.locks.clone();
+        Some(deal)
+    }
+}
+
+impl KeptDeal {
+    fn locks(&self) -> &DealLocks {
+        match self {
+            KeptDeal::Open(deal) => &deal.locks,
+            KeptDeal::Stored(stored) => &stored.locks,
+        }
+    }
+}
 
 impl fmt::Debug for LockStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -1592,7 +1671,11 @@ impl<'de> Deserialize<'de> for DealBook {
             ) -> Result<DealBook, A::Error> {
                 let mut book = DealBook::new();
                 while let Some((id, deal)) = access.next_entry::<Id, Deal>()? {
-                    if book.deals.insert(id.clone(), Box::new(deal)).is_some() {
+                    if book
+                        .deals
+                        .insert(id.clone(), KeptDeal::Open(Box::new(deal)))
+                        .is_some()
+                    {
                         return Err(serde::de::Error::custom(format!("deal {id} appears twice")));
                     }
                     book.order.insert(id);
@@ -1610,20 +1693,72 @@ impl DealBook {
         DealBook::default()
     }
 
-    /// The deal `id`, if it was opened.
-    pub fn get(&self, id: &Id) -> Option<&Deal> {
-        self.deals.get(id).map(|deal| &**deal)
+    /// The deal `id`, if it was opened (a terminated deal read back from
+    /// the store if it was moved there; `None` if that read failed, which
+    /// the store records).
+    pub fn get(&self, id: &Id) -> Option<Cow<'_, Deal>> {
+        self.deals.get(id).and_then(|kept| self.load(kept))
     }
 
-    /// Every deal, in deal-id order.
-    pub fn iter(&self) -> impl Iterator<Item = (&Id, &Deal)> {
-        self.order.iter().map(|id| (id, &*self.deals[id]))
+    fn load<'a>(&'a self, kept: &'a KeptDeal) -> Option<Cow<'a, Deal>> {
+        match kept {
+            KeptDeal::Open(deal) => Some(Cow::Borrowed(&**deal)),
+            KeptDeal::Stored(stored) => {
+                let LockStore(store) = self.lock_store.as_ref().expect("stored deals have a store");
+                stored.load(&**store).map(Cow::Owned)
+            }
+        }
+    }
+
+    /// Every deal, in deal-id order (terminated ones read back from the
+    /// store if they were moved there; one whose read failed is left out).
+    pub fn iter(&self) -> impl Iterator<Item = (&Id, Cow<'_, Deal>)> {
+        self.order
+            .iter()
+            .filter_map(|id| Some((id, self.load(&self.deals[id])?)))
     }
 
     /// The deals from `first` on (`first` included if it was opened), in
-    /// deal-id order.
-    pub fn iter_from<'a>(&'a self, first: &Id) -> impl Iterator<Item = (&'a Id, &'a Deal)> + 'a {
-        self.order.range(first..).map(|id| (id, &*self.deals[id]))
+    /// deal-id order, read as [`DealBook::iter`] reads them.
+    pub fn iter_from<'a>(
+        &'a self,
+        first: &Id,
+    ) -> impl Iterator<Item = (&'a Id, Cow<'a, Deal>)> + 'a {
+        self.order
+            .range(first..)
+            .filter_map(|id| Some((id, self.load(&self.deals[id])?)))
+    }
+
+    /// The ids of every deal, in order.
+    pub fn ids(&self) -> impl Iterator<Item = &Id> {
+        self.order.iter()
+    }
+
+    /// The locks of deal `id`, if it was opened: in memory whether or not
+    /// the deal is ([`DealLocks`] keeps ended ones' bodies in the store).
+    pub fn locks_of(&self, id: &Id) -> Option<&DealLocks> {
+        self.deals.get(id).map(KeptDeal::locks)
+    }
+
+    /// The locks of the deals from `first` on (every deal without it), in
+    /// deal-id order, without reading any deal back.
+    pub fn locks_by_deal<'a>(
+        &'a self,
+        first: Option<&Id>,
+    ) -> impl Iterator<Item = (&'a Id, &'a DealLocks)> + 'a {
+        let ids: Box<dyn Iterator<Item = &'a Id> + 'a> = match first {
+            Some(first) => Box::new(self.order.range(first..)),
+            None => Box::new(self.order.iter()),
+        };
+        ids.map(|id| (id, self.deals[id].locks()))
+    }
+
+    /// How many deals are terminated and kept in the store.
+    pub fn stored_deals(&self) -> usize {
+        self.deals
+            .values()
+            .filter(|kept| matches!(kept, KeptDeal::Stored(_)))
+            .count()
     }
 
     /// How many deals were opened.
@@ -1639,37 +1774,63 @@ impl DealBook {
     /// Every lock of every deal, in (deal id, lock id) order, ended or not
     /// (ended ones read back from the store if they were moved there).
     pub fn locks(&self) -> impl Iterator<Item = Cow<'_, Lock>> {
-        self.iter().flat_map(|(_, d)| d.locks.iter())
+        self.locks_by_deal(None).flat_map(|(_, locks)| locks.iter())
     }
 
     /// Adds `deal` as read back from storage (a snapshot lists the deals one
-    /// by one): its ended locks go to the book's store if it has one. An
-    /// error if the book has a deal of that id already.
+    /// by one): its ended locks, and the deal itself if terminated, go to
+    /// the book's store if it has one. An error if the book has a deal of
+    /// that id already.
     pub fn insert_restored(&mut self, mut deal: Deal) -> Result<(), String> {
         if self.deals.contains_key(&deal.id) {
             return Err(format!("deal {} appears twice", deal.id));
         }
-        if let Some(LockStore(store)) = &self.lock_store {
-            deal.locks.store_ended_in(store);
-        }
-        self.order.insert(deal.id.clone());
-        self.deals.insert(deal.id.clone(), Box::new(deal));
+        let id = deal.id.clone();
+        let kept = match &self.lock_store {
+            Some(LockStore(store)) => {
+                deal.locks.store_ended_in(store);
+                Self::kept(Box::new(deal), Some(&**store))
+            }
+            None => KeptDeal::Open(Box::new(deal)),
+        };
+        self.order.insert(id.clone());
+        self.deals.insert(id, kept);
         Ok(())
     }
 
-    /// Whether ended locks go to a store ([`DealBook::store_ended_locks_in`]).
-    pub fn stores_ended_locks(&self) -> bool {
+    /// How the book keeps `deal`: in the store if it is terminated and
+    /// there is one.
+    fn kept(deal: Box<Deal>, store: Option<&dyn SegmentStore>) -> KeptDeal {
+        match store {
+            Some(store) if deal.status == Status::Terminated => {
+                KeptDeal::Stored(Box::new(StoredDeal::of(deal, store)))
+            }
+            _ => KeptDeal::Open(deal),
+        }
+    }
+
+    /// Whether ended locks and terminated deals go to a store
+    /// ([`DealBook::store_ended_in`]).
+    pub fn stores_ended(&self) -> bool {
         self.lock_store.is_some()
     }
 
-    /// Moves every deal's ended locks to `store`, and those that end from
-    /// now on (see [`DealLocks`]): what keeps the book's memory from growing
-    /// with every lock granted.
-    pub fn store_ended_locks_in(&mut self, store: Arc<dyn SegmentStore>) {
+    /// Moves every deal's ended locks, and every terminated deal, to
+    /// `store`, and those that end from now on (see [`DealLocks`] and the
+    /// type's docs): what keeps the book's memory from growing with
+    /// every lock granted and every deal that ended.
+    pub fn store_ended_in(&mut self, store: Arc<dyn SegmentStore>) {
         assert!(self.lock_store.is_none(), "ended locks stored twice");
-        for deal in self.deals.values_mut() {
-            deal.locks.store_ended_in(&store);
-        }
+        self.deals = std::mem::take(&mut self.deals)
+            .into_iter()
+            .map(|(id, kept)| {
+                let KeptDeal::Open(mut deal) = kept else {
+                    unreachable!("no deal is stored before the store is attached")
+                };
+                deal.locks.store_ended_in(&store);
+                (id, Self::kept(deal, Some(&*store)))
+            })
+            .collect();
         self.lock_store = Some(LockStore(store));
     }
 
@@ -1716,7 +1877,10 @@ impl DealBook {
     pub fn amendments_applied(&self) -> u64 {
         self.deals
             .values()
-            .map(|d| u64::from(d.amendment_count))
+            .map(|kept| match kept {
+                KeptDeal::Open(deal) => u64::from(deal.amendment_count),
+                KeptDeal::Stored(stored) => u64::from(stored.amendment_count),
+            })
             .sum()
     }
 
@@ -1724,7 +1888,7 @@ impl DealBook {
     pub fn apply(&mut self, event: &DealEvent) -> Result<(), Rejection> {
         // One lookup serves the check and the commit: the fold's hottest
         // path (a search of the deal ids per event showed in profiles).
-        let Some(deal) = self.deals.get_mut(&event.deal_id) else {
+        let Some(kept) = self.deals.get_mut(&event.deal_id) else {
             let Payload::NegotiationOpened(opened) = &event.payload else {
                 return Err(Rejection::NotOpened {
                     deal_id: event.deal_id.clone(),
@@ -1736,10 +1900,29 @@ impl DealBook {
                 deal.locks.store_ended_in(store);
             }
             Self::commit_to(&mut deal, event, Checked::default(), &mut *self.amendments);
-            self.deals.insert(event.deal_id.clone(), Box::new(deal));
+            self.deals
+                .insert(event.deal_id.clone(), KeptDeal::Open(Box::new(deal)));
             self.order.insert(event.deal_id.clone());
             debug_assert_eq!(self.deals.len(), self.order.len());
             return Ok(());
+        };
+        let deal = match kept {
+            KeptDeal::Open(deal) => deal,
+            // The verdicts an open terminated deal gets below, from what
+            // the book kept of it.
+            KeptDeal::Stored(stored) => {
+                return Err(match event.payload {
+                    Payload::NegotiationOpened(_) => Rejection::AlreadyOpened {
+                        deal_id: event.deal_id.clone(),
+                        opened_at: stored.opened_at,
+                    },
+                    _ => Rejection::DealTerminated {
+                        deal_id: event.deal_id.clone(),
+                        event_type: event.event_type(),
+                        terminated_at: stored.terminated_at,
+                    },
+                });
+            }
         };
         debug_assert_eq!(deal.id, event.deal_id);
         // A reused deal id is named as such, even for a terminated deal.
@@ -1754,6 +1937,17 @@ impl DealBook {
         }
         let checked = deal.check(event, &*self.amendments)?;
         Self::commit_to(deal, event, checked, &mut *self.amendments);
+        if deal.status == Status::Terminated
+            && let Some(LockStore(store)) = &self.lock_store
+        {
+            // It changes no more: to the store.
+            let Some(KeptDeal::Open(deal)) = self.deals.remove(&event.deal_id) else {
+                unreachable!("the deal just applied is open");
+            };
+            let stored = StoredDeal::of(deal, &**store);
+            self.deals
+                .insert(event.deal_id.clone(), KeptDeal::Stored(Box::new(stored)));
+        }
         Ok(())
     }
 
@@ -2843,7 +3037,7 @@ mod tests {
 
         let mut book = book;
         book.apply(&ev("d1", 5, released("l1"))).unwrap();
-        let lock = book.get(&id("d1")).unwrap().locks.get(&id("l1")).unwrap();
+        let lock = book.locks_of(&id("d1")).unwrap().get(&id("l1")).unwrap();
         assert_eq!(
             lock.ended,
             Some(LockEnd {
@@ -3449,7 +3643,7 @@ mod tests {
         assert!(at("d1") < at("d2") && at("d2") < at("d3"), "{json}");
         let back: DealBook = serde_json::from_str(&json).unwrap();
         assert_eq!(back, book);
-        let one = serde_json::to_string(book.get(&id("d1")).unwrap()).unwrap();
+        let one = serde_json::to_string(&book.get(&id("d1")).unwrap()).unwrap();
         let twice = format!(r#"{{"d1":{one},"d1":{one}}}"#);
         let err = serde_json::from_str::<DealBook>(&twice).unwrap_err();
         assert!(err.to_string().contains("deal d1 appears twice"), "{err}");
@@ -3470,12 +3664,13 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
 
-        /// A book whose ended locks go to a store (from `attach_at` on:
-        /// those ended before move then) judges every event as one that
-        /// keeps them, holds the same locks, binding at the same times
-        /// (told without reading them back), and serializes the same.
+        /// A book whose ended locks and terminated deals go to a store
+        /// (from `attach_at` on: those ended before move then) judges every
+        /// event as one that keeps them, holds the same deals and locks,
+        /// binding at the same times (told without reading them back), and
+        /// serializes the same; so does one restored deal by deal.
         #[test]
-        fn ended_locks_in_a_store_fold_and_read_as_kept_ones(
+        fn ended_locks_and_deals_in_a_store_fold_and_read_as_kept_ones(
             events in arb_events(),
             attach_at in 0..MAX_EVENTS,
         ) {
@@ -3484,17 +3679,40 @@ mod tests {
             let mut stored = DealBook::new();
             for (i, e) in events.iter().enumerate() {
                 if i == attach_at {
-                    stored.store_ended_locks_in(store.clone());
+                    stored.store_ended_in(store.clone());
                 }
                 prop_assert_eq!(kept.apply(e), stored.apply(e));
             }
             if attach_at >= events.len() {
-                stored.store_ended_locks_in(store.clone());
+                stored.store_ended_in(store.clone());
             }
             prop_assert_eq!(&stored, &kept);
             let json = serde_json::to_string(&kept).unwrap();
             prop_assert_eq!(&serde_json::to_string(&stored).unwrap(), &json);
             prop_assert_eq!(&from_json_beside(&json, &kept), &kept);
+            // Every terminated deal is in the store, and only those.
+            let terminated = kept.iter().filter(|(_, d)| d.status == Status::Terminated).count();
+            prop_assert_eq!(stored.stored_deals(), terminated);
+            prop_assert_eq!(kept.stored_deals(), 0);
+            prop_assert_eq!(stored.amendments_applied(), kept.amendments_applied());
+            for (id, deal) in kept.iter() {
+                prop_assert_eq!(stored.locks_of(id), Some(&deal.locks));
+            }
+            // Restored deal by deal, as from a snapshot.
+            let mut restored = DealBook::new();
+            restored.store_ended_in(Arc::new(crate::index::MemorySegments::default()));
+            for (_, deal) in kept.iter() {
+                restored.insert_restored(deal.into_owned()).unwrap();
+            }
+            prop_assert_eq!(restored.stored_deals(), terminated);
+            prop_assert_eq!(serde_json::to_string(&restored).unwrap(), json);
+            // The same events again (a deal reopened, events after the
+            // end): the same verdicts from what the book kept.
+            let (mut kept_again, mut stored_again) = (kept.clone(), stored.clone());
+            for e in &events {
+                prop_assert_eq!(kept_again.apply(e), stored_again.apply(e));
+            }
+            prop_assert_eq!(&stored_again, &kept_again);
             let times: Vec<Timestamp> = (0..=HOURS + 1).map(at).collect();
             for ((_, a), (_, b)) in kept.iter().zip(stored.iter()) {
                 prop_assert_eq!(a.locks.len(), b.locks.len());
@@ -3510,11 +3728,13 @@ mod tests {
                 prop_assert!(b.locks.ended.values().all(|e| matches!(e.body, LockBody::Stored(_))));
                 prop_assert!(a.locks.ended.values().all(|e| matches!(e.body, LockBody::Kept(_))));
             }
-            // A store that cannot read: ended locks are missing, the failure shows.
+            // A store that cannot read: ended locks and terminated deals are
+            // missing, the failure shows.
             let ended = kept.iter().map(|(_, d)| d.locks.ended.len()).sum::<usize>();
             store.fail_reads.store(true, std::sync::atomic::Ordering::Relaxed);
             prop_assert_eq!(stored.locks().count() + ended, kept.locks().count());
-            prop_assert_eq!(store.failure().is_some(), ended > 0);
+            prop_assert_eq!(stored.iter().count() + terminated, kept.iter().count());
+            prop_assert_eq!(store.failure().is_some(), ended + terminated > 0);
         }
 
         #[test]

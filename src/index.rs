@@ -1004,8 +1004,8 @@ impl DealIndex {
         // not read back (reading them took ~0.4 s at 3M events).
         let in_force = &mut self.in_force;
         let spans = book
-            .iter()
-            .flat_map(|(deal_id, deal)| deal.locks.entries().map(move |entry| (deal_id, entry)))
+            .locks_by_deal(None)
+            .flat_map(|(deal_id, locks)| locks.entries().map(move |entry| (deal_id, entry)))
             .map(|(deal_id, entry)| {
                 if let Some(lock) = entry.not_ended() {
                     in_force

@@ -538,14 +538,14 @@ impl LedgerState {
         self.book.amendments().failure()
     }
 
-    /// Moves the index's history items and the book's ended locks to
-    /// `store` from now on (see [`DealIndex::spill_history_to`] and
-    /// [`crate::deal::DealLocks`]).
+    /// Moves the index's history items and the book's ended locks and
+    /// terminated deals to `store` from now on (see
+    /// [`DealIndex::spill_history_to`], [`crate::deal::DealLocks`] and
+    /// [`crate::deal::DealBook`]).
     pub fn spill_history_to(&mut self, store: std::sync::Arc<dyn SegmentStore>) {
         // A state restored from a snapshot may have stored them already.
-        if !self.book.stores_ended_locks() {
-            self.book
-                .store_ended_locks_in(std::sync::Arc::clone(&store));
+        if !self.book.stores_ended() {
+            self.book.store_ended_in(std::sync::Arc::clone(&store));
         }
         if !self.index.is_spilled() {
             self.index.spill_history_to(store);
@@ -786,17 +786,16 @@ impl LedgerState {
         if !self.keeps_index {
             return Vec::new();
         }
-        let Some(deal) = self.book.get(&event.deal_id) else {
+        let Some(locks) = self.book.locks_of(&event.deal_id) else {
             return Vec::new();
         };
         match &event.payload {
-            Payload::ExclusivityReleased(r) => deal
-                .locks
+            Payload::ExclusivityReleased(r) => locks
                 .not_ended_get(&r.lock_id)
                 .cloned()
                 .into_iter()
                 .collect(),
-            Payload::Terminated(_) => deal.locks.not_ended().cloned().collect(),
+            Payload::Terminated(_) => locks.not_ended().cloned().collect(),
             _ => Vec::new(),
         }
     }
@@ -804,11 +803,11 @@ impl LedgerState {
     /// Tells the index which of `ending` (from [`Self::locks_it_may_end`])
     /// the event just accepted ended, and when.
     fn forget_ended_locks(&mut self, deal_id: &Id, ending: Vec<crate::deal::Lock>) {
-        let Some(deal) = self.book.get(deal_id) else {
+        let Some(locks) = self.book.locks_of(deal_id) else {
             return;
         };
         for lock in ending {
-            if let Some(at) = deal.locks.ended_at(&lock.lock_id) {
+            if let Some(at) = locks.ended_at(&lock.lock_id) {
                 self.index.lock_ended(&lock, at);
             }
         }

@@ -390,10 +390,11 @@ pub struct DealShow {
 
 /// `deal show ID`.
 pub fn deal_show(state: &LedgerState, id: &Id) -> Result<DealShow, QueryError> {
-    let deal = state
-        .book()
-        .get(id)
-        .ok_or_else(|| QueryError::UnknownDeal(id.clone()))?;
+    let Some(deal) = state.book().get(id) else {
+        // A terminated deal that could not be read back is not unknown.
+        history_intact(state)?;
+        return Err(QueryError::UnknownDeal(id.clone()));
+    };
     let refs = state.index().deal(id);
     let cited = |f: fn(&DealEntries) -> Option<Cited>| refs.and_then(f).map(EntryRef::from);
     // A lock binds one party, so the parties' sets are disjoint: the first
@@ -412,7 +413,7 @@ pub fn deal_show(state: &LedgerState, id: &Id) -> Result<DealShow, QueryError> {
     first.truncate(MAX_BINDING_LOCKS_SHOWN);
     let locks_binding_parties = first
         .into_iter()
-        .filter_map(|(granting, lock_id)| state.book().get(granting)?.locks.not_ended_get(lock_id))
+        .filter_map(|(granting, lock_id)| state.book().locks_of(granting)?.not_ended_get(lock_id))
         .inspect(|l| debug_assert!(l.scope == deal.scope))
         .map(|l| LockInfo::of(l, state.index().deal(&l.deal_id)))
         .collect();
@@ -424,7 +425,7 @@ pub fn deal_show(state: &LedgerState, id: &Id) -> Result<DealShow, QueryError> {
         status: deal.status,
         scope: deal.scope.clone(),
         description: deal.description.as_ref().map(|d| d.as_str().to_string()),
-        parties: PartiesView::of(deal),
+        parties: PartiesView::of(&deal),
         opened_at: deal.opened_at,
         opened_by: cited(|r| r.opened),
         proposals: deal.proposals.len(),
@@ -688,17 +689,19 @@ pub fn deals_list(
             && filter.to.is_none_or(|t| d.opened_at < t)
     };
     let after = page.cursor()?.map(str::to_string);
-    let keyed = state
-        .book()
-        .iter()
-        .filter(|(id, _)| after.as_deref().is_none_or(|a| id.as_str() > a))
+    let book = state.book();
+    // Deals before the cursor are skipped by id, not read back.
+    let keyed = book
+        .ids()
+        .filter(|id| after.as_deref().is_none_or(|a| id.as_str() > a))
+        .filter_map(|id| Some((id, book.get(id)?)))
         .filter(|(_, d)| matches(d))
         .map(|(id, d)| {
             let summary = DealSummary {
                 id: id.clone(),
                 status: d.status,
                 scope: d.scope.clone(),
-                parties: PartiesView::of(d),
+                parties: PartiesView::of(&d),
                 opened_at: d.opened_at,
                 finalized_at: d.finalization.as_ref().map(|f| f.at),
                 terminated_at: d.termination.as_ref().map(|t| t.at),
@@ -712,7 +715,10 @@ pub fn deals_list(
             };
             (id.as_str().to_string(), summary)
         });
-    paginate(keyed, page)
+    let deals = paginate(keyed, page)?;
+    // Terminated deals are read back from the scratch file.
+    history_intact(state)?;
+    Ok(deals)
 }
 
 // ---------------------------------------------------------------------------
@@ -771,14 +777,11 @@ fn first_locks_walked<'a>(
     after: Option<(&Id, &Id)>,
     wanted: usize,
 ) -> Option<Vec<Cow<'a, Lock>>> {
-    let deals: Box<dyn Iterator<Item = (&Id, &Deal)>> = match after {
-        Some((deal, _)) => Box::new(book.iter_from(deal)),
-        None => Box::new(book.iter()),
-    };
     let mut budget = LOCKS_TESTED_PER_ITEM * wanted;
     let mut found = Vec::with_capacity(wanted);
-    let candidates = deals
-        .flat_map(|(deal_id, deal)| deal.locks.entries().map(move |lock| (deal_id, lock)))
+    let candidates = book
+        .locks_by_deal(after.map(|(deal, _)| deal))
+        .flat_map(|(deal_id, locks)| locks.entries().map(move |lock| (deal_id, lock)))
         .filter(|(deal_id, lock)| after.is_none_or(|a| (*deal_id, lock.id()) > a));
     for (_, lock) in candidates {
         if budget == 0 {
@@ -815,8 +818,7 @@ fn first_locks_of_timeline<'a>(
         .filter_map(|(deal_id, lock_id)| {
             let locks = state
                 .book()
-                .get(&deal_id)
-                .map(|deal| &deal.locks)
+                .locks_of(&deal_id)
                 .filter(|locks| locks.contains(&lock_id))
                 .unwrap_or_else(|| {
                     panic!("the lock timeline names {deal_id}/{lock_id}, which the book lacks")
@@ -1028,8 +1030,8 @@ fn all_findings(
     // Locks by the party they bind, for the finalization check.
     // Only exclusive locks are read back from the store (when ended).
     let exclusive: Vec<Cow<'_, Lock>> = book
-        .iter()
-        .flat_map(|(_, deal)| deal.locks.entries())
+        .locks_by_deal(None)
+        .flat_map(|(_, locks)| locks.entries())
         .filter(|lock| lock.kind() == LockKind::Exclusive)
         .filter_map(|lock| lock.load())
         .collect();
@@ -1412,7 +1414,7 @@ pub fn stats(state: &LedgerState, page: &PageRequest) -> Result<Stats, QueryErro
         *deals_by_status
             .entry(deal.status.as_str().to_string())
             .or_default() += 1;
-        if let Some(s) = seconds_to_finalize(deal) {
+        if let Some(s) = seconds_to_finalize(&deal) {
             to_finalize.push(s);
         }
         rounds += deal.proposals.len();
@@ -1450,7 +1452,7 @@ pub fn stats(state: &LedgerState, page: &PageRequest) -> Result<Stats, QueryErro
                 DealStats {
                     id: id.clone(),
                     status: deal.status,
-                    seconds_to_finalize: seconds_to_finalize(deal),
+                    seconds_to_finalize: seconds_to_finalize(&deal),
                     proposal_rounds: deal.proposals.len(),
                     events_by_type: by_type,
                     verdicts: tally,

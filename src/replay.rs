@@ -422,7 +422,9 @@ impl Replay {
 
     /// The view of deal `id`, if the replay has it.
     pub fn deal(&self, id: &Id) -> Option<DealView> {
-        self.book().get(id).map(|d| DealView::of(d, self.cut.as_of))
+        self.book()
+            .get(id)
+            .map(|d| DealView::of(&d, self.cut.as_of))
     }
 
     /// The document of this replay with `deals`.
@@ -443,7 +445,7 @@ impl Replay {
     pub fn deals(&self) -> Vec<DealView> {
         self.book()
             .iter()
-            .map(|(_, d)| DealView::of(d, self.cut.as_of))
+            .map(|(_, d)| DealView::of(&d, self.cut.as_of))
             .collect()
     }
 }

@@ -3200,7 +3200,7 @@ where
     let mut json = Vec::new();
     for (_, deal) in book.iter() {
         json.clear();
-        serde_json::to_writer(&mut json, deal).map_err(io::Error::other)?;
+        serde_json::to_writer(&mut json, &deal).map_err(io::Error::other)?;
         let len = u32::try_from(json.len())
             .map_err(|_| io::Error::other(format!("deal {} has over 4 GiB of JSON", deal.id)))?;
         out.write_all(&len.to_be_bytes())?;
@@ -3581,7 +3581,7 @@ impl<R: io::Read> SnapshotReader<R> {
         let deals = self.count(true, 4 + 2, "deal")?;
         let mut book = DealBook::new();
         if let Some(store) = lock_store {
-            book.store_ended_locks_in(Arc::clone(store));
+            book.store_ended_in(Arc::clone(store));
         }
         let mut json = Vec::new();
         for i in 0..deals {
