@@ -163,7 +163,9 @@ pub const CHECKPOINT_ITEMS: usize = 64;
 /// With a [`SegmentStore`] ([`HistoryItems::spill_to`]), each run of
 /// [`CHECKPOINT_ITEMS`] items from a checkpoint (a *segment*, decodable on
 /// its own) goes to the store once the next item arrives; memory keeps the
-/// segments' places (16 bytes per 64 items) and the unsealed last segment.
+/// segments' places (16 bytes per 64 items) and the unsealed last segment,
+/// which can be parked in the store too ([`HistoryItems::park`]) while no
+/// item is expected: a terminated deal's (read back if one comes).
 #[derive(Clone, Default)]
 pub struct HistoryItems {
     /// Without a store: every item. With one: the last segment's items.
@@ -179,6 +181,8 @@ pub struct HistoryItems {
     store: Option<Arc<dyn SegmentStore>>,
     /// The sealed segments, in order: items 0..64, 64..128, ...
     sealed: Vec<SegmentRef>,
+    /// Where the last segment is while parked (`bytes` is then empty).
+    parked: Option<SegmentRef>,
 }
 
 #[cfg(test)]
@@ -217,6 +221,7 @@ impl fmt::Debug for HistoryItems {
             .field("len", &self.len)
             .field("sealed", &self.sealed.len())
             .field("spilled", &self.store.is_some())
+            .field("parked", &self.parked.is_some())
             .finish()
     }
 }
@@ -242,7 +247,10 @@ impl HistoryItems {
         let base = if self.len.is_multiple_of(CHECKPOINT_ITEMS) {
             match &self.store {
                 Some(store) => {
-                    if self.len > 0 {
+                    if let Some(parked) = self.parked.take() {
+                        // The parked segment is whole: sealed where it is.
+                        self.sealed.push(parked);
+                    } else if self.len > 0 {
                         // The last segment is whole: seal it.
                         self.sealed.push(store.append(&self.bytes));
                         self.bytes.clear();
@@ -252,12 +260,34 @@ impl HistoryItems {
             }
             HistoryItem::ZERO
         } else {
+            if let Some(parked) = self.parked.take() {
+                let store = self.store.as_ref().expect("parked items have a store");
+                // On a failed read (recorded by the store, which the shell
+                // checks) the segment's items before this one are lost.
+                store.read(parked, &mut self.bytes);
+            }
             self.last
         };
         put_delta(&mut self.bytes, &base, &item);
         self.last = item;
         self.len += 1;
         debug_assert!(self.store.is_none() || self.sealed.len() * CHECKPOINT_ITEMS < self.len);
+    }
+
+    /// Moves the last segment's items, unsealed, to the store until the
+    /// next item comes (then read back, or sealed where they are if the
+    /// segment is whole): for a deal that is expected to get no more
+    /// items. Nothing to do without a store or items in memory.
+    pub fn park(&mut self) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        if self.bytes.is_empty() {
+            return;
+        }
+        debug_assert!(self.parked.is_none(), "parked with items in memory");
+        self.parked = Some(store.append(&self.bytes));
+        self.bytes = Vec::new();
     }
 
     /// Moves every whole segment but the last to `store`, and the segments
@@ -332,10 +362,16 @@ impl HistoryItems {
         let Some(store) = &self.store else {
             return Some(Cow::Borrowed(&self.bytes));
         };
-        let total = self.sealed.iter().map(|r| r.len as usize).sum::<usize>() + self.bytes.len();
+        let total = self
+            .sealed
+            .iter()
+            .chain(&self.parked)
+            .map(|r| r.len as usize)
+            .sum::<usize>()
+            + self.bytes.len();
         let mut out = Vec::with_capacity(total);
         let mut segment = Vec::new();
-        for at in &self.sealed {
+        for at in self.sealed.iter().chain(&self.parked) {
             if !store.read(*at, &mut segment) {
                 return None;
             }
@@ -394,7 +430,12 @@ impl Iterator for HistoryIter<'_> {
         let base = if self.position.is_multiple_of(CHECKPOINT_ITEMS) {
             // A segment starts: from the store, or from memory.
             let segment = self.position / CHECKPOINT_ITEMS;
-            match (&self.items.store, self.items.sealed.get(segment)) {
+            let stored = self
+                .items
+                .sealed
+                .get(segment)
+                .or(self.items.parked.as_ref());
+            match (&self.items.store, stored) {
                 (Some(store), Some(at)) => {
                     let mut buf = match std::mem::take(&mut self.buf) {
                         Cow::Owned(buf) => buf,
@@ -542,6 +583,19 @@ pub struct DealEntries {
     pub last: Option<Cited>,
     /// Each lock granted by the deal.
     pub locks: LockEntries,
+}
+
+impl DealEntries {
+    /// Moves what is final to `store`: whole segments of history items,
+    /// ended locks' entries, and a terminated deal's last segment too
+    /// (parked: it expects no more items).
+    fn spill_to(&mut self, store: &Arc<dyn SegmentStore>) {
+        self.items.spill_to(store);
+        self.locks.store_in(store);
+        if self.terminated.is_some() {
+            self.items.park();
+        }
+    }
 }
 
 /// The entries of each lock a deal granted, by lock id; those of ended
@@ -863,8 +917,7 @@ impl DealIndex {
     pub fn spill_history_to(&mut self, store: Arc<dyn SegmentStore>) {
         assert!(self.segments.0.is_none(), "history spilled twice");
         for deal in self.deals.values_mut() {
-            deal.items.spill_to(&store);
-            deal.locks.store_in(&store);
+            deal.spill_to(&store);
         }
         self.timeline.store_in(Arc::clone(&store));
         self.segments = Segments(Some(store));
@@ -926,8 +979,7 @@ impl DealIndex {
         if !self.deals.contains_key(&event.deal_id) {
             let mut deal = DealEntries::default();
             if let Some(store) = &self.segments.0 {
-                deal.items.spill_to(store);
-                deal.locks.store_in(store);
+                deal.spill_to(store);
             }
             self.deals.insert(event.deal_id.clone(), deal);
         }
@@ -937,6 +989,10 @@ impl DealIndex {
             .expect("inserted above if it was missing");
         deal.items.push(item);
         if verdict != ItemVerdict::Accepted {
+            if deal.terminated.is_some() {
+                // An event after the end: the deal expects none.
+                deal.items.park();
+            }
             return;
         }
         let cited = Some(Cited { location, hash });
@@ -965,6 +1021,8 @@ impl DealIndex {
             Payload::Terminated(_) => {
                 deal.terminated = cited;
                 deal.locks.end_all(cited);
+                // No more items are expected: none stay in memory.
+                deal.items.park();
             }
             Payload::TermsProposed(_) | Payload::TermsCountered(_) | Payload::TermsRejected(_) => {}
         }
@@ -1197,8 +1255,7 @@ impl DealIndex {
             }
             deal.items = r.history("deal entries")?;
             if let Some(store) = store {
-                deal.items.spill_to(store);
-                deal.locks.store_in(store);
+                deal.spill_to(store);
             }
             if deals.insert(id.clone(), deal).is_some() {
                 return Err(format!("deal {id} is listed twice"));
@@ -1636,23 +1693,38 @@ mod tests {
             }
         }
 
-        /// Spilled to a store, before or while they are pushed, items come
-        /// back the same from every position, and encode to the same bytes.
+        /// Spilled to a store, before or while they are pushed, and parked
+        /// now and then (the last segment too in the store, read back when
+        /// the next item comes), items come back the same from every
+        /// position, and encode to the same bytes.
         #[test]
         fn spilled_history_items_are_the_same_items(
             items in proptest::collection::vec(arb_item(), 0..300),
             spill_after in 0usize..300,
+            park_after in proptest::collection::vec(0usize..300, 0..6),
         ) {
             let store: Arc<dyn SegmentStore> = Arc::new(MemorySegments::default());
             let in_memory: HistoryItems = items.iter().copied().collect();
             let mut spilled = HistoryItems::default();
             let split = spill_after.min(items.len());
+            let park = |spilled: &mut HistoryItems| {
+                if park_after.contains(&spilled.len()) {
+                    spilled.park();
+                }
+            };
             for item in &items[..split] {
                 spilled.push(*item);
+                park(&mut spilled);
             }
             spilled.spill_to(&store);
+            park(&mut spilled);
             for item in &items[split..] {
                 spilled.push(*item);
+                park(&mut spilled);
+            }
+            if park_after.contains(&items.len()) {
+                proptest::prop_assert!(spilled.bytes.is_empty());
+                proptest::prop_assert_eq!(spilled.parked.is_some(), !items.is_empty());
             }
             proptest::prop_assert_eq!(&spilled, &in_memory);
             proptest::prop_assert_eq!(spilled.sealed.len(), items.len().saturating_sub(1) / CHECKPOINT_ITEMS);
@@ -1785,6 +1857,9 @@ mod tests {
             }
         }
         assert_eq!(spilled, memory);
+        // Terminated: no item of it stays in memory.
+        let items = &spilled.deals[&Id::new("d1").unwrap()].items;
+        assert!(items.bytes.is_empty() && items.parked.is_some());
         let locks = &memory.deals[&Id::new("d1").unwrap()].locks;
         assert_eq!(locks.len(), 332);
         assert!(locks.iter().all(|(_, refs)| refs.ended.is_some()));
