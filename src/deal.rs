@@ -1508,19 +1508,20 @@ impl Deal {
 ///
 /// With a store attached ([`DealBook::store_ended_in`]) a deal that is
 /// terminated, and so changes no more, goes to the store, and memory keeps
-/// what the fold and the lock queries need of it (its id, place, times, amendment count and locks): the
-/// book's memory follows the deals open, not every deal ever opened.
-/// [`DealBook::get`] and [`DealBook::iter`] read such a deal back; a read
-/// that fails leaves it out and is recorded by the store, which the shell
-/// checks, as for ended locks.
+/// what the fold and the lock queries need of it (its id, place, times,
+/// amendment count and locks): the book's memory follows the deals open,
+/// not every deal ever opened. [`DealBook::get`] and [`DealBook::iter`]
+/// read such a deal back; a read that fails leaves it out and is recorded
+/// by the store, which the shell checks, as for ended locks.
 pub struct DealBook {
     deals: HashMap<Id, KeptDeal>,
     /// The ids of `deals`, in order.
     order: BTreeSet<Id>,
     /// Every amendment applied, by (deal, amendment id) fingerprint.
     amendments: Box<dyn AmendmentSet>,
-    /// Where ended locks go, once attached ([`DealBook::store_ended_in`]).
-    lock_store: Option<LockStore>,
+    /// Where ended locks and terminated deals go, once attached
+    /// ([`DealBook::store_ended_in`]).
+    ended_store: Option<EndedStore>,
 }
 
 impl Default for DealBook {
@@ -1529,7 +1530,7 @@ impl Default for DealBook {
             deals: HashMap::new(),
             order: BTreeSet::new(),
             amendments: Box::new(MemoryAmendments::default()),
-            lock_store: None,
+            ended_store: None,
         }
     }
 }
@@ -1544,7 +1545,7 @@ impl Clone for DealBook {
             deals: self.deals.clone(),
             order: self.order.clone(),
             amendments: Box::new(amendments),
-            lock_store: self.lock_store.clone(),
+            ended_store: self.ended_store.clone(),
         }
     }
 }
@@ -1557,7 +1558,7 @@ impl fmt::Debug for DealBook {
                 &fmt::from_fn(|f| f.debug_map().entries(self.iter()).finish()),
             )
             .field("amendments", &self.amendments.len())
-            .field("lock_store", &self.lock_store)
+            .field("ended_store", &self.ended_store)
             .finish()
     }
 }
@@ -1576,7 +1577,7 @@ impl PartialEq for DealBook {
 
 /// [`DealBook`]'s handle on the store of ended locks and deals.
 #[derive(Clone)]
-struct LockStore(Arc<dyn SegmentStore>);
+struct EndedStore(Arc<dyn SegmentStore>);
 
 /// A deal as [`DealBook`] keeps it.
 #[derive(Clone)]
@@ -1645,9 +1646,9 @@ impl KeptDeal {
     }
 }
 
-impl fmt::Debug for LockStore {
+impl fmt::Debug for EndedStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("LockStore")
+        f.write_str("EndedStore")
     }
 }
 
@@ -1704,7 +1705,10 @@ impl DealBook {
         match kept {
             KeptDeal::Open(deal) => Some(Cow::Borrowed(&**deal)),
             KeptDeal::Stored(stored) => {
-                let LockStore(store) = self.lock_store.as_ref().expect("stored deals have a store");
+                let EndedStore(store) = self
+                    .ended_store
+                    .as_ref()
+                    .expect("stored deals have a store");
                 stored.load(&**store).map(Cow::Owned)
             }
         }
@@ -1786,8 +1790,8 @@ impl DealBook {
             return Err(format!("deal {} appears twice", deal.id));
         }
         let id = deal.id.clone();
-        let kept = match &self.lock_store {
-            Some(LockStore(store)) => {
+        let kept = match &self.ended_store {
+            Some(EndedStore(store)) => {
                 deal.locks.store_ended_in(store);
                 Self::kept(Box::new(deal), Some(&**store))
             }
@@ -1812,7 +1816,7 @@ impl DealBook {
     /// Whether ended locks and terminated deals go to a store
     /// ([`DealBook::store_ended_in`]).
     pub fn stores_ended(&self) -> bool {
-        self.lock_store.is_some()
+        self.ended_store.is_some()
     }
 
     /// Moves every deal's ended locks, and every terminated deal, to
@@ -1820,7 +1824,7 @@ impl DealBook {
     /// type's docs): what keeps the book's memory from growing with
     /// every lock granted and every deal that ended.
     pub fn store_ended_in(&mut self, store: Arc<dyn SegmentStore>) {
-        assert!(self.lock_store.is_none(), "ended locks stored twice");
+        assert!(self.ended_store.is_none(), "ended locks stored twice");
         self.deals = std::mem::take(&mut self.deals)
             .into_iter()
             .map(|(id, kept)| {
@@ -1831,7 +1835,7 @@ impl DealBook {
                 (id, Self::kept(deal, Some(&*store)))
             })
             .collect();
-        self.lock_store = Some(LockStore(store));
+        self.ended_store = Some(EndedStore(store));
     }
 
     /// The fingerprints of every amendment applied
@@ -1896,7 +1900,7 @@ impl DealBook {
                 });
             };
             let mut deal = Deal::open(event.deal_id.clone(), opened, event.time);
-            if let Some(LockStore(store)) = &self.lock_store {
+            if let Some(EndedStore(store)) = &self.ended_store {
                 deal.locks.store_ended_in(store);
             }
             Self::commit_to(&mut deal, event, Checked::default(), &mut *self.amendments);
@@ -1938,7 +1942,7 @@ impl DealBook {
         let checked = deal.check(event, &*self.amendments)?;
         Self::commit_to(deal, event, checked, &mut *self.amendments);
         if deal.status == Status::Terminated
-            && let Some(LockStore(store)) = &self.lock_store
+            && let Some(EndedStore(store)) = &self.ended_store
         {
             // It changes no more: to the store.
             let Some(KeptDeal::Open(deal)) = self.deals.remove(&event.deal_id) else {

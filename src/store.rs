@@ -3546,7 +3546,7 @@ impl<R: io::Read> SnapshotReader<R> {
     /// and amendment fingerprints go into `sets` as they are read.
     fn rest(
         &mut self,
-        lock_store: Option<&Arc<dyn SegmentStore>>,
+        segments: Option<&Arc<dyn SegmentStore>>,
         sets: FingerprintSets<'_>,
         topic: &str,
         batch_no: u64,
@@ -3580,7 +3580,7 @@ impl<R: io::Read> SnapshotReader<R> {
         // (~75 MB) were most of a restart's peak.
         let deals = self.count(true, 4 + 2, "deal")?;
         let mut book = DealBook::new();
-        if let Some(store) = lock_store {
+        if let Some(store) = segments {
             book.store_ended_in(Arc::clone(store));
         }
         let mut json = Vec::new();
@@ -3610,7 +3610,7 @@ impl<R: io::Read> SnapshotReader<R> {
         )?;
         let len = self.count(true, 1, "query index byte")?;
         let (index, used) =
-            DealIndex::decode_spilling(&self.bytes(len, "the query index")?, lock_store)
+            DealIndex::decode_spilling(&self.bytes(len, "the query index")?, segments)
                 .map_err(|e| format!("its query index does not decode: {e}"))?;
         if used != len {
             return Err(format!("its query index has {} bytes after its end", len - used).into());
