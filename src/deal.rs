@@ -1575,6 +1575,27 @@ impl PartialEq for DealBook {
     }
 }
 
+/// What statistics count of a deal ([`DealBook::counts_after`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DealCounts {
+    /// Where it is in its lifecycle.
+    pub status: Status,
+    /// When it opened.
+    pub opened_at: Timestamp,
+    /// When it was finalized, if it was.
+    pub finalized_at: Option<Timestamp>,
+    /// How many proposals and counter-proposals it had.
+    pub proposals: usize,
+}
+
+impl DealCounts {
+    /// Seconds from opening to finalization, if it was finalized.
+    pub fn seconds_to_finalize(&self) -> Option<i64> {
+        let at = self.finalized_at?;
+        Some((at.as_datetime() - self.opened_at.as_datetime()).num_seconds())
+    }
+}
+
 /// [`DealBook`]'s handle on the store of ended locks and deals.
 #[derive(Clone)]
 struct EndedStore(Arc<dyn SegmentStore>);
@@ -1598,6 +1619,10 @@ struct StoredDeal {
     at: SegmentRef,
     /// When it opened (the fold's `AlreadyOpened` names it).
     opened_at: Timestamp,
+    /// When it was finalized, if it was (for [`DealBook::counts_after`]).
+    finalized_at: Option<Timestamp>,
+    /// How many proposals it had (for [`DealBook::counts_after`]).
+    proposals: u32,
     /// When it was terminated (the fold's `DealTerminated` names it).
     terminated_at: Timestamp,
     /// Its `amendment_count` ([`DealBook::amendments_applied`]).
@@ -1616,6 +1641,8 @@ impl StoredDeal {
         StoredDeal {
             at: store.append(&json),
             opened_at: deal.opened_at,
+            finalized_at: deal.finalization.as_ref().map(|f| f.at),
+            proposals: u32::try_from(deal.proposals.len()).expect("at most 1,000 proposals"),
             terminated_at,
             amendment_count: deal.amendment_count,
             locks,
@@ -1638,6 +1665,23 @@ impl StoredDeal {
 }
 
 impl KeptDeal {
+    fn counts(&self) -> DealCounts {
+        match self {
+            KeptDeal::Open(deal) => DealCounts {
+                status: deal.status,
+                opened_at: deal.opened_at,
+                finalized_at: deal.finalization.as_ref().map(|f| f.at),
+                proposals: deal.proposals.len(),
+            },
+            KeptDeal::Stored(stored) => DealCounts {
+                status: Status::Terminated,
+                opened_at: stored.opened_at,
+                finalized_at: stored.finalized_at,
+                proposals: stored.proposals as usize,
+            },
+        }
+    }
+
     fn locks(&self) -> &DealLocks {
         match self {
             KeptDeal::Open(deal) => &deal.locks,
@@ -1733,9 +1777,17 @@ impl DealBook {
             .filter_map(|id| Some((id, self.load(&self.deals[id])?)))
     }
 
-    /// The ids of every deal, in order.
-    pub fn ids(&self) -> impl Iterator<Item = &Id> {
-        self.order.iter()
+    /// The deals whose id sorts after `after` (every deal without it), in
+    /// deal-id order, read as [`DealBook::iter`] reads them; those before
+    /// are skipped without being read back (a page after a cursor).
+    pub fn iter_after<'a>(
+        &'a self,
+        after: Option<&'a str>,
+    ) -> impl Iterator<Item = (&'a Id, Cow<'a, Deal>)> + 'a {
+        self.order
+            .iter()
+            .filter(move |id| after.is_none_or(|a| id.as_str() > a))
+            .filter_map(|id| Some((id, self.load(&self.deals[id])?)))
     }
 
     /// The locks of deal `id`, if it was opened: in memory whether or not
@@ -1755,6 +1807,19 @@ impl DealBook {
             None => Box::new(self.order.iter()),
         };
         ids.map(|id| (id, self.deals[id].locks()))
+    }
+
+    /// What statistics count of each deal whose id sorts after `after`
+    /// (every deal without it), in deal-id order, without reading any deal
+    /// back.
+    pub fn counts_after<'a>(
+        &'a self,
+        after: Option<&'a str>,
+    ) -> impl Iterator<Item = (&'a Id, DealCounts)> + 'a {
+        self.order
+            .iter()
+            .filter(move |id| after.is_none_or(|a| id.as_str() > a))
+            .map(|id| (id, self.deals[id].counts()))
     }
 
     /// How many deals are terminated and kept in the store.
@@ -3701,6 +3766,17 @@ mod tests {
             prop_assert_eq!(stored.amendments_applied(), kept.amendments_applied());
             for (id, deal) in kept.iter() {
                 prop_assert_eq!(stored.locks_of(id), Some(&deal.locks));
+                // Counted and paged from what memory keeps, as from the deal.
+                let counts = stored.counts_after(None).find(|(i, _)| *i == id).unwrap().1;
+                prop_assert_eq!(counts, DealCounts {
+                    status: deal.status,
+                    opened_at: deal.opened_at,
+                    finalized_at: deal.finalization.as_ref().map(|f| f.at),
+                    proposals: deal.proposals.len(),
+                });
+                let after: Vec<&Id> = stored.iter_after(Some(id.as_str())).map(|(i, _)| i).collect();
+                let expected: Vec<&Id> = kept.iter().map(|(i, _)| i).filter(|i| *i > id).collect();
+                prop_assert_eq!(after, expected);
             }
             // Restored deal by deal, as from a snapshot.
             let mut restored = DealBook::new();

@@ -689,12 +689,9 @@ pub fn deals_list(
             && filter.to.is_none_or(|t| d.opened_at < t)
     };
     let after = page.cursor()?.map(str::to_string);
-    let book = state.book();
-    // Deals before the cursor are skipped by id, not read back.
-    let keyed = book
-        .ids()
-        .filter(|id| after.as_deref().is_none_or(|a| id.as_str() > a))
-        .filter_map(|id| Some((id, book.get(id)?)))
+    let keyed = state
+        .book()
+        .iter_after(after.as_deref())
         .filter(|(_, d)| matches(d))
         .map(|(id, d)| {
             let summary = DealSummary {
@@ -1410,14 +1407,15 @@ pub fn stats(state: &LedgerState, page: &PageRequest) -> Result<Stats, QueryErro
     let mut deals_by_status: BTreeMap<String, u64> = BTreeMap::new();
     let mut to_finalize = Vec::new();
     let mut rounds = 0usize;
-    for (_, deal) in state.book().iter() {
+    // Terminated deals in the store are not read back for these.
+    for (_, deal) in state.book().counts_after(None) {
         *deals_by_status
             .entry(deal.status.as_str().to_string())
             .or_default() += 1;
-        if let Some(s) = seconds_to_finalize(&deal) {
+        if let Some(s) = deal.seconds_to_finalize() {
             to_finalize.push(s);
         }
-        rounds += deal.proposals.len();
+        rounds += deal.proposals;
     }
     to_finalize.sort_unstable();
     let deals = state.book().len();
@@ -1436,8 +1434,7 @@ pub fn stats(state: &LedgerState, page: &PageRequest) -> Result<Stats, QueryErro
     let after = page.cursor()?.map(str::to_string);
     let keyed = state
         .book()
-        .iter()
-        .filter(|(id, _)| after.as_deref().is_none_or(|a| id.as_str() > a))
+        .counts_after(after.as_deref())
         .map(|(id, deal)| {
             let mut by_type: BTreeMap<String, u64> = BTreeMap::new();
             let mut tally = VerdictTally::default();
@@ -1452,8 +1449,8 @@ pub fn stats(state: &LedgerState, page: &PageRequest) -> Result<Stats, QueryErro
                 DealStats {
                     id: id.clone(),
                     status: deal.status,
-                    seconds_to_finalize: seconds_to_finalize(&deal),
-                    proposal_rounds: deal.proposals.len(),
+                    seconds_to_finalize: deal.seconds_to_finalize(),
+                    proposal_rounds: deal.proposals,
                     events_by_type: by_type,
                     verdicts: tally,
                 },
@@ -1474,11 +1471,6 @@ fn history_intact(state: &LedgerState) -> Result<(), QueryError> {
             "the deals' history cannot be read back: {failure}"
         ))),
     }
-}
-
-fn seconds_to_finalize(deal: &Deal) -> Option<i64> {
-    let f = deal.finalization.as_ref()?;
-    Some((f.at.as_datetime() - deal.opened_at.as_datetime()).num_seconds())
 }
 
 #[cfg(test)]
