@@ -53,6 +53,8 @@ fn main() {
         .unwrap_or(0);
     // What each part costs, measured as the resident growth of a copy of
     // it (all kept until the end, so no copy reuses another's freed pages).
+    // The book's copies are of every deal as read: terminated deals that
+    // the book keeps in the segment file are read back for them.
     let book = state.book();
     let (book_locks, book_locks_heap) = copied(|| {
         book.iter()
@@ -94,7 +96,11 @@ fn main() {
     }
     println!("entries:            {}", state.entry_count());
     println!("fingerprints:       {}", state.fingerprints().count());
-    println!("deals:              {}", state.book().len());
+    println!(
+        "deals:              {} ({} terminated, in the segment file)",
+        state.book().len(),
+        state.book().stored_deals()
+    );
     println!("proposals:          {proposals}");
     println!("locks:              {locks}");
     println!("deal book (JSON):   {book_json} bytes");
@@ -104,7 +110,7 @@ fn main() {
         item_bytes as f64 / items.max(1) as f64
     );
     println!(
-        "  a copy of its deals:     +{} MiB resident",
+        "  a copy of every deal:    +{} MiB resident (as read back)",
         book_heap >> 20
     );
     println!(
