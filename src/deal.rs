@@ -955,6 +955,16 @@ pub struct Deal {
 }
 
 impl Deal {
+    /// What statistics count of this deal.
+    pub fn counts(&self) -> DealCounts {
+        DealCounts {
+            status: self.status,
+            opened_at: self.opened_at,
+            finalized_at: self.finalization.as_ref().map(|f| f.at),
+            proposals: self.proposals.len(),
+        }
+    }
+
     /// A deal as `deal.negotiation.opened` creates it, before any event is counted.
     fn open(id: Id, opened: &NegotiationOpened, at: Timestamp) -> Deal {
         Deal {
@@ -1617,12 +1627,9 @@ enum KeptDeal {
 #[derive(Clone)]
 struct StoredDeal {
     at: SegmentRef,
-    /// When it opened (the fold's `AlreadyOpened` names it).
-    opened_at: Timestamp,
-    /// When it was finalized, if it was (for [`DealBook::counts_after`]).
-    finalized_at: Option<Timestamp>,
-    /// How many proposals it had (for [`DealBook::counts_after`]).
-    proposals: u32,
+    /// What statistics count of it ([`DealBook::counts_after`]); its
+    /// opening time is also what the fold's `AlreadyOpened` names.
+    counts: DealCounts,
     /// When it was terminated (the fold's `DealTerminated` names it).
     terminated_at: Timestamp,
     /// Its `amendment_count` ([`DealBook::amendments_applied`]).
@@ -1640,9 +1647,7 @@ impl StoredDeal {
         let json = serde_json::to_vec(&*deal).expect("a deal serializes");
         StoredDeal {
             at: store.append(&json),
-            opened_at: deal.opened_at,
-            finalized_at: deal.finalization.as_ref().map(|f| f.at),
-            proposals: u32::try_from(deal.proposals.len()).expect("at most 1,000 proposals"),
+            counts: deal.counts(),
             terminated_at,
             amendment_count: deal.amendment_count,
             locks,
@@ -1667,18 +1672,8 @@ impl StoredDeal {
 impl KeptDeal {
     fn counts(&self) -> DealCounts {
         match self {
-            KeptDeal::Open(deal) => DealCounts {
-                status: deal.status,
-                opened_at: deal.opened_at,
-                finalized_at: deal.finalization.as_ref().map(|f| f.at),
-                proposals: deal.proposals.len(),
-            },
-            KeptDeal::Stored(stored) => DealCounts {
-                status: Status::Terminated,
-                opened_at: stored.opened_at,
-                finalized_at: stored.finalized_at,
-                proposals: stored.proposals as usize,
-            },
+            KeptDeal::Open(deal) => deal.counts(),
+            KeptDeal::Stored(stored) => stored.counts,
         }
     }
 
@@ -1761,20 +1756,14 @@ impl DealBook {
     /// Every deal, in deal-id order (terminated ones read back from the
     /// store if they were moved there; one whose read failed is left out).
     pub fn iter(&self) -> impl Iterator<Item = (&Id, Cow<'_, Deal>)> {
-        self.order
-            .iter()
-            .filter_map(|id| Some((id, self.load(&self.deals[id])?)))
+        self.iter_after(None)
     }
 
-    /// The deals from `first` on (`first` included if it was opened), in
-    /// deal-id order, read as [`DealBook::iter`] reads them.
-    pub fn iter_from<'a>(
-        &'a self,
-        first: &Id,
-    ) -> impl Iterator<Item = (&'a Id, Cow<'a, Deal>)> + 'a {
+    /// The ids that sort after `after` (every id without it), in order.
+    fn ids_after<'a>(&'a self, after: Option<&'a str>) -> impl Iterator<Item = &'a Id> + 'a {
         self.order
-            .range(first..)
-            .filter_map(|id| Some((id, self.load(&self.deals[id])?)))
+            .iter()
+            .filter(move |id| after.is_none_or(|a| id.as_str() > a))
     }
 
     /// The deals whose id sorts after `after` (every deal without it), in
@@ -1784,9 +1773,7 @@ impl DealBook {
         &'a self,
         after: Option<&'a str>,
     ) -> impl Iterator<Item = (&'a Id, Cow<'a, Deal>)> + 'a {
-        self.order
-            .iter()
-            .filter(move |id| after.is_none_or(|a| id.as_str() > a))
+        self.ids_after(after)
             .filter_map(|id| Some((id, self.load(&self.deals[id])?)))
     }
 
@@ -1816,9 +1803,7 @@ impl DealBook {
         &'a self,
         after: Option<&'a str>,
     ) -> impl Iterator<Item = (&'a Id, DealCounts)> + 'a {
-        self.order
-            .iter()
-            .filter(move |id| after.is_none_or(|a| id.as_str() > a))
+        self.ids_after(after)
             .map(|id| (id, self.deals[id].counts()))
     }
 
@@ -1983,7 +1968,7 @@ impl DealBook {
                 return Err(match event.payload {
                     Payload::NegotiationOpened(_) => Rejection::AlreadyOpened {
                         deal_id: event.deal_id.clone(),
-                        opened_at: stored.opened_at,
+                        opened_at: stored.counts.opened_at,
                     },
                     _ => Rejection::DealTerminated {
                         deal_id: event.deal_id.clone(),
