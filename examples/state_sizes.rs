@@ -101,6 +101,10 @@ fn main() {
         state.book().len(),
         state.book().stored_deals()
     );
+    let (indexed, indexed_stored) = state.index().deal_counts();
+    println!(
+        "indexed deal ids:   {indexed} ({indexed_stored} with their entries in the segment file)"
+    );
     println!("proposals:          {proposals}");
     println!("locks:              {locks}");
     println!("deal book (JSON):   {book_json} bytes");

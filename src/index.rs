@@ -20,7 +20,8 @@
 //! stored as its difference from the deal's previous one), most of which
 //! goes to the [`SegmentStore`] once spilled
 //! ([`DealIndex::spill_history_to`]: then 16 bytes per 64 entries and each
-//! deal's last segment stay), plus a small record per deal and per lock; the
+//! deal's last segment stay), plus a small record per deal and per lock
+//! (a terminated deal's goes to the store too, whole); the
 //! strings of producers (`source`) and rejection kinds are interned once
 //! (see ARCHITECTURE.md, "Memory").
 
@@ -596,6 +597,183 @@ impl DealEntries {
             self.items.park();
         }
     }
+
+    /// The record [`KeptEntries::Stored`] points to, if these entries can
+    /// be stored whole: terminated, and everything else already in the
+    /// store (history items sealed or parked, every lock ended and
+    /// stored). The six cited entries, then the items' count, last item
+    /// and places, then the locks' fingerprints and places.
+    fn stored_record(&self) -> Option<Vec<u8>> {
+        let items = &self.items;
+        let storable = self.terminated.is_some()
+            && items.store.is_some()
+            && items.bytes.is_empty()
+            && self.locks.store.is_some()
+            && self.locks.held.is_empty()
+            && self.locks.ended.is_empty();
+        if !storable {
+            return None;
+        }
+        let mut out = Vec::with_capacity(
+            6 * (8 + HASH_LEN) + 64 + 12 * items.sealed.len() + 16 * self.locks.stored.len(),
+        );
+        for cited in self.cited() {
+            put_cited(&mut out, cited);
+        }
+        put_u64(&mut out, items.len as u64);
+        put_delta(&mut out, &HistoryItem::ZERO, &items.last);
+        put_u32(&mut out, items.sealed.len() as u32);
+        for at in &items.sealed {
+            put_segment_ref(&mut out, *at);
+        }
+        match items.parked {
+            None => out.push(0),
+            Some(at) => {
+                out.push(1);
+                put_segment_ref(&mut out, at);
+            }
+        }
+        put_u32(&mut out, self.locks.stored.len() as u32);
+        for (fingerprint, place) in &self.locks.stored {
+            put_u64(&mut out, *fingerprint);
+            put_u64(&mut out, place.0);
+        }
+        (out.len() < 1 << StoredPlace::LEN_BITS).then_some(out)
+    }
+
+    /// Entries read back from the record [`DealEntries::stored_record`]
+    /// wrote at `place`; `None` if the read failed (the store records why).
+    fn read_stored(store: &Arc<dyn SegmentStore>, place: StoredPlace) -> Option<DealEntries> {
+        let mut bytes = Vec::new();
+        if !store.read(place.at(), &mut bytes) {
+            return None;
+        }
+        // What this process wrote; anything else is a bug.
+        const BUG: &str = "a stored deal's entries decode";
+        let mut r = Reader {
+            bytes: &bytes,
+            at: 0,
+        };
+        let mut cited = [None; 6];
+        for c in &mut cited {
+            *c = r.cited().expect(BUG);
+        }
+        let [opened, agreed, finalized, terms_from, terminated, last] = cited;
+        let len = r.u64("").expect(BUG) as usize;
+        let mut at = r.at;
+        let last_item = get_delta(&bytes, &mut at, &HistoryItem::ZERO).expect(BUG);
+        r.at = at;
+        let n = r.u32("").expect(BUG) as usize;
+        let mut sealed = Vec::with_capacity(n);
+        for _ in 0..n {
+            sealed.push(r.segment_ref().expect(BUG));
+        }
+        let parked = match r.u8("").expect(BUG) {
+            0 => None,
+            _ => Some(r.segment_ref().expect(BUG)),
+        };
+        let n = r.u32("").expect(BUG) as usize;
+        let mut stored = Vec::with_capacity(n);
+        for _ in 0..n {
+            let fingerprint = r.u64("").expect(BUG);
+            stored.push((fingerprint, StoredPlace(r.u64("").expect(BUG))));
+        }
+        Some(DealEntries {
+            items: HistoryItems {
+                bytes: Vec::new(),
+                checkpoints: Vec::new(),
+                len,
+                last: last_item,
+                store: Some(Arc::clone(store)),
+                sealed,
+                parked,
+            },
+            opened,
+            agreed,
+            finalized,
+            terms_from,
+            terminated,
+            last,
+            locks: LockEntries {
+                held: IdMap::default(),
+                ended: IdMap::default(),
+                stored,
+                store: Some(Arc::clone(store)),
+            },
+        })
+    }
+
+    /// The six cited entries, in the order encodings write them.
+    fn cited(&self) -> [Option<Cited>; 6] {
+        [
+            self.opened,
+            self.agreed,
+            self.finalized,
+            self.terms_from,
+            self.terminated,
+            self.last,
+        ]
+    }
+}
+
+/// A deal's entries as [`DealIndex`] keeps them.
+#[derive(Clone, Debug)]
+enum KeptEntries {
+    /// In memory: every deal not terminated, and every deal of an index
+    /// without a store.
+    Open(Box<DealEntries>),
+    /// A terminated deal's entries, whole in the store (a record of ~400
+    /// bytes: the cited entries and the places of its items and locks):
+    /// 8 bytes in memory instead of ~600. An entry recorded later for the
+    /// deal (refused: it ended) reads it back and stores it again.
+    Stored(StoredPlace),
+}
+
+impl KeptEntries {
+    /// The entries, to change them: read back first if stored (on a failed
+    /// read, recorded by the store, which the shell checks, they start
+    /// empty).
+    fn open(&mut self, store: Option<&Arc<dyn SegmentStore>>) -> &mut DealEntries {
+        if let KeptEntries::Stored(place) = *self {
+            let store = store.expect("stored entries have a store");
+            let entries = DealEntries::read_stored(store, place).unwrap_or_else(|| {
+                let mut empty = DealEntries::default();
+                empty.spill_to(store);
+                empty
+            });
+            *self = KeptEntries::Open(Box::new(entries));
+        }
+        match self {
+            KeptEntries::Open(entries) => entries,
+            KeptEntries::Stored(_) => unreachable!("read back above"),
+        }
+    }
+
+    /// Moves the entries of a terminated deal to `store`, whole, if they
+    /// can be ([`DealEntries::stored_record`]).
+    fn close(&mut self, store: Option<&Arc<dyn SegmentStore>>) {
+        let (KeptEntries::Open(entries), Some(store)) = (&mut *self, store) else {
+            return;
+        };
+        if entries.terminated.is_none() {
+            return;
+        }
+        entries.items.park();
+        if let Some(record) = entries.stored_record() {
+            *self = KeptEntries::Stored(StoredPlace::of(store.append(&record)));
+        }
+    }
+
+    /// The entries, read back if stored; `None` if that read failed.
+    fn get<'a>(&'a self, store: Option<&Arc<dyn SegmentStore>>) -> Option<Cow<'a, DealEntries>> {
+        match self {
+            KeptEntries::Open(entries) => Some(Cow::Borrowed(entries)),
+            KeptEntries::Stored(place) => {
+                DealEntries::read_stored(store.expect("stored entries have a store"), *place)
+                    .map(Cow::Owned)
+            }
+        }
+    }
 }
 
 /// The entries of each lock a deal granted, by lock id; those of ended
@@ -855,9 +1033,9 @@ impl Interner {
 }
 
 /// The query index of a whole ledger. See the module docs.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct DealIndex {
-    deals: HashMap<Id, DealEntries>,
+    deals: HashMap<Id, KeptEntries>,
     /// Where the deals' history items go once spilled
     /// ([`DealIndex::spill_history_to`]); not part of the index's value.
     segments: Segments,
@@ -872,6 +1050,24 @@ pub struct DealIndex {
     sources: Interner,
     kinds: Interner,
 }
+
+/// Equal when they hold the same entries, wherever they keep them.
+impl PartialEq for DealIndex {
+    fn eq(&self, other: &Self) -> bool {
+        self.deals.len() == other.deals.len()
+            && self
+                .deals
+                .keys()
+                .all(|id| other.deals.contains_key(id) && self.deal(id) == other.deal(id))
+            && self.in_force == other.in_force
+            && self.timeline == other.timeline
+            && self.unattributed == other.unattributed
+            && self.sources == other.sources
+            && self.kinds == other.kinds
+    }
+}
+
+impl Eq for DealIndex {}
 
 /// The [`SegmentStore`] of a [`DealIndex`], if any: compared equal and
 /// printed as a flag, since it is where the index keeps items, not what.
@@ -916,8 +1112,9 @@ impl DealIndex {
     /// what keeps the index's memory from growing with every entry.
     pub fn spill_history_to(&mut self, store: Arc<dyn SegmentStore>) {
         assert!(self.segments.0.is_none(), "history spilled twice");
-        for deal in self.deals.values_mut() {
-            deal.spill_to(&store);
+        for kept in self.deals.values_mut() {
+            kept.open(None).spill_to(&store);
+            kept.close(Some(&store));
         }
         self.timeline.store_in(Arc::clone(&store));
         self.segments = Segments(Some(store));
@@ -981,18 +1178,20 @@ impl DealIndex {
             if let Some(store) = &self.segments.0 {
                 deal.spill_to(store);
             }
-            self.deals.insert(event.deal_id.clone(), deal);
+            self.deals
+                .insert(event.deal_id.clone(), KeptEntries::Open(Box::new(deal)));
         }
-        let deal = self
+        let store = self.segments.0.as_ref();
+        let kept = self
             .deals
             .get_mut(&event.deal_id)
             .expect("inserted above if it was missing");
+        let deal = kept.open(store);
         deal.items.push(item);
         if verdict != ItemVerdict::Accepted {
-            if deal.terminated.is_some() {
-                // An event after the end: the deal expects none.
-                deal.items.park();
-            }
+            // An event after the end: the deal expects none; back to the
+            // store.
+            kept.close(store);
             return;
         }
         let cited = Some(Cited { location, hash });
@@ -1021,11 +1220,11 @@ impl DealIndex {
             Payload::Terminated(_) => {
                 deal.terminated = cited;
                 deal.locks.end_all(cited);
-                // No more items are expected: none stay in memory.
-                deal.items.park();
             }
             Payload::TermsProposed(_) | Payload::TermsCountered(_) | Payload::TermsRejected(_) => {}
         }
+        // A terminated deal's entries are final: none stay in memory.
+        kept.close(self.segments.0.as_ref());
     }
 
     fn kind(&mut self, kind: &str) -> u8 {
@@ -1035,8 +1234,12 @@ impl DealIndex {
 
     /// What the index holds about deal `id` (also for ids never opened,
     /// when events named them).
-    pub fn deal(&self, id: &Id) -> Option<&DealEntries> {
-        self.deals.get(id)
+    ///
+    /// A terminated deal's entries are read back from the store: `None` if
+    /// that read fails (the store records why; check
+    /// [`DealIndex::segment_failure`] before trusting an answer).
+    pub fn deal(&self, id: &Id) -> Option<Cow<'_, DealEntries>> {
+        self.deals.get(id)?.get(self.segments.0.as_ref())
     }
 
     /// Records that a lock ended (released, or its deal terminated): it is
@@ -1099,9 +1302,25 @@ impl DealIndex {
         }
     }
 
-    /// Every deal id with its entries, in no particular order.
-    pub fn deals(&self) -> impl Iterator<Item = (&Id, &DealEntries)> {
-        self.deals.iter()
+    /// Every deal id with its entries, in no particular order (terminated
+    /// deals' read back; one whose read fails is left out, as in
+    /// [`DealIndex::deal`]).
+    pub fn deals(&self) -> impl Iterator<Item = (&Id, Cow<'_, DealEntries>)> {
+        let store = self.segments.0.as_ref();
+        self.deals
+            .iter()
+            .filter_map(move |(id, kept)| Some((id, kept.get(store)?)))
+    }
+
+    /// How many deal ids the index knows, and how many of them have their
+    /// entries in the store (terminated).
+    pub fn deal_counts(&self) -> (usize, usize) {
+        let stored = self
+            .deals
+            .values()
+            .filter(|kept| matches!(kept, KeptEntries::Stored(_)))
+            .count();
+        (self.deals.len(), stored)
     }
 
     /// Entries whose event did not decode, in ledger order.
@@ -1121,7 +1340,7 @@ impl DealIndex {
 
     /// Entries indexed.
     pub fn len(&self) -> usize {
-        self.unattributed.len() + self.deals.values().map(|d| d.items.len()).sum::<usize>()
+        self.unattributed.len() + self.deals().map(|(_, d)| d.items.len()).sum::<usize>()
     }
 
     /// Whether no entry was indexed.
@@ -1165,16 +1384,11 @@ impl DealIndex {
         ids.sort_unstable();
         put_u64(&mut out, ids.len() as u64);
         for id in ids {
-            let deal = &self.deals[id];
+            // On a failed read (recorded by the store) the deal is written
+            // empty; whoever encodes checks the store and discards it.
+            let deal = self.deal(id).unwrap_or_default();
             put_bytes(&mut out, id.as_str().as_bytes());
-            for cited in [
-                deal.opened,
-                deal.agreed,
-                deal.finalized,
-                deal.terms_from,
-                deal.terminated,
-                deal.last,
-            ] {
+            for cited in deal.cited() {
                 put_cited(&mut out, cited);
             }
             put_u32(&mut out, deal.locks.len() as u32);
@@ -1257,7 +1471,9 @@ impl DealIndex {
             if let Some(store) = store {
                 deal.spill_to(store);
             }
-            if deals.insert(id.clone(), deal).is_some() {
+            let mut kept = KeptEntries::Open(Box::new(deal));
+            kept.close(store);
+            if deals.insert(id.clone(), kept).is_some() {
                 return Err(format!("deal {id} is listed twice"));
             }
         }
@@ -1300,6 +1516,12 @@ fn put_u64(out: &mut Vec<u8>, v: u64) {
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     put_u32(out, b.len() as u32);
     out.extend_from_slice(b);
+}
+
+/// Where a stored record is: its offset, then its length.
+fn put_segment_ref(out: &mut Vec<u8>, at: SegmentRef) {
+    put_u64(out, at.offset);
+    put_u32(out, at.len);
 }
 
 /// `0` for none, else `1 + packed` and the hash: a packed location is
@@ -1374,6 +1596,12 @@ impl Reader<'_> {
         let n = self.u32(what)? as usize;
         let b = self.take(n, what)?;
         String::from_utf8(b.to_vec()).map_err(|_| format!("{what} is not UTF-8"))
+    }
+
+    fn segment_ref(&mut self) -> Result<SegmentRef, String> {
+        let offset = self.u64("a record's offset")?;
+        let len = self.u32("a record's length")?;
+        Ok(SegmentRef { offset, len })
     }
 
     fn cited(&mut self) -> Result<Option<Cited>, String> {
@@ -1678,6 +1906,78 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// An index whose deals' entries go to a store (spilled at any
+        /// point; a terminated deal's whole, read back for every entry
+        /// recorded for it later) holds, answers and encodes the same as
+        /// one that keeps everything in memory, and decodes into a store
+        /// the same too.
+        #[test]
+        fn a_spilled_index_is_the_index_kept_in_memory(
+            steps in proptest::collection::vec((0u8..3, 0u8..5, 0u8..4, 0u8..3), 0..120),
+            spill_after in 0usize..120,
+        ) {
+            let store: Arc<dyn SegmentStore> = Arc::new(MemorySegments::default());
+            let mut memory = DealIndex::new();
+            let mut spilled = DealIndex::new();
+            let mut granted_once = std::collections::HashSet::new();
+            let mut ended = std::collections::HashSet::new();
+            for (i, &(deal, kind, lock, verdict)) in steps.iter().enumerate() {
+                if i == spill_after {
+                    spilled.spill_history_to(Arc::clone(&store));
+                }
+                let (deal, id, lock) = (format!("d{deal}"), format!("e{i}"), format!("l{lock}"));
+                let event = match kind {
+                    0 => opened(&deal, &id),
+                    1 | 2 => granted(&deal, &id, &lock),
+                    3 => released(&deal, &id, &lock),
+                    _ => terminated(&deal, &id),
+                };
+                // What the fold never accepts: a lock id granted twice by
+                // a deal, an event after the deal's termination.
+                let is_grant = matches!(kind, 1 | 2);
+                let accepted = verdict == 0
+                    && !ended.contains(&deal)
+                    && (!is_grant || granted_once.insert((deal.clone(), lock.clone())));
+                if accepted && kind == 4 {
+                    ended.insert(deal.clone());
+                }
+                let judged = match verdict {
+                    0 if accepted => Judged::Accepted(&event),
+                    0 => Judged::Refused(&event, "deal_terminated"),
+                    1 => Judged::Duplicate(&event),
+                    _ => Judged::Refused(&event, "deal_terminated"),
+                };
+                for index in [&mut memory, &mut spilled] {
+                    index.record_at(loc(i32::from(kind % 2), i as u64), i as i64, judged);
+                }
+            }
+            proptest::prop_assert!(spilled.segment_failure().is_none());
+            for (id, _) in memory.deals() {
+                proptest::prop_assert_eq!(spilled.deal(id), memory.deal(id));
+            }
+            proptest::prop_assert_eq!(&spilled.timeline, &memory.timeline);
+            proptest::prop_assert_eq!(&spilled.in_force, &memory.in_force);
+            proptest::prop_assert_eq!(&spilled, &memory);
+            proptest::prop_assert_eq!(spilled.len(), memory.len());
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            spilled.encode(&mut a);
+            memory.encode(&mut b);
+            proptest::prop_assert_eq!(&a, &b);
+            let (decoded, _) = DealIndex::decode_spilling(&b, Some(&store)).unwrap();
+            let mut expected = memory.clone();
+            expected.in_force.clear();
+            expected.timeline = LockTimeline::new();
+            proptest::prop_assert_eq!(decoded, expected);
+            // Every terminated deal whose locks all ended is in the store.
+            if spilled.is_spilled() {
+                for (id, kept) in &spilled.deals {
+                    let entries = spilled.deal(id).unwrap();
+                    let whole = entries.terminated.is_some() && entries.locks.held.is_empty();
+                    proptest::prop_assert_eq!(matches!(kept, KeptEntries::Stored(_)), whole, "{}", id);
+                }
+            }
+        }
+
         /// Any items, extreme values included, come back exactly, in
         /// order, from the start and from every position.
         #[test]
@@ -1846,9 +2146,10 @@ mod tests {
             if i == 250 {
                 // Both hold some ended locks' entries: in the store, in memory.
                 let (s, m) = (
-                    &spilled.deals[&Id::new("d1").unwrap()].locks,
-                    &memory.deals[&Id::new("d1").unwrap()].locks,
+                    spilled.deal(&Id::new("d1").unwrap()).unwrap(),
+                    memory.deal(&Id::new("d1").unwrap()).unwrap(),
                 );
+                let (s, m) = (&s.locks, &m.locks);
                 assert!(s.ended.is_empty() && m.stored.is_empty());
                 assert!(s.stored.len() > 50 && !s.held.is_empty());
                 assert_eq!(s.stored.len(), m.ended.len());
@@ -1857,10 +2158,14 @@ mod tests {
             }
         }
         assert_eq!(spilled, memory);
-        // Terminated: no item of it stays in memory.
-        let items = &spilled.deals[&Id::new("d1").unwrap()].items;
+        // Terminated: nothing of it stays in memory.
+        let d1 = Id::new("d1").unwrap();
+        assert!(matches!(spilled.deals[&d1], KeptEntries::Stored(_)));
+        assert!(matches!(memory.deals[&d1], KeptEntries::Open(_)));
+        let items = spilled.deal(&d1).unwrap().items.clone();
         assert!(items.bytes.is_empty() && items.parked.is_some());
-        let locks = &memory.deals[&Id::new("d1").unwrap()].locks;
+        let memory_d1 = memory.deal(&d1).unwrap();
+        let locks = &memory_d1.locks;
         assert_eq!(locks.len(), 332);
         assert!(locks.iter().all(|(_, refs)| refs.ended.is_some()));
         assert_eq!(
@@ -1886,12 +2191,26 @@ mod tests {
         memory.encode(&mut b);
         assert_eq!(a, b);
         assert!(spilled.segment_failure().is_none());
-        // A store that cannot read: iteration ends early, the failure shows.
+        // An entry refused after the end: read back, added, stored again.
+        let late = granted("d1", "e500", "l500");
+        for index in [&mut memory, &mut spilled] {
+            index.record_at(
+                loc(0, 500),
+                1_500,
+                Judged::Refused(&late, "deal_terminated"),
+            );
+        }
+        assert!(matches!(spilled.deals[&d1], KeptEntries::Stored(_)));
+        assert_eq!(spilled.deal(&d1).unwrap().items.len(), 501);
+        assert_eq!(spilled, memory);
+        // A store that cannot read: iteration ends early, a stored deal
+        // is not found, the failure shows.
+        let entries = spilled.deal(&d1).unwrap().into_owned();
         store
             .fail_reads
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        let items = &spilled.deal(&Id::new("d1").unwrap()).unwrap().items;
-        assert!(items.iter().count() < 500);
+        assert!(entries.items.iter().count() < 500);
+        assert!(spilled.deal(&d1).is_none());
         assert_eq!(
             spilled
                 .segment_failure()

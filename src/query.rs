@@ -396,6 +396,7 @@ pub fn deal_show(state: &LedgerState, id: &Id) -> Result<DealShow, QueryError> {
         return Err(QueryError::UnknownDeal(id.clone()));
     };
     let refs = state.index().deal(id);
+    let refs = refs.as_deref();
     let cited = |f: fn(&DealEntries) -> Option<Cited>| refs.and_then(f).map(EntryRef::from);
     // A lock binds one party, so the parties' sets are disjoint: the first
     // locks overall are among each party's first ones.
@@ -415,7 +416,7 @@ pub fn deal_show(state: &LedgerState, id: &Id) -> Result<DealShow, QueryError> {
         .into_iter()
         .filter_map(|(granting, lock_id)| state.book().locks_of(granting)?.not_ended_get(lock_id))
         .inspect(|l| debug_assert!(l.scope == deal.scope))
-        .map(|l| LockInfo::of(l, state.index().deal(&l.deal_id)))
+        .map(|l| LockInfo::of(l, state.index().deal(&l.deal_id).as_deref()))
         .collect();
     // Ended locks (and their entries) are read back from the scratch file.
     let locks_granted = deal.locks.iter().map(|l| LockInfo::of(&l, refs)).collect();
@@ -756,7 +757,7 @@ pub fn locks_active(
     Ok(Page {
         items: locks
             .iter()
-            .map(|lock| LockInfo::of(lock, state.index().deal(&lock.deal_id)))
+            .map(|lock| LockInfo::of(lock, state.index().deal(&lock.deal_id).as_deref()))
             .collect(),
         next_cursor: match locks.last() {
             Some(lock) if more => Some(lock_key(&lock.deal_id, &lock.lock_id)),
@@ -1039,6 +1040,7 @@ fn all_findings(
 
     for (id, deal) in book.iter() {
         let refs = index.deal(id);
+        let refs = refs.as_deref();
         // Finalized while an exclusive lock bound a party.
         if let Some(fin) = &deal.finalization
             && let Some(fin_ref) = refs.and_then(|r| r.finalized)
@@ -1438,7 +1440,8 @@ pub fn stats(state: &LedgerState, page: &PageRequest) -> Result<Stats, QueryErro
         .map(|(id, deal)| {
             let mut by_type: BTreeMap<String, u64> = BTreeMap::new();
             let mut tally = VerdictTally::default();
-            for item in index.deal(id).into_iter().flat_map(|r| r.items.iter()) {
+            let refs = index.deal(id);
+            for item in refs.iter().flat_map(|r| r.items.iter()) {
                 tally.add(item.verdict());
                 if let Some(t) = item.event_type() {
                     *by_type.entry(t.as_str().to_string()).or_default() += 1;
