@@ -479,6 +479,19 @@ impl<'a> LockEntry<'a> {
     }
 }
 
+/// An ended lock of a terminated deal in the store, as
+/// [`DealLocks::stored_record`] writes it.
+#[derive(Serialize, Deserialize)]
+struct StoredLock {
+    id: Id,
+    at: Timestamp,
+    kind: LockKind,
+    from: Timestamp,
+    until: Timestamp,
+    offset: u64,
+    len: u32,
+}
+
 #[derive(Clone, Debug)]
 enum LockBody {
     /// In memory: no store attached.
@@ -611,6 +624,61 @@ impl DealLocks {
                 let json = serde_json::to_vec(&**lock).expect("a lock serializes");
                 ended.body = LockBody::Stored(store.append(&json));
             }
+        }
+    }
+
+    /// The record a terminated deal's locks are stored as
+    /// ([`StoredDeal`]): what [`EndedLock`] keeps of each, as JSON. Every
+    /// lock must have ended with its body in the store.
+    fn stored_record(&self) -> Vec<u8> {
+        assert!(self.held.is_empty(), "a terminated deal's locks all ended");
+        let records: Vec<StoredLock> = self
+            .ended
+            .iter()
+            .map(|(id, e)| {
+                let LockBody::Stored(body) = e.body else {
+                    panic!("lock {id} ended with a store attached: its body is in the store")
+                };
+                StoredLock {
+                    id: id.clone(),
+                    at: e.at,
+                    kind: e.kind,
+                    from: e.from,
+                    until: e.until,
+                    offset: body.offset,
+                    len: body.len,
+                }
+            })
+            .collect();
+        serde_json::to_vec(&records).expect("locks serialize")
+    }
+
+    /// The locks [`DealLocks::stored_record`] wrote into `bytes`, their
+    /// bodies in `store`.
+    fn from_stored_record(bytes: &[u8], store: &Arc<dyn SegmentStore>) -> DealLocks {
+        // What this process wrote; anything else is a bug.
+        let records: Vec<StoredLock> =
+            serde_json::from_slice(bytes).expect("stored locks decode: this process wrote them");
+        let mut ended = IdMap::default();
+        ended.entries.reserve_exact(records.len());
+        for r in records {
+            let body = LockBody::Stored(SegmentRef {
+                offset: r.offset,
+                len: r.len,
+            });
+            let lock = EndedLock {
+                at: r.at,
+                kind: r.kind,
+                from: r.from,
+                until: r.until,
+                body,
+            };
+            ended.insert(r.id, lock);
+        }
+        DealLocks {
+            held: IdMap::default(),
+            ended,
+            store: Some(Arc::clone(store)),
         }
     }
 
@@ -1639,8 +1707,10 @@ struct StoredDeal {
     terminated_at: Timestamp,
     /// Its `amendment_count` ([`DealBook::amendments_applied`]).
     amendment_count: u32,
-    /// Its locks, all ended (as the deal's [`DealLocks`] kept them).
-    locks: DealLocks,
+    /// Where its locks are, all ended, in the store (`None` if it granted
+    /// none): read back by the lock walks and lookups that reach it
+    /// ([`DealLocks::stored_record`]).
+    locks: Option<SegmentRef>,
 }
 
 impl StoredDeal {
@@ -1648,24 +1718,20 @@ impl StoredDeal {
     fn of(mut deal: Box<Deal>, store: &dyn SegmentStore) -> StoredDeal {
         let terminated_at = deal.termination.as_ref().expect("a terminated deal").at;
         debug_assert!(deal.locks.not_ended().next().is_none());
-        let mut locks = std::mem::take(&mut deal.locks);
-        // No lock is granted any more: the room kept for locks to come (in
-        // `held` most, emptied as they ended, ~600 bytes for 3 locks) goes.
-        locks.held.shrink_to_fit();
-        locks.ended.shrink_to_fit();
+        let locks = std::mem::take(&mut deal.locks);
         let json = serde_json::to_vec(&*deal).expect("a deal serializes");
         StoredDeal {
             at: store.append(&json),
             counts: deal.counts(),
             terminated_at,
             amendment_count: deal.amendment_count,
-            locks,
+            locks: (!locks.is_empty()).then(|| store.append(&locks.stored_record())),
         }
     }
 
     /// The deal read back, or `None` if the read failed (the store records
     /// it; the shell checks before it trusts anything derived).
-    fn load(&self, store: &dyn SegmentStore) -> Option<Deal> {
+    fn load(&self, store: &Arc<dyn SegmentStore>) -> Option<Deal> {
         let mut bytes = Vec::new();
         if !store.read(self.at, &mut bytes) {
             return None;
@@ -1673,8 +1739,21 @@ impl StoredDeal {
         // What this process wrote; anything else is a bug.
         let mut deal: Deal =
             serde_json::from_slice(&bytes).expect("a stored deal decodes: this process wrote it");
-        deal.locks = self.locks.clone();
+        deal.locks = self.load_locks(store)?;
         Some(deal)
+    }
+
+    /// Its locks read back (none read if it granted none), or `None` if
+    /// the read failed (recorded by the store).
+    fn load_locks(&self, store: &Arc<dyn SegmentStore>) -> Option<DealLocks> {
+        let Some(at) = self.locks else {
+            return Some(DealLocks::default());
+        };
+        let mut bytes = Vec::new();
+        if !store.read(at, &mut bytes) {
+            return None;
+        }
+        Some(DealLocks::from_stored_record(&bytes, store))
     }
 }
 
@@ -1683,13 +1762,6 @@ impl KeptDeal {
         match self {
             KeptDeal::Open(deal) => deal.counts(),
             KeptDeal::Stored(stored) => stored.counts,
-        }
-    }
-
-    fn locks(&self) -> &DealLocks {
-        match self {
-            KeptDeal::Open(deal) => &deal.locks,
-            KeptDeal::Stored(stored) => &stored.locks,
         }
     }
 }
@@ -1757,7 +1829,7 @@ impl DealBook {
                     .ended_store
                     .as_ref()
                     .expect("stored deals have a store");
-                stored.load(&**store).map(Cow::Owned)
+                stored.load(store).map(Cow::Owned)
             }
         }
     }
@@ -1786,23 +1858,69 @@ impl DealBook {
             .filter_map(|id| Some((id, self.load(&self.deals[id])?)))
     }
 
-    /// The locks of deal `id`, if it was opened: in memory whether or not
-    /// the deal is ([`DealLocks`] keeps ended ones' bodies in the store).
-    pub fn locks_of(&self, id: &Id) -> Option<&DealLocks> {
-        self.deals.get(id).map(KeptDeal::locks)
+    /// The locks of deal `id`, if it was opened (a terminated deal's read
+    /// back from the store if it was moved there, without the deal; `None`
+    /// if that read failed, which the store records).
+    pub fn locks_of(&self, id: &Id) -> Option<Cow<'_, DealLocks>> {
+        self.kept_locks(self.deals.get(id)?)
     }
 
-    /// The locks of the deals from `first` on (every deal without it), in
-    /// deal-id order, without reading any deal back.
-    pub fn locks_by_deal<'a>(
-        &'a self,
+    fn kept_locks<'a>(&'a self, kept: &'a KeptDeal) -> Option<Cow<'a, DealLocks>> {
+        match kept {
+            KeptDeal::Open(deal) => Some(Cow::Borrowed(&deal.locks)),
+            KeptDeal::Stored(stored) => {
+                let EndedStore(store) = self
+                    .ended_store
+                    .as_ref()
+                    .expect("stored deals have a store");
+                stored.load_locks(store).map(Cow::Owned)
+            }
+        }
+    }
+
+    /// Lock `lock` of deal `deal`, if that deal granted it ([`DealBook::locks_of`],
+    /// then [`DealLocks::get`]).
+    pub fn lock(&self, deal: &Id, lock: &Id) -> Option<Cow<'_, Lock>> {
+        match self.locks_of(deal)? {
+            Cow::Borrowed(locks) => locks.get(lock),
+            Cow::Owned(locks) => locks.get(lock).map(|l| Cow::Owned(l.into_owned())),
+        }
+    }
+
+    /// Lock `lock` of deal `deal` if it has not ended (it is then in
+    /// memory: a deal in the store has none).
+    pub fn not_ended_lock(&self, deal: &Id, lock: &Id) -> Option<&Lock> {
+        match self.deals.get(deal)? {
+            KeptDeal::Open(d) => d.locks.not_ended_get(lock),
+            KeptDeal::Stored(_) => None,
+        }
+    }
+
+    /// Calls `f` with every lock of the deals from `first` on (every deal
+    /// without it), in (deal id, lock id) order, as a [`LockEntry`] (its
+    /// id, kind and binding interval known without reading the lock
+    /// back), until `f` breaks. The deals are not read back; a terminated
+    /// deal's locks are, from the store, if it granted any (one whose read
+    /// fails is passed over, and the store records why).
+    pub fn for_each_lock(
+        &self,
         first: Option<&Id>,
-    ) -> impl Iterator<Item = (&'a Id, &'a DealLocks)> + 'a {
-        let ids: Box<dyn Iterator<Item = &'a Id> + 'a> = match first {
+        mut f: impl FnMut(&Id, LockEntry<'_>) -> std::ops::ControlFlow<()>,
+    ) {
+        let ids: Box<dyn Iterator<Item = &Id> + '_> = match first {
             Some(first) => Box::new(self.order.range(first..)),
             None => Box::new(self.order.iter()),
         };
-        ids.map(|id| (id, self.deals[id].locks()))
+        for id in ids {
+            let Some(locks) = self.kept_locks(&self.deals[id]) else {
+                continue;
+            };
+            for entry in locks.entries() {
+                if f(id, entry).is_break() {
+                    return;
+                }
+            }
+        }
     }
 
     /// What statistics count of each deal whose id sorts after `after`
@@ -1835,9 +1953,15 @@ impl DealBook {
     }
 
     /// Every lock of every deal, in (deal id, lock id) order, ended or not
-    /// (ended ones read back from the store if they were moved there).
-    pub fn locks(&self) -> impl Iterator<Item = Cow<'_, Lock>> {
-        self.locks_by_deal(None).flat_map(|(_, locks)| locks.iter())
+    /// (ended ones read back from the store if they were moved there), as
+    /// copies: for tests and tools, not for the daemon's paths.
+    pub fn locks(&self) -> impl Iterator<Item = Lock> {
+        let mut all = Vec::new();
+        self.for_each_lock(None, |_, entry| {
+            all.extend(entry.load().map(Cow::into_owned));
+            std::ops::ControlFlow::Continue(())
+        });
+        all.into_iter()
     }
 
     /// Adds `deal` as read back from storage (a snapshot lists the deals one
@@ -3100,7 +3224,7 @@ mod tests {
 
         let mut book = book;
         book.apply(&ev("d1", 5, released("l1"))).unwrap();
-        let lock = book.locks_of(&id("d1")).unwrap().get(&id("l1")).unwrap();
+        let lock = book.lock(&id("d1"), &id("l1")).unwrap();
         assert_eq!(
             lock.ended,
             Some(LockEnd {
@@ -3759,7 +3883,8 @@ mod tests {
             prop_assert_eq!(kept.stored_deals(), 0);
             prop_assert_eq!(stored.amendments_applied(), kept.amendments_applied());
             for (id, deal) in kept.iter() {
-                prop_assert_eq!(stored.locks_of(id), Some(&deal.locks));
+                let locks = stored.locks_of(id);
+                prop_assert_eq!(locks.as_deref(), Some(&deal.locks));
                 // Counted and paged from what memory keeps, as from the deal.
                 let counts = stored.counts_after(None).find(|(i, _)| *i == id).unwrap().1;
                 prop_assert_eq!(counts, DealCounts {

@@ -37,6 +37,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::ops::ControlFlow;
 
 use serde::{Deserialize, Serialize};
 
@@ -414,7 +415,7 @@ pub fn deal_show(state: &LedgerState, id: &Id) -> Result<DealShow, QueryError> {
     first.truncate(MAX_BINDING_LOCKS_SHOWN);
     let locks_binding_parties = first
         .into_iter()
-        .filter_map(|(granting, lock_id)| state.book().locks_of(granting)?.not_ended_get(lock_id))
+        .filter_map(|(granting, lock_id)| state.book().not_ended_lock(granting, lock_id))
         .inspect(|l| debug_assert!(l.scope == deal.scope))
         .map(|l| LockInfo::of(l, state.index().deal(&l.deal_id).as_deref()))
         .collect();
@@ -777,24 +778,26 @@ fn first_locks_walked<'a>(
 ) -> Option<Vec<Cow<'a, Lock>>> {
     let mut budget = LOCKS_TESTED_PER_ITEM * wanted;
     let mut found = Vec::with_capacity(wanted);
-    let candidates = book
-        .locks_by_deal(after.map(|(deal, _)| deal))
-        .flat_map(|(deal_id, locks)| locks.entries().map(move |lock| (deal_id, lock)))
-        .filter(|(deal_id, lock)| after.is_none_or(|a| (*deal_id, lock.id()) > a));
-    for (_, lock) in candidates {
+    let mut out_of_budget = false;
+    book.for_each_lock(after.map(|(deal, _)| deal), |deal_id, lock| {
+        if after.is_some_and(|a| (deal_id, lock.id()) <= a) {
+            return ControlFlow::Continue(());
+        }
         if budget == 0 {
-            return None;
+            out_of_budget = true;
+            return ControlFlow::Break(());
         }
         budget -= 1;
         if lock.active_at(at) {
             // A failed read leaves it out; the caller checks for that.
-            found.extend(lock.load());
+            found.extend(lock.load().map(|l| Cow::Owned(l.into_owned())));
             if found.len() == wanted {
-                break;
+                return ControlFlow::Break(());
             }
         }
-    }
-    Some(found)
+        ControlFlow::Continue(())
+    });
+    (!out_of_budget).then_some(found)
 }
 
 /// The first `wanted` locks binding at `at` after the cursor `after`, in
@@ -814,15 +817,13 @@ fn first_locks_of_timeline<'a>(
     ids.sort_unstable();
     ids.into_iter()
         .filter_map(|(deal_id, lock_id)| {
-            let locks = state
-                .book()
-                .locks_of(&deal_id)
-                .filter(|locks| locks.contains(&lock_id))
-                .unwrap_or_else(|| {
-                    panic!("the lock timeline names {deal_id}/{lock_id}, which the book lacks")
-                });
+            let lock = state.book().lock(&deal_id, &lock_id);
             // A failed read leaves it out; the caller checks for that.
-            locks.get(&lock_id)
+            assert!(
+                lock.is_some() || state.index().segment_failure().is_some(),
+                "the lock timeline names {deal_id}/{lock_id}, which the book lacks"
+            );
+            lock
         })
         .collect()
 }
@@ -1027,12 +1028,13 @@ fn all_findings(
 
     // Locks by the party they bind, for the finalization check.
     // Only exclusive locks are read back from the store (when ended).
-    let exclusive: Vec<Cow<'_, Lock>> = book
-        .locks_by_deal(None)
-        .flat_map(|(_, locks)| locks.entries())
-        .filter(|lock| lock.kind() == LockKind::Exclusive)
-        .filter_map(|lock| lock.load())
-        .collect();
+    let mut exclusive: Vec<Lock> = Vec::new();
+    book.for_each_lock(None, |_, lock| {
+        if lock.kind() == LockKind::Exclusive {
+            exclusive.extend(lock.load().map(Cow::into_owned));
+        }
+        ControlFlow::Continue(())
+    });
     let mut binding: HashMap<&Id, Vec<&Lock>> = HashMap::new();
     for lock in &exclusive {
         binding.entry(&lock.bound_party).or_default().push(lock);
