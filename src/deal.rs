@@ -120,11 +120,6 @@ impl<V> IdMap<V> {
         }
     }
 
-    /// Gives back the room kept for entries to come.
-    pub fn shrink_to_fit(&mut self) {
-        self.entries.shrink_to_fit();
-    }
-
     /// Removes `id`, returning its value.
     pub fn remove(&mut self, id: &Id) -> Option<V> {
         self.position(id).ok().map(|i| self.entries.remove(i).1)
@@ -362,7 +357,9 @@ impl AmendmentSet for MemoryAmendments {
 /// stay in memory, with its kind and binding interval so that lock queries
 /// test it without reading it (~90 bytes a lock), and the lock itself is
 /// written to the store, as its JSON, and read back by the queries that
-/// show it. Locks not
+/// show it; once the deal is terminated, what stayed goes to the store too,
+/// as one record ([`DealBook`] reads it back for lock lookups and walks
+/// that reach the deal). Locks not
 /// ended stay whole in memory: the fold changes them. Without a store
 /// (tests, `replay`) ended locks stay in memory too, and everything reads
 /// the same. Serialized (snapshots) as one object of every lock by id, as an
@@ -477,19 +474,6 @@ impl<'a> LockEntry<'a> {
             LockAt::Ended(e) => self.locks.body(e),
         }
     }
-}
-
-/// An ended lock of a terminated deal in the store, as
-/// [`DealLocks::stored_record`] writes it.
-#[derive(Serialize, Deserialize)]
-struct StoredLock {
-    id: Id,
-    at: Timestamp,
-    kind: LockKind,
-    from: Timestamp,
-    until: Timestamp,
-    offset: u64,
-    len: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -628,52 +612,80 @@ impl DealLocks {
     }
 
     /// The record a terminated deal's locks are stored as
-    /// ([`StoredDeal`]): what [`EndedLock`] keeps of each, as JSON. Every
-    /// lock must have ended with its body in the store.
+    /// ([`StoredDeal`]): what [`EndedLock`] keeps of each, in id order, in
+    /// binary (a lock walk reads it, and parsing it as JSON doubled the
+    /// time of `locks/active`): the id's length (one byte) and bytes, the
+    /// end, start and end of binding as (seconds: i64, nanoseconds: u32),
+    /// the kind (0 exclusive, 1 right of first refusal), the body's offset
+    /// (u64) and length (u32), all big-endian. Every lock must have ended
+    /// with its body in the store.
     fn stored_record(&self) -> Vec<u8> {
         assert!(self.held.is_empty(), "a terminated deal's locks all ended");
-        let records: Vec<StoredLock> = self
-            .ended
-            .iter()
-            .map(|(id, e)| {
-                let LockBody::Stored(body) = e.body else {
-                    panic!("lock {id} ended with a store attached: its body is in the store")
-                };
-                StoredLock {
-                    id: id.clone(),
-                    at: e.at,
-                    kind: e.kind,
-                    from: e.from,
-                    until: e.until,
-                    offset: body.offset,
-                    len: body.len,
-                }
-            })
-            .collect();
-        serde_json::to_vec(&records).expect("locks serialize")
+        let mut out = Vec::with_capacity(self.ended.len() * 80);
+        for (id, e) in self.ended.iter() {
+            let LockBody::Stored(body) = e.body else {
+                panic!("lock {id} ended with a store attached: its body is in the store")
+            };
+            let id = id.as_str().as_bytes();
+            out.push(u8::try_from(id.len()).expect("an id is at most 128 bytes"));
+            out.extend_from_slice(id);
+            for t in [e.at, e.from, e.until] {
+                let (secs, nanos) = t.unix_parts();
+                out.extend_from_slice(&secs.to_be_bytes());
+                out.extend_from_slice(&nanos.to_be_bytes());
+            }
+            out.push(match e.kind {
+                LockKind::Exclusive => 0,
+                LockKind::RightOfFirstRefusal => 1,
+            });
+            out.extend_from_slice(&body.offset.to_be_bytes());
+            out.extend_from_slice(&body.len.to_be_bytes());
+        }
+        out
     }
 
     /// The locks [`DealLocks::stored_record`] wrote into `bytes`, their
     /// bodies in `store`.
     fn from_stored_record(bytes: &[u8], store: &Arc<dyn SegmentStore>) -> DealLocks {
         // What this process wrote; anything else is a bug.
-        let records: Vec<StoredLock> =
-            serde_json::from_slice(bytes).expect("stored locks decode: this process wrote them");
+        const BUG: &str = "stored locks decode: this process wrote them";
+        fn cut<'b>(rest: &mut &'b [u8], n: usize) -> &'b [u8] {
+            let (head, tail) = rest.split_at_checked(n).expect(BUG);
+            *rest = tail;
+            head
+        }
+        let mut rest = bytes;
         let mut ended = IdMap::default();
-        ended.entries.reserve_exact(records.len());
-        for r in records {
-            let body = LockBody::Stored(SegmentRef {
-                offset: r.offset,
-                len: r.len,
-            });
-            let lock = EndedLock {
-                at: r.at,
-                kind: r.kind,
-                from: r.from,
-                until: r.until,
-                body,
+        while !rest.is_empty() {
+            let mut take = |n: usize| cut(&mut rest, n);
+            let id_len = usize::from(take(1)[0]);
+            let id = std::str::from_utf8(take(id_len))
+                .ok()
+                .and_then(|s| Id::parse(s).ok())
+                .expect(BUG);
+            let mut times = [None; 3];
+            for t in &mut times {
+                let secs = i64::from_be_bytes(take(8).try_into().expect("8 bytes"));
+                let nanos = u32::from_be_bytes(take(4).try_into().expect("4 bytes"));
+                *t = Timestamp::from_unix_parts(secs, nanos);
+            }
+            let [Some(at), Some(from), Some(until)] = times else {
+                panic!("{BUG}")
             };
-            ended.insert(r.id, lock);
+            let kind = match take(1)[0] {
+                0 => LockKind::Exclusive,
+                _ => LockKind::RightOfFirstRefusal,
+            };
+            let offset = u64::from_be_bytes(take(8).try_into().expect("8 bytes"));
+            let len = u32::from_be_bytes(take(4).try_into().expect("4 bytes"));
+            let lock = EndedLock {
+                at,
+                kind,
+                from,
+                until,
+                body: LockBody::Stored(SegmentRef { offset, len }),
+            };
+            ended.insert(id, lock);
         }
         DealLocks {
             held: IdMap::default(),
@@ -1694,9 +1706,11 @@ enum KeptDeal {
 }
 
 /// What the book keeps in memory of a terminated deal once it is in the
-/// store: where its JSON is (written without its locks) and what the fold
-/// and the lock queries read without loading it back. About 100 bytes and
-/// its ended locks', instead of ~1.8 KB for a deal of a few proposals.
+/// store: where its JSON is (written without its locks) and where its
+/// locks' record is, and what the fold and statistics read without loading
+/// either back. About 100 bytes,
+/// instead of ~1.8 KB for a deal of a few proposals and ~90 bytes for each
+/// of its locks (which go to the store as one record with the deal).
 #[derive(Clone)]
 struct StoredDeal {
     at: SegmentRef,
@@ -1707,10 +1721,20 @@ struct StoredDeal {
     terminated_at: Timestamp,
     /// Its `amendment_count` ([`DealBook::amendments_applied`]).
     amendment_count: u32,
-    /// Where its locks are, all ended, in the store (`None` if it granted
-    /// none): read back by the lock walks and lookups that reach it
-    /// ([`DealLocks::stored_record`]).
-    locks: Option<SegmentRef>,
+    /// Its locks, all ended, in the store (`None` if it granted none).
+    locks: Option<StoredLocks>,
+}
+
+/// Where a terminated deal's locks are in the store
+/// ([`DealLocks::stored_record`]), and when they could bind: a lock walk
+/// for a time outside passes them over unread.
+#[derive(Clone, Copy)]
+struct StoredLocks {
+    at: SegmentRef,
+    /// The earliest `valid_from` of its locks.
+    from: Timestamp,
+    /// The latest end of their binding intervals (exclusive).
+    until: Timestamp,
 }
 
 impl StoredDeal {
@@ -1725,7 +1749,7 @@ impl StoredDeal {
             counts: deal.counts(),
             terminated_at,
             amendment_count: deal.amendment_count,
-            locks: (!locks.is_empty()).then(|| store.append(&locks.stored_record())),
+            locks: StoredLocks::of(&locks, store),
         }
     }
 
@@ -1746,7 +1770,7 @@ impl StoredDeal {
     /// Its locks read back (none read if it granted none), or `None` if
     /// the read failed (recorded by the store).
     fn load_locks(&self, store: &Arc<dyn SegmentStore>) -> Option<DealLocks> {
-        let Some(at) = self.locks else {
+        let Some(StoredLocks { at, .. }) = self.locks else {
             return Some(DealLocks::default());
         };
         let mut bytes = Vec::new();
@@ -1754,6 +1778,19 @@ impl StoredDeal {
             return None;
         }
         Some(DealLocks::from_stored_record(&bytes, store))
+    }
+}
+
+impl StoredLocks {
+    /// `locks` (all ended) written to `store`; `None` if there are none.
+    fn of(locks: &DealLocks, store: &dyn SegmentStore) -> Option<StoredLocks> {
+        let from = locks.ended.values().map(|e| e.from).min()?;
+        let until = locks.ended.values().map(|e| e.until).max()?;
+        Some(StoredLocks {
+            at: store.append(&locks.stored_record()),
+            from,
+            until,
+        })
     }
 }
 
@@ -1901,10 +1938,13 @@ impl DealBook {
     /// id, kind and binding interval known without reading the lock
     /// back), until `f` breaks. The deals are not read back; a terminated
     /// deal's locks are, from the store, if it granted any (one whose read
-    /// fails is passed over, and the store records why).
+    /// fails is passed over, and the store records why). With `binding_at`,
+    /// a terminated deal's locks are passed over unread if none of them
+    /// can bind then ([`LockEntry::active_at`] is false for each).
     pub fn for_each_lock(
         &self,
         first: Option<&Id>,
+        binding_at: Option<Timestamp>,
         mut f: impl FnMut(&Id, LockEntry<'_>) -> std::ops::ControlFlow<()>,
     ) {
         let ids: Box<dyn Iterator<Item = &Id> + '_> = match first {
@@ -1912,7 +1952,15 @@ impl DealBook {
             None => Box::new(self.order.iter()),
         };
         for id in ids {
-            let Some(locks) = self.kept_locks(&self.deals[id]) else {
+            let kept = &self.deals[id];
+            if let (KeptDeal::Stored(stored), Some(t)) = (kept, binding_at)
+                && stored
+                    .locks
+                    .is_none_or(|locks| t < locks.from || locks.until <= t)
+            {
+                continue;
+            }
+            let Some(locks) = self.kept_locks(kept) else {
                 continue;
             };
             for entry in locks.entries() {
@@ -1957,7 +2005,7 @@ impl DealBook {
     /// copies: for tests and tools, not for the daemon's paths.
     pub fn locks(&self) -> impl Iterator<Item = Lock> {
         let mut all = Vec::new();
-        self.for_each_lock(None, |_, entry| {
+        self.for_each_lock(None, None, |_, entry| {
             all.extend(entry.load().map(Cow::into_owned));
             std::ops::ControlFlow::Continue(())
         });
@@ -3610,11 +3658,16 @@ mod tests {
                 arb_actor(),
                 0..HOURS,
                 prop::option::of(1..12i64),
+                prop::bool::ANY,
             )
-                .prop_map(|(l, holder, bound, from, len)| {
+                .prop_map(|(l, holder, bound, from, len, first_refusal)| {
                     // Holder and bound party differ, as decoding requires.
                     let bound = if bound == holder { other_party(holder) } else { bound };
-                    granted(l, holder, bound, from, len.map(|n| from + n))
+                    let mut payload = granted(l, holder, bound, from, len.map(|n| from + n));
+                    if let (true, Payload::ExclusivityGranted(g)) = (first_refusal, &mut payload) {
+                        g.kind = LockKind::RightOfFirstRefusal;
+                    }
+                    payload
                 }),
             3 => prop::sample::select(&LOCKS[..]).prop_map(released),
             3 => (arb_proposal(), arb_actors()).prop_map(|(p, who)| finalized(p, &who)),

@@ -1266,7 +1266,7 @@ impl DealIndex {
         // terminated deal in the store keeps of its locks.
         let in_force = &mut self.in_force;
         let mut spans = Vec::new();
-        book.for_each_lock(None, |deal_id, entry| {
+        book.for_each_lock(None, None, |deal_id, entry| {
             if let Some(lock) = entry.not_ended() {
                 in_force
                     .entry((lock.bound_party.clone(), lock.scope.clone()))

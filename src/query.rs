@@ -779,7 +779,7 @@ fn first_locks_walked<'a>(
     let mut budget = LOCKS_TESTED_PER_ITEM * wanted;
     let mut found = Vec::with_capacity(wanted);
     let mut out_of_budget = false;
-    book.for_each_lock(after.map(|(deal, _)| deal), |deal_id, lock| {
+    book.for_each_lock(after.map(|(deal, _)| deal), Some(at), |deal_id, lock| {
         if after.is_some_and(|a| (deal_id, lock.id()) <= a) {
             return ControlFlow::Continue(());
         }
@@ -1029,7 +1029,7 @@ fn all_findings(
     // Locks by the party they bind, for the finalization check.
     // Only exclusive locks are read back from the store (when ended).
     let mut exclusive: Vec<Lock> = Vec::new();
-    book.for_each_lock(None, |_, lock| {
+    book.for_each_lock(None, None, |_, lock| {
         if lock.kind() == LockKind::Exclusive {
             exclusive.extend(lock.load().map(Cow::into_owned));
         }
