@@ -1861,14 +1861,17 @@ impl DealBook {
     fn load<'a>(&'a self, kept: &'a KeptDeal) -> Option<Cow<'a, Deal>> {
         match kept {
             KeptDeal::Open(deal) => Some(Cow::Borrowed(&**deal)),
-            KeptDeal::Stored(stored) => {
-                let EndedStore(store) = self
-                    .ended_store
-                    .as_ref()
-                    .expect("stored deals have a store");
-                stored.load(store).map(Cow::Owned)
-            }
+            KeptDeal::Stored(stored) => stored.load(self.stored_in()).map(Cow::Owned),
         }
+    }
+
+    /// The store terminated deals were moved to.
+    fn stored_in(&self) -> &Arc<dyn SegmentStore> {
+        let EndedStore(store) = self
+            .ended_store
+            .as_ref()
+            .expect("stored deals have a store");
+        store
     }
 
     /// Every deal, in deal-id order (terminated ones read back from the
@@ -1905,13 +1908,7 @@ impl DealBook {
     fn kept_locks<'a>(&'a self, kept: &'a KeptDeal) -> Option<Cow<'a, DealLocks>> {
         match kept {
             KeptDeal::Open(deal) => Some(Cow::Borrowed(&deal.locks)),
-            KeptDeal::Stored(stored) => {
-                let EndedStore(store) = self
-                    .ended_store
-                    .as_ref()
-                    .expect("stored deals have a store");
-                stored.load_locks(store).map(Cow::Owned)
-            }
+            KeptDeal::Stored(stored) => stored.load_locks(self.stored_in()).map(Cow::Owned),
         }
     }
 
