@@ -1602,12 +1602,13 @@ impl Deal {
 /// them beside it and give them back with [`DealBook::keep_amendments_in`]).
 ///
 /// With a store attached ([`DealBook::store_ended_in`]) a deal that is
-/// terminated, and so changes no more, goes to the store, and memory keeps
-/// what the fold and the lock queries need of it (its id, place, times,
-/// amendment count and locks): the book's memory follows the deals open,
-/// not every deal ever opened. [`DealBook::get`] and [`DealBook::iter`]
-/// read such a deal back; a read that fails leaves it out and is recorded
-/// by the store, which the shell checks, as for ended locks.
+/// terminated, and so changes no more, goes to the store with its locks,
+/// and memory keeps what the fold and statistics need of it (its id,
+/// places, times, counts, amendment count, when its locks could bind): the
+/// book's memory follows the deals open, not every deal ever opened.
+/// [`DealBook::get`] and [`DealBook::iter`] read such a deal back, lock
+/// lookups and walks its locks; a read that fails leaves it out and is
+/// recorded by the store, which the shell checks, as for ended locks.
 pub struct DealBook {
     deals: HashMap<Id, KeptDeal>,
     /// The ids of `deals`, in order.

@@ -587,15 +587,12 @@ pub struct DealEntries {
 }
 
 impl DealEntries {
-    /// Moves what is final to `store`: whole segments of history items,
-    /// ended locks' entries, and a terminated deal's last segment too
-    /// (parked: it expects no more items).
+    /// Moves what is final to `store`: whole segments of history items and
+    /// ended locks' entries (a terminated deal's whole entries go there
+    /// too: [`KeptEntries::close`]).
     fn spill_to(&mut self, store: &Arc<dyn SegmentStore>) {
         self.items.spill_to(store);
         self.locks.store_in(store);
-        if self.terminated.is_some() {
-            self.items.park();
-        }
     }
 
     /// The record [`KeptEntries::Stored`] points to, if these entries can

@@ -755,11 +755,19 @@ pub fn locks_active(
     history_intact(state)?;
     let more = locks.len() > limit;
     locks.truncate(limit);
+    // Locks come in (deal, lock) order: each deal's entries are read once
+    // (a terminated deal's from the store).
+    let mut items = Vec::with_capacity(locks.len());
+    for same_deal in locks.chunk_by(|a, b| a.deal_id == b.deal_id) {
+        let refs = state.index().deal(&same_deal[0].deal_id);
+        items.extend(
+            same_deal
+                .iter()
+                .map(|lock| LockInfo::of(lock, refs.as_deref())),
+        );
+    }
     Ok(Page {
-        items: locks
-            .iter()
-            .map(|lock| LockInfo::of(lock, state.index().deal(&lock.deal_id).as_deref()))
-            .collect(),
+        items,
         next_cursor: match locks.last() {
             Some(lock) if more => Some(lock_key(&lock.deal_id, &lock.lock_id)),
             _ => None,
@@ -815,17 +823,22 @@ fn first_locks_of_timeline<'a>(
         ids.truncate(wanted);
     }
     ids.sort_unstable();
-    ids.into_iter()
-        .filter_map(|(deal_id, lock_id)| {
-            let lock = state.book().lock(&deal_id, &lock_id);
+    let mut found = Vec::with_capacity(ids.len());
+    // Each deal's locks are read once (a terminated deal's from the store).
+    for same_deal in ids.chunk_by(|a, b| a.0 == b.0) {
+        let deal_id = &same_deal[0].0;
+        let locks = state.book().locks_of(deal_id);
+        for (_, lock_id) in same_deal {
+            let lock = locks.as_deref().and_then(|locks| locks.get(lock_id));
             // A failed read leaves it out; the caller checks for that.
             assert!(
                 lock.is_some() || state.index().segment_failure().is_some(),
                 "the lock timeline names {deal_id}/{lock_id}, which the book lacks"
             );
-            lock
-        })
-        .collect()
+            found.extend(lock.map(|l| Cow::Owned(l.into_owned())));
+        }
+    }
+    found
 }
 
 /// A lock's name and cursor: `deal/lock` (no id holds a `/`).
