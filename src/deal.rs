@@ -406,6 +406,15 @@ impl EndedLock {
     }
 }
 
+/// One step of [`DealBook::walk_locks`].
+pub enum LockWalk<'a> {
+    /// The next lock of the deal.
+    Lock(LockEntry<'a>),
+    /// The deal gives no lock: it granted none, or it is terminated and
+    /// none of its locks can bind at the time asked.
+    PassedOver,
+}
+
 /// One lock of a [`DealLocks`], as [`DealLocks::entries`] gives it: its id,
 /// kind and whether it binds at a time are known without reading it back.
 #[derive(Clone, Copy)]
@@ -1945,26 +1954,48 @@ impl DealBook {
         binding_at: Option<Timestamp>,
         mut f: impl FnMut(&Id, LockEntry<'_>) -> std::ops::ControlFlow<()>,
     ) {
+        self.walk_locks(first, binding_at, |id, step| match step {
+            LockWalk::Lock(entry) => f(id, entry),
+            LockWalk::PassedOver => std::ops::ControlFlow::Continue(()),
+        });
+    }
+
+    /// [`DealBook::for_each_lock`], also telling `f` of every deal it passes
+    /// without a lock to give ([`LockWalk::PassedOver`]: none granted, or
+    /// terminated with none that can bind at `binding_at`), so that a caller
+    /// can bound the whole walk, not only the locks it is given: terminated
+    /// deals pile up with time, and a walk that passes them for free costs
+    /// more the longer the ledger runs.
+    pub fn walk_locks(
+        &self,
+        first: Option<&Id>,
+        binding_at: Option<Timestamp>,
+        mut f: impl FnMut(&Id, LockWalk<'_>) -> std::ops::ControlFlow<()>,
+    ) {
         let ids: Box<dyn Iterator<Item = &Id> + '_> = match first {
             Some(first) => Box::new(self.order.range(first..)),
             None => Box::new(self.order.iter()),
         };
         for id in ids {
             let kept = &self.deals[id];
-            if let (KeptDeal::Stored(stored), Some(t)) = (kept, binding_at)
-                && stored
+            let cannot_bind = |stored: &StoredDeal, t: Timestamp| {
+                stored
                     .locks
                     .is_none_or(|locks| t < locks.from || locks.until <= t)
-            {
-                continue;
-            }
-            let Some(locks) = self.kept_locks(kept) else {
-                continue;
             };
-            for entry in locks.entries() {
-                if f(id, entry).is_break() {
+            let locks = match (kept, binding_at) {
+                (KeptDeal::Stored(stored), Some(t)) if cannot_bind(stored, t) => None,
+                _ => self.kept_locks(kept),
+            };
+            let mut gave_any = false;
+            for entry in locks.iter().flat_map(|locks| locks.entries()) {
+                gave_any = true;
+                if f(id, LockWalk::Lock(entry)).is_break() {
                     return;
                 }
+            }
+            if !gave_any && f(id, LockWalk::PassedOver).is_break() {
+                return;
             }
         }
     }

@@ -42,7 +42,7 @@ use std::ops::ControlFlow;
 use serde::{Deserialize, Serialize};
 
 use crate::chain::Entry;
-use crate::deal::{Deal, DealBook, Lock, Status};
+use crate::deal::{Deal, DealBook, Lock, LockWalk, Status};
 use crate::event::{Date, EventType, Id, LockKind, Signatory, Terms, Timestamp};
 use crate::index::{Cited, DealEntries, DealIndex, HistoryItem, ItemVerdict};
 use crate::ledger::{LedgerState, Location, Verdict};
@@ -724,8 +724,9 @@ pub fn deals_list(
 // locks active
 // ---------------------------------------------------------------------------
 
-/// Locks a `locks active` page may test in page order, per item it lists,
-/// before it asks the lock timeline instead.
+/// Steps a `locks active` page may take in page order, per item it lists,
+/// before it asks the lock timeline instead: a step tests one lock or
+/// passes over one deal that has none to test.
 const LOCKS_TESTED_PER_ITEM: usize = 32;
 
 /// `locks active --at TIME`: every lock in force at `at` (business time), in
@@ -733,11 +734,13 @@ const LOCKS_TESTED_PER_ITEM: usize = 32;
 ///
 /// Two ways to the same page. Where many locks bind at `at`, walking the
 /// locks in page order and testing each fills the page after a few deals;
-/// the walk stops after 32 locks tested per item wanted.
+/// the walk stops after 32 steps per item wanted (a lock tested, or a deal
+/// passed over: one without locks, or terminated with none that can bind).
 /// Past that, the binding locks are rare: the lock timeline
 /// ([`crate::index::DealIndex::locks_active_at`]) finds them all without
 /// testing the others, and the page is picked out of them. Either way the
-/// cost follows the page and the binding locks, not every lock ever granted.
+/// cost follows the page and the binding locks, not every lock ever granted
+/// nor every deal ever opened.
 pub fn locks_active(
     state: &LedgerState,
     at: Timestamp,
@@ -777,7 +780,7 @@ pub fn locks_active(
 
 /// The first `wanted` locks binding at `at` after the cursor `after`, in
 /// (deal, lock) order, found by testing the locks in that order; `None`
-/// once [`LOCKS_TESTED_PER_ITEM`] per lock wanted were tested in vain.
+/// once [`LOCKS_TESTED_PER_ITEM`] steps per lock wanted were taken in vain.
 fn first_locks_walked<'a>(
     book: &'a DealBook,
     at: Timestamp,
@@ -787,15 +790,23 @@ fn first_locks_walked<'a>(
     let mut budget = LOCKS_TESTED_PER_ITEM * wanted;
     let mut found = Vec::with_capacity(wanted);
     let mut out_of_budget = false;
-    book.for_each_lock(after.map(|(deal, _)| deal), Some(at), |deal_id, lock| {
-        if after.is_some_and(|a| (deal_id, lock.id()) <= a) {
+    book.walk_locks(after.map(|(deal, _)| deal), Some(at), |deal_id, step| {
+        if let LockWalk::Lock(lock) = &step
+            && after.is_some_and(|a| (deal_id, lock.id()) <= a)
+        {
             return ControlFlow::Continue(());
         }
+        // A deal passed over costs a step too: terminated deals pile up
+        // with time, and passing them for free made this walk (and the
+        // route's p99) grow with the ledger's age.
         if budget == 0 {
             out_of_budget = true;
             return ControlFlow::Break(());
         }
         budget -= 1;
+        let LockWalk::Lock(lock) = step else {
+            return ControlFlow::Continue(());
+        };
         if lock.active_at(at) {
             // A failed read leaves it out; the caller checks for that.
             found.extend(lock.load().map(|l| Cow::Owned(l.into_owned())));
@@ -1791,6 +1802,46 @@ mod tests {
                 assert_eq!(seen, expected, "at {at}, pages of {limit}");
             }
         }
+    }
+
+    #[test]
+    fn the_locks_walk_counts_the_terminated_deals_it_passes_over() {
+        // 40 deals with a lock of 2024, terminated (so in the store), then
+        // one open deal whose lock binds from 2025 on. At 2025-02-01 the
+        // walk passes over the 40 (none of their locks can bind) before it
+        // finds that lock: 41 steps. One lock wanted allows 32 steps, so
+        // the walk gives up and the timeline answers; two allow 64.
+        let mut lines = Vec::new();
+        for d in 0..41u32 {
+            let deal = format!("deal-{d:03}");
+            let from = if d < 40 { "2024-03-01" } else { "2025-01-02" };
+            lines.push(format!(
+                r#"{{"specversion":"1.0","id":"o{d}","source":"urn:t","type":"deal.negotiation.opened","subject":"{deal}","time":"2025-01-01T00:00:00Z","data":{{"customer":"x","provider":"y","scope":"cloud-compute"}}}}"#
+            ));
+            lines.push(format!(
+                r#"{{"specversion":"1.0","id":"g{d}","source":"urn:t","type":"deal.exclusivity.granted","subject":"{deal}","time":"2025-01-01T00:00:00Z","data":{{"lock_id":"lock","holder":"y","bound_party":"x","scope":"cloud-compute","kind":"exclusive","valid_from":"{from}T00:00:00Z"}}}}"#
+            ));
+            if d < 40 {
+                lines.push(format!(
+                    r#"{{"specversion":"1.0","id":"t{d}","source":"urn:t","type":"deal.terminated","subject":"{deal}","time":"2025-01-01T12:00:00Z","data":{{"terminated_by":"x","reason":"ended"}}}}"#
+                ));
+            }
+        }
+        let b = build(&lines);
+        let book = b.state.book();
+        assert_eq!(book.stored_deals(), 40);
+        let at = t("2025-02-01");
+        assert!(first_locks_walked(book, at, None, 1).is_none());
+        let walked = first_locks_walked(book, at, None, 2).expect("64 steps are enough");
+        assert_eq!(walked.len(), 1);
+        assert_eq!(walked[0].deal_id.as_str(), "deal-040");
+        let page = locks_active(&b.state, at, &PageRequest::first(1)).unwrap();
+        assert_eq!(page.items.len(), 1);
+        assert_eq!(page.next_cursor, None);
+        assert_eq!(
+            all_active_locks(&b.state, at, 1),
+            [("deal-040".to_string(), "lock".to_string())]
+        );
     }
 
     /// The scenario and 30 deals that grant exclusive locks (and rights of
