@@ -1286,6 +1286,12 @@ impl DealIndex {
         self.timeline.active_at(t)
     }
 
+    /// [`DealIndex::locks_active_at`] if at most `most` locks bind at `t`,
+    /// else `None` ([`crate::timeline::LockTimeline::active_at_most`]).
+    pub fn locks_active_at_most(&self, t: Timestamp, most: usize) -> Option<Vec<(Id, Id)>> {
+        self.timeline.active_at_most(t, most)
+    }
+
     /// How many locks not ended bind `party` in `scope`, and the first
     /// `n` of them in (granting deal, lock id) order.
     pub fn first_locks_in_force(

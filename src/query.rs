@@ -724,23 +724,29 @@ pub fn deals_list(
 // locks active
 // ---------------------------------------------------------------------------
 
-/// Steps a `locks active` page may take in page order, per item it lists,
-/// before it asks the lock timeline instead: a step tests one lock or
-/// passes over one deal that has none to test.
+/// Work a `locks active` page may do per item it lists, in either way to
+/// it: locks the timeline may find binding before the walk is tried
+/// instead, and steps the walk may take (a step tests one lock or passes
+/// over one deal that has none to test) before the timeline is asked for
+/// all of them.
 const LOCKS_TESTED_PER_ITEM: usize = 32;
 
 /// `locks active --at TIME`: every lock in force at `at` (business time), in
 /// (deal, lock) order.
 ///
-/// Two ways to the same page. Where many locks bind at `at`, walking the
-/// locks in page order and testing each fills the page after a few deals;
-/// the walk stops after 32 steps per item wanted (a lock tested, or a deal
-/// passed over: one without locks, or terminated with none that can bind).
-/// Past that, the binding locks are rare: the lock timeline
-/// ([`crate::index::DealIndex::locks_active_at`]) finds them all without
-/// testing the others, and the page is picked out of them. Either way the
-/// cost follows the page and the binding locks, not every lock ever granted
-/// nor every deal ever opened.
+/// Two ways to the same page. Where few locks bind at `at` (at most 32 per
+/// item wanted), the lock timeline
+/// ([`crate::index::DealIndex::locks_active_at_most`]) finds them all
+/// without looking at the others, and the page is picked out of them.
+/// Where more bind, walking the locks in page order and testing each
+/// fills the page after a few deals; the walk stops after 32 steps per
+/// item wanted (a lock tested, or a deal passed over: one without locks,
+/// or terminated with none that can bind), and the page is then picked
+/// out of everything the timeline finds. Either way the cost follows the
+/// page and the binding locks, not every lock ever granted nor every deal
+/// ever opened (a walk that passed terminated deals for free grew with the
+/// ledger's age; one that tested the few binding locks' deals first spent
+/// most of its time passing over deals).
 pub fn locks_active(
     state: &LedgerState,
     at: Timestamp,
@@ -750,9 +756,15 @@ pub fn locks_active(
     let after = page.cursor()?.map(lock_cursor).transpose()?;
     let after = after.as_ref().map(|(deal, lock)| (deal, lock));
     let wanted = limit + 1; // one more tells whether a next page exists
-    let mut locks = match first_locks_walked(state.book(), at, after, wanted) {
-        Some(locks) => locks,
-        None => first_locks_of_timeline(state, at, after, wanted),
+    let few = state
+        .index()
+        .locks_active_at_most(at, LOCKS_TESTED_PER_ITEM * wanted);
+    let mut locks = match few {
+        Some(ids) => first_locks_of(state, ids, after, wanted),
+        None => match first_locks_walked(state.book(), at, after, wanted) {
+            Some(locks) => locks,
+            None => first_locks_of(state, state.index().locks_active_at(at), after, wanted),
+        },
     };
     // Ended locks are read back from the history's scratch file.
     history_intact(state)?;
@@ -819,15 +831,15 @@ fn first_locks_walked<'a>(
     (!out_of_budget).then_some(found)
 }
 
-/// The first `wanted` locks binding at `at` after the cursor `after`, in
-/// (deal, lock) order, picked out of all those the lock timeline finds.
-fn first_locks_of_timeline<'a>(
+/// The first `wanted` locks after the cursor `after`, in (deal, lock)
+/// order, picked out of `ids`: the (deal, lock) ids of every lock binding
+/// at the time asked, as the lock timeline finds them.
+fn first_locks_of<'a>(
     state: &'a LedgerState,
-    at: Timestamp,
+    mut ids: Vec<(Id, Id)>,
     after: Option<(&Id, &Id)>,
     wanted: usize,
 ) -> Vec<Cow<'a, Lock>> {
-    let mut ids: Vec<(Id, Id)> = state.index().locks_active_at(at);
     ids.retain(|(deal, lock)| after.is_none_or(|a| (deal, lock) > a));
     if ids.len() > wanted {
         ids.select_nth_unstable(wanted - 1);

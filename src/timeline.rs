@@ -120,6 +120,14 @@ fn latest_end(spans: &[Span]) -> Timestamp {
         .expect("a chunk is never empty")
 }
 
+/// Whether a part of the timeline gave every lock binding at a time, or
+/// stopped once more than asked for were found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Collected {
+    All,
+    OverLimit,
+}
+
 /// Spans in memory: chunks sorted and non-overlapping (every span of a
 /// chunk sorts before every span of the next), none empty.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -201,8 +209,9 @@ impl Chunks {
         Some(span)
     }
 
-    /// Adds the ids of its spans binding at `t` to `found`.
-    fn active_at(&self, t: Timestamp, found: &mut Vec<(Id, Id)>) {
+    /// Adds the ids of its spans binding at `t` to `found`, stopping
+    /// once `found` holds more than `most`.
+    fn active_at(&self, t: Timestamp, most: usize, found: &mut Vec<(Id, Id)>) -> Collected {
         let live = self
             .chunks
             .iter()
@@ -210,7 +219,11 @@ impl Chunks {
             .filter(|c| t < c.latest_end);
         for chunk in live {
             found.extend(Span::binding_at(&chunk.spans, t));
+            if found.len() > most {
+                return Collected::OverLimit;
+            }
         }
+        Collected::All
     }
 
     fn spans(&self) -> impl Iterator<Item = &Span> {
@@ -333,8 +346,13 @@ impl StoredSpans {
         run.chunks.iter().flat_map(|c| self.read_chunk(c))
     }
 
-    fn active_at(&self, t: Timestamp, found: &mut Vec<(Id, Id)>) {
+    /// As [`Chunks::active_at`]; a chunk is read back only while `found`
+    /// holds at most `most`.
+    fn active_at(&self, t: Timestamp, most: usize, found: &mut Vec<(Id, Id)>) -> Collected {
         found.extend(Span::binding_at(&self.buffered, t));
+        if found.len() > most {
+            return Collected::OverLimit;
+        }
         for run in &self.runs {
             let live = run
                 .chunks
@@ -343,8 +361,12 @@ impl StoredSpans {
                 .filter(|c| t < c.latest_end);
             for chunk in live {
                 found.extend(Span::binding_at(&self.read_chunk(chunk), t));
+                if found.len() > most {
+                    return Collected::OverLimit;
+                }
             }
         }
+        Collected::All
     }
 
     /// Every span, in key order.
@@ -675,18 +697,33 @@ impl LockTimeline {
     /// those of a stored chunk that could not be read back: the store keeps
     /// that failure).
     pub fn active_at(&self, t: Timestamp) -> Vec<(Id, Id)> {
+        self.active_at_most(t, usize::MAX)
+            .expect("no more than usize::MAX locks")
+    }
+
+    /// [`LockTimeline::active_at`] if at most `most` locks bind at `t`;
+    /// `None` if more do, found without collecting (or reading back) much
+    /// more than `most`. A caller that wants a few of them can then look
+    /// for them another way.
+    pub fn active_at_most(&self, t: Timestamp, most: usize) -> Option<Vec<(Id, Id)>> {
         let mut found: Vec<(Id, Id)> = self
             .open
             .iter()
             .take_while(|(from, _, _)| *from <= t)
+            .take(most.saturating_add(1))
             .map(|(_, deal, lock)| (deal.clone(), lock.clone()))
             .collect();
-        self.expiring.active_at(t, &mut found);
-        match &self.ended {
-            Ended::Kept(chunks) => chunks.active_at(t, &mut found),
-            Ended::Stored(stored) => stored.active_at(t, &mut found),
+        if found.len() > most {
+            return None;
         }
-        found
+        if self.expiring.active_at(t, most, &mut found) == Collected::OverLimit {
+            return None;
+        }
+        let collected = match &self.ended {
+            Ended::Kept(chunks) => chunks.active_at(t, most, &mut found),
+            Ended::Stored(stored) => stored.active_at(t, most, &mut found),
+        };
+        (collected == Collected::All).then_some(found)
     }
 }
 
@@ -852,6 +889,15 @@ mod tests {
                 // times are random, chunk edges included).
                 if i % 4 == 0 {
                     prop_assert_eq!(&sorted(stored.active_at(t)), &expected, "stored, at {}", p);
+                }
+                // Capped: the same answer up to the cap, none past it.
+                let n = expected.len();
+                for most in [0, n / 2, n.saturating_sub(1), n, n + 1] {
+                    for (what, tl) in [("memory", &timeline), ("stored", &stored)] {
+                        let got = tl.active_at_most(t, most).map(sorted);
+                        let want = (n <= most).then(|| expected.clone());
+                        prop_assert_eq!(got, want, "{} at {}, at most {}", what, p, most);
+                    }
                 }
             }
             prop_assert!(store.failure().is_none());
