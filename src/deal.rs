@@ -1976,13 +1976,13 @@ impl DealBook {
             Some(first) => Box::new(self.order.range(first..)),
             None => Box::new(self.order.iter()),
         };
+        let cannot_bind = |stored: &StoredDeal, t: Timestamp| {
+            stored
+                .locks
+                .is_none_or(|locks| t < locks.from || locks.until <= t)
+        };
         for id in ids {
             let kept = &self.deals[id];
-            let cannot_bind = |stored: &StoredDeal, t: Timestamp| {
-                stored
-                    .locks
-                    .is_none_or(|locks| t < locks.from || locks.until <= t)
-            };
             let locks = match (kept, binding_at) {
                 (KeptDeal::Stored(stored), Some(t)) if cannot_bind(stored, t) => None,
                 _ => self.kept_locks(kept),

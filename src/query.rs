@@ -744,9 +744,9 @@ const LOCKS_TESTED_PER_ITEM: usize = 32;
 /// or terminated with none that can bind), and the page is then picked
 /// out of everything the timeline finds. Either way the cost follows the
 /// page and the binding locks, not every lock ever granted nor every deal
-/// ever opened (a walk that passed terminated deals for free grew with the
-/// ledger's age; one that tested the few binding locks' deals first spent
-/// most of its time passing over deals).
+/// ever opened. (A walk that passed terminated deals for free cost more the
+/// longer the ledger ran; a walk tried first, even bounded, spent its whole
+/// budget passing over deals wherever few locks bind.)
 pub fn locks_active(
     state: &LedgerState,
     at: Timestamp,
