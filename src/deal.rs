@@ -683,7 +683,8 @@ impl DealLocks {
             };
             let kind = match take(1)[0] {
                 0 => LockKind::Exclusive,
-                _ => LockKind::RightOfFirstRefusal,
+                1 => LockKind::RightOfFirstRefusal,
+                _ => panic!("{BUG}"),
             };
             let offset = u64::from_be_bytes(take(8).try_into().expect("8 bytes"));
             let len = u32::from_be_bytes(take(4).try_into().expect("4 bytes"));

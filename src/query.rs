@@ -793,12 +793,12 @@ pub fn locks_active(
 /// The first `wanted` locks binding at `at` after the cursor `after`, in
 /// (deal, lock) order, found by testing the locks in that order; `None`
 /// once [`LOCKS_TESTED_PER_ITEM`] steps per lock wanted were taken in vain.
-fn first_locks_walked<'a>(
-    book: &'a DealBook,
+fn first_locks_walked(
+    book: &DealBook,
     at: Timestamp,
     after: Option<(&Id, &Id)>,
     wanted: usize,
-) -> Option<Vec<Cow<'a, Lock>>> {
+) -> Option<Vec<Lock>> {
     let mut budget = LOCKS_TESTED_PER_ITEM * wanted;
     let mut found = Vec::with_capacity(wanted);
     let mut out_of_budget = false;
@@ -821,7 +821,7 @@ fn first_locks_walked<'a>(
         };
         if lock.active_at(at) {
             // A failed read leaves it out; the caller checks for that.
-            found.extend(lock.load().map(|l| Cow::Owned(l.into_owned())));
+            found.extend(lock.load().map(Cow::into_owned));
             if found.len() == wanted {
                 return ControlFlow::Break(());
             }
@@ -834,12 +834,12 @@ fn first_locks_walked<'a>(
 /// The first `wanted` locks after the cursor `after`, in (deal, lock)
 /// order, picked out of `ids`: the (deal, lock) ids of every lock binding
 /// at the time asked, as the lock timeline finds them.
-fn first_locks_of<'a>(
-    state: &'a LedgerState,
+fn first_locks_of(
+    state: &LedgerState,
     mut ids: Vec<(Id, Id)>,
     after: Option<(&Id, &Id)>,
     wanted: usize,
-) -> Vec<Cow<'a, Lock>> {
+) -> Vec<Lock> {
     ids.retain(|(deal, lock)| after.is_none_or(|a| (deal, lock) > a));
     if ids.len() > wanted {
         ids.select_nth_unstable(wanted - 1);
@@ -858,7 +858,7 @@ fn first_locks_of<'a>(
                 lock.is_some() || state.index().segment_failure().is_some(),
                 "the lock timeline names {deal_id}/{lock_id}, which the book lacks"
             );
-            found.extend(lock.map(|l| Cow::Owned(l.into_owned())));
+            found.extend(lock.map(Cow::into_owned));
         }
     }
     found
