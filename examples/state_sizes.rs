@@ -20,6 +20,20 @@ fn resident() -> usize {
         * 4096
 }
 
+/// Returns every arena's unused pages to the OS now.
+fn purge() {
+    // SAFETY: a NUL-terminated mallctl name that takes no old or new value.
+    unsafe {
+        tikv_jemalloc_sys::mallctl(
+            c"arena.4096.purge".as_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        );
+    }
+}
+
 /// What `make` returns, and how much the resident size grew while it made it.
 fn copied<T>(make: impl FnOnce() -> T) -> (T, usize) {
     let before = resident();
@@ -31,22 +45,16 @@ fn main() {
     let dir = std::env::args()
         .nth(1)
         .expect("usage: state_sizes LEDGER_DIR");
+    let at_start = resident();
     let store = Store::open_existing(std::path::Path::new(&dir)).expect("open the ledger");
+    purge();
+    let opened = resident();
     let state = store.load_state().expect("load the state");
     // Loading frees what it decoded from (the snapshot's parts); return
     // those pages to the OS now (the daemon leaves it to jemalloc's decay,
     // over ~10 s by default), so what follows is what the state
     // holds.
-    // SAFETY: a NUL-terminated mallctl name that takes no old or new value.
-    unsafe {
-        tikv_jemalloc_sys::mallctl(
-            c"arena.4096.purge".as_ptr(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            0,
-        );
-    }
+    purge();
     let resident_pages: u64 = std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse().ok())
@@ -135,7 +143,9 @@ fn main() {
         index_locks_heap >> 20
     );
     println!(
-        "resident once loaded: {} MiB",
-        resident_pages * 4096 / (1024 * 1024)
+        "resident once loaded: {} MiB ({} MiB before the store was opened, {} MiB once it was, before its state loaded)",
+        resident_pages * 4096 / (1024 * 1024),
+        at_start >> 20,
+        opened >> 20
     );
 }
