@@ -118,9 +118,10 @@ impl Id {
     }
 }
 
+/// Honours width and alignment (`{:<28}`), as the CLI's tables ask.
 impl fmt::Display for Id {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
@@ -194,9 +195,10 @@ impl fmt::Debug for Text {
     }
 }
 
+/// Honours width and alignment, as [`Id`] does.
 impl fmt::Display for Text {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
@@ -401,9 +403,10 @@ fn shaped_rfc3339_to_utc(b: &[u8]) -> Option<DateTime<Utc>> {
     Some(DateTime::from_naive_utc_and_offset(utc, Utc))
 }
 
+/// Honours width and alignment, as [`Id`] does.
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+        f.pad(&self.0.to_rfc3339_opts(SecondsFormat::AutoSi, true))
     }
 }
 
@@ -475,9 +478,10 @@ impl Date {
     }
 }
 
+/// Honours width and alignment, as [`Id`] does.
 impl fmt::Display for Date {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0.format("%Y-%m-%d"))
+        f.pad(&self.0.format("%Y-%m-%d").to_string())
     }
 }
 
@@ -582,9 +586,10 @@ impl Currency {
     }
 }
 
+/// Honours width and alignment, as [`Id`] does.
 impl fmt::Display for Currency {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -1018,9 +1023,10 @@ impl EventType {
     }
 }
 
+/// Honours width and alignment, as [`Id`] does.
 impl fmt::Display for EventType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -1981,6 +1987,26 @@ impl<'de> Deserialize<'de> for ExtensionValueIn {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn display_honours_width_and_alignment_for_table_columns() {
+        let id = Id::parse("openai").unwrap();
+        assert_eq!(format!("[{id:<8}]"), "[openai  ]");
+        assert_eq!(format!("[{id:>8}]"), "[  openai]");
+        let text = Text::new("why").unwrap();
+        assert_eq!(format!("[{text:<5}]"), "[why  ]");
+        let at = Timestamp::parse("2025-01-15T00:00:00Z").unwrap();
+        assert_eq!(format!("[{at:<22}]"), "[2025-01-15T00:00:00Z  ]");
+        let day = Date::parse("2025-01-15").unwrap();
+        assert_eq!(format!("[{day:<12}]"), "[2025-01-15  ]");
+        assert_eq!(format!("[{:<5}]", Currency::new("USD").unwrap()), "[USD  ]");
+        assert_eq!(
+            format!("[{:<25}]", EventType::Amended),
+            "[deal.amended             ]"
+        );
+        // Without a width, nothing is added.
+        assert_eq!(format!("{id}|{at}"), "openai|2025-01-15T00:00:00Z");
+    }
 
     /// Valid events of every type, as producers write them.
     fn generated(seed: u64) -> Vec<Vec<u8>> {

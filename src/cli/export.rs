@@ -24,6 +24,7 @@ use std::time::Instant;
 use clap::Args;
 use serde::Serialize;
 
+use super::table::stream_table;
 use super::verify::{
     EXIT_BROKEN, fail, open_export, prepare_new_ledger, progress_bar, progress_fn, publish_ledger,
     read_exit_code, staging_path, store_exit_code, sync_parent,
@@ -382,19 +383,16 @@ pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
             "imported {} into {}: topic {}, {} entries in {} batches, every link verified, heads equal the export's ({:.1} s)",
             out.file, out.data, out.topic, out.entries, out.batches, out.seconds
         );
-        println!(
-            "{:<28} {:>12} {:>12}  head hash",
-            "stream", "entries", "head seq"
-        );
+        let mut table = stream_table(&[]);
         for s in &out.streams {
-            println!(
-                "{:<28} {:>12} {:>12}  {}",
-                s.stream,
-                s.entries,
+            table.row(vec![
+                s.stream.to_string(),
+                s.entries.to_string(),
                 s.head_seq.map_or("-".to_owned(), |q| q.to_string()),
-                s.head_hash
-            );
+                s.head_hash.to_string(),
+            ]);
         }
+        table.print()?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
+use super::table::stream_table;
 use super::{DEFAULT_DATA_DIR, KafkaArgs};
 use crate::api::{self, ApiState};
 use crate::ingest::{self, IngestConfig, IngestSummary, Mode};
@@ -180,19 +181,16 @@ fn print_summary(summary: &IngestSummary, json: bool) -> anyhow::Result<()> {
         summary.rejected,
         summary.duplicate
     );
-    println!(
-        "{:<28} {:>10} {:>10}  head hash",
-        "stream", "entries", "head seq"
-    );
+    let mut table = stream_table(&[]);
     for s in &summary.streams {
-        println!(
-            "{:<28} {:>10} {:>10}  {}",
+        table.row(vec![
             format!("{}/{}", summary.topic, s.partition),
-            s.entries,
+            s.entries.to_string(),
             s.head_seq.map_or("-".to_string(), |q| q.to_string()),
-            s.head_hash
-        );
+            s.head_hash.to_string(),
+        ]);
     }
+    table.print()?;
     Ok(())
 }
 

@@ -20,6 +20,7 @@ mod produce;
 mod query;
 mod rebuild;
 mod replay;
+mod table;
 mod verify;
 
 /// Default ledger folder (`--data`, env `DEALLEDGER_DATA`).

@@ -18,12 +18,13 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::table::{Align, Table};
 use super::{DEFAULT_DATA_DIR, EXIT_BAD_INPUT};
 use crate::event::{Id, Timestamp};
 use crate::ledger::LedgerState;
 use crate::query::{
-    self, DealFilter, DealShow, DealStats, DealSummary, Finding, FindingFilter, HistoryEntry,
-    LockInfo, MAX_PAGE_SIZE, Page, PageRequest, QueryError, Stats,
+    self, DealFilter, DealShow, DealSummary, Finding, FindingFilter, HistoryEntry, LockInfo,
+    MAX_PAGE_SIZE, Page, PageRequest, QueryError, Stats,
 };
 use crate::replay::parse_time;
 use crate::store::Store;
@@ -679,25 +680,29 @@ fn print_lock_line(l: &LockInfo, out: &mut dyn Write) -> std::io::Result<()> {
 }
 
 fn print_history(page: &Page<HistoryEntry>, out: &mut dyn Write) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "{:>4}  {:>6} {:>8}  {:<28} {:<26} {:<10} {:<16} reason",
-        "#", "stream", "seq", "type", "time", "verdict", "hash"
-    )?;
+    let mut table = Table::new(&[
+        ("#", Align::Right),
+        ("stream", Align::Right),
+        ("seq", Align::Right),
+        ("type", Align::Left),
+        ("time", Align::Left),
+        ("verdict", Align::Left),
+        ("hash", Align::Left),
+        ("reason", Align::Left),
+    ]);
     for h in &page.items {
-        writeln!(
-            out,
-            "{:>4}  {:>6} {:>8}  {:<28} {:<26} {:<10} {:<16} {}",
-            h.position,
-            h.entry.stream,
-            h.entry.seq,
+        table.row(vec![
+            h.position.to_string(),
+            h.entry.stream.to_string(),
+            h.entry.seq.to_string(),
             opt(&h.event_type),
             opt(&h.time),
-            h.verdict,
-            &h.entry.hash[..16],
-            h.reason.as_deref().unwrap_or("")
-        )?;
+            h.verdict.to_string(),
+            h.entry.hash[..16].to_string(),
+            h.reason.clone().unwrap_or_default(),
+        ]);
     }
+    table.write_to(out)?;
     print_next(&page.next_cursor, out)
 }
 
@@ -709,24 +714,27 @@ fn print_next(next: &Option<String>, out: &mut dyn Write) -> std::io::Result<()>
 }
 
 fn print_deals(page: &Page<DealSummary>, out: &mut dyn Write) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "{:<28} {:<12} {:<16} {:<16} {:<16} {:<21} {:>6}",
-        "deal", "status", "scope", "customer", "provider", "opened", "events"
-    )?;
+    let mut table = Table::new(&[
+        ("deal", Align::Left),
+        ("status", Align::Left),
+        ("scope", Align::Left),
+        ("customer", Align::Left),
+        ("provider", Align::Left),
+        ("opened", Align::Left),
+        ("events", Align::Right),
+    ]);
     for d in &page.items {
-        writeln!(
-            out,
-            "{:<28} {:<12} {:<16} {:<16} {:<16} {:<21} {:>6}",
-            d.id,
-            d.status.as_str(),
-            d.scope,
-            d.parties.customer,
-            d.parties.provider,
-            d.opened_at,
-            d.event_count
-        )?;
+        table.row(vec![
+            d.id.to_string(),
+            d.status.to_string(),
+            d.scope.to_string(),
+            d.parties.customer.to_string(),
+            d.parties.provider.to_string(),
+            d.opened_at.to_string(),
+            d.event_count.to_string(),
+        ]);
     }
+    table.write_to(out)?;
     writeln!(out, "{} deal(s)", page.items.len())?;
     print_next(&page.next_cursor, out)
 }
@@ -787,31 +795,80 @@ fn print_stats(s: &Stats, out: &mut dyn Write) -> std::io::Result<()> {
     for (t, n) in &o.events_by_type {
         writeln!(out, "  {t:<30} {n}")?;
     }
-    writeln!(
-        out,
-        "\n{:<28} {:<12} {:>14} {:>7} {:>8} {:>8} {:>9}",
-        "deal", "status", "to finalize", "rounds", "accepted", "rejected", "duplicate"
-    )?;
+    writeln!(out)?;
+    let mut table = Table::new(&[
+        ("deal", Align::Left),
+        ("status", Align::Left),
+        ("to finalize", Align::Right),
+        ("rounds", Align::Right),
+        ("accepted", Align::Right),
+        ("rejected", Align::Right),
+        ("duplicate", Align::Right),
+    ]);
     for d in &s.deals.items {
-        print_deal_stats(d, out, &days)?;
+        table.row(vec![
+            d.id.to_string(),
+            d.status.to_string(),
+            days(&d.seconds_to_finalize),
+            d.proposal_rounds.to_string(),
+            d.verdicts.accepted.to_string(),
+            d.verdicts.rejected.to_string(),
+            d.verdicts.duplicate.to_string(),
+        ]);
     }
+    table.write_to(out)?;
     print_next(&s.deals.next_cursor, out)
 }
 
-fn print_deal_stats(
-    d: &DealStats,
-    out: &mut dyn Write,
-    days: &dyn Fn(&Option<i64>) -> String,
-) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "{:<28} {:<12} {:>14} {:>7} {:>8} {:>8} {:>9}",
-        d.id,
-        d.status.as_str(),
-        days(&d.seconds_to_finalize),
-        d.proposal_rounds,
-        d.verdicts.accepted,
-        d.verdicts.rejected,
-        d.verdicts.duplicate
-    )
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deal::Status;
+    use crate::query::DealSummary;
+    use crate::replay::PartiesView;
+
+    fn id(s: &str) -> Id {
+        Id::parse(s).unwrap()
+    }
+
+    #[test]
+    fn the_deals_table_keeps_its_columns_whatever_the_ids_lengths() {
+        let at = Timestamp::parse("2025-01-21T20:00:00Z").unwrap();
+        let summary = |deal: &str, customer: &str| DealSummary {
+            id: id(deal),
+            status: Status::Finalized,
+            scope: id("cloud-compute"),
+            parties: PartiesView {
+                customer: id(customer),
+                provider: id("oracle"),
+                partners: vec![],
+            },
+            opened_at: at,
+            finalized_at: None,
+            terminated_at: None,
+            last_event_at: at,
+            event_count: 7,
+            last_event: None,
+        };
+        let page = Page {
+            items: vec![
+                summary("stargate-2025", "openai"),
+                summary("d", "a-longer-customer"),
+            ],
+            next_cursor: None,
+        };
+        let mut out = Vec::new();
+        print_deals(&page, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().take(3).collect();
+        for column in ["status", "scope", "customer", "provider", "opened"] {
+            let at = lines[0].find(column).unwrap();
+            for row in &lines[1..] {
+                // The value starts where its header does, after a space.
+                assert_ne!(&row[at..=at], " ", "{column} in {row:?}\n{text}");
+                assert_eq!(&row[at - 1..at], " ", "{column} in {row:?}\n{text}");
+            }
+        }
+        assert!(lines[1].starts_with("stargate-2025  finalized  cloud-compute  openai    "));
+    }
 }

@@ -31,6 +31,7 @@ use clap::Args;
 use serde::Serialize;
 
 use super::export::remove_abandoned_staging;
+use super::table::stream_table;
 use super::verify::{EXIT_BROKEN, fail, open_export, prepare_new_ledger, publish_ledger};
 use super::{EXIT_BAD_INPUT, KafkaArgs};
 use crate::chain::ChainHead;
@@ -308,19 +309,16 @@ fn print(out: &RebuildOut, json: bool) -> anyhow::Result<()> {
         out.streams.len(),
         out.seconds
     );
-    println!(
-        "{:<28} {:>12} {:>12}  head hash",
-        "stream", "entries", "head seq"
-    );
+    let mut table = stream_table(&[]);
     for s in &out.streams {
-        println!(
-            "{:<28} {:>12} {:>12}  {}",
+        table.row(vec![
             format!("{}/{}", out.topic, s.partition),
-            s.entries,
+            s.entries.to_string(),
             s.head_seq.map_or("-".to_owned(), |q| q.to_string()),
-            s.head_hash
-        );
+            s.head_hash.to_string(),
+        ]);
     }
+    table.print()?;
     let Some(with) = &out.compare_with else {
         return Ok(());
     };

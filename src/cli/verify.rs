@@ -30,6 +30,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use serde::Serialize;
 
+use super::table::stream_table;
 use super::{DEFAULT_DATA_DIR, EXIT_BAD_INPUT};
 use crate::chain::{BreakKind, ChainBreak, Hash, StreamId};
 use crate::export::{
@@ -625,20 +626,17 @@ fn print_report(report: &Report, json: bool) -> anyhow::Result<()> {
         report.entries,
         report.seconds
     );
-    println!(
-        "{:<28} {:>12} {:>12}  {:<7}  head hash",
-        "stream", "entries", "head seq", "status"
-    );
+    let mut table = stream_table(&["status"]);
     for s in &report.streams {
-        println!(
-            "{:<28} {:>12} {:>12}  {:<7}  {}",
-            s.stream,
-            s.entries,
+        table.row(vec![
+            s.stream.to_string(),
+            s.entries.to_string(),
             s.head_seq.map_or("-".to_owned(), |q| q.to_string()),
-            s.status,
-            s.head_hash.as_deref().unwrap_or("-")
-        );
+            s.status.to_string(),
+            s.head_hash.as_deref().unwrap_or("-").to_owned(),
+        ]);
     }
+    table.print()?;
     if let Some(t) = &report.trailer {
         println!(
             "trailer: {} batches, {} entries, blake3 {}",

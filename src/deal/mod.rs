@@ -106,9 +106,10 @@ impl Status {
     }
 }
 
+/// Honours width and alignment (`{:<12}`), as the CLI's tables ask.
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
