@@ -762,6 +762,24 @@ pub enum LockKind {
     RightOfFirstRefusal,
 }
 
+impl LockKind {
+    /// The kind as events and answers spell it: `exclusive` or
+    /// `right-of-first-refusal`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockKind::Exclusive => "exclusive",
+            LockKind::RightOfFirstRefusal => "right-of-first-refusal",
+        }
+    }
+}
+
+/// Honours width and alignment, as [`Id`] does.
+impl fmt::Display for LockKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
 /// `deal.negotiation.opened`: the first event of every deal.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -2004,6 +2022,10 @@ mod tests {
             format!("[{:<25}]", EventType::Amended),
             "[deal.amended             ]"
         );
+        for kind in [LockKind::Exclusive, LockKind::RightOfFirstRefusal] {
+            let wire = serde_json::to_string(&kind).unwrap();
+            assert_eq!(wire, format!("\"{kind}\""));
+        }
         // Without a width, nothing is added.
         assert_eq!(format!("{id}|{at}"), "openai|2025-01-15T00:00:00Z");
     }

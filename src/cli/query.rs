@@ -664,7 +664,7 @@ fn print_lock_line(l: &LockInfo, out: &mut dyn Write) -> std::io::Result<()> {
         .map_or_else(String::new, |e| format!(", ended {} ({})", e.at, e.reason));
     writeln!(
         out,
-        "  {}/{}: {} holds {:?} over {} in {} since {}{}{}  (granted: {})",
+        "  {}/{}: {} holds {} over {} in {} since {}{}{}  (granted: {})",
         l.deal_id,
         l.lock_id,
         l.holder,

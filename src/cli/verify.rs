@@ -403,6 +403,12 @@ fn chain_problem(brk: &ChainBreak, byte_offset: Option<u64>, message: String) ->
     }
 }
 
+/// A Kafka offset as the report spells it: the number, or `none` where
+/// there is none (a stream with no entry).
+fn offset_text(offset: Option<i64>) -> String {
+    offset.map_or_else(|| "none".to_owned(), |o| o.to_string())
+}
+
 fn store_problem(problem: &StreamProblem) -> Problem {
     let message = problem.to_string();
     let (kind, expected, found) = match &problem.kind {
@@ -422,8 +428,8 @@ fn store_problem(problem: &StreamProblem) -> Problem {
         ProblemKind::HeadUnreadable { .. } => ("head_unreadable", None, None),
         ProblemKind::HeadOffsetMismatch { expected, found } => (
             "head_offset_mismatch",
-            Some(format!("{expected:?}")),
-            Some(format!("{found:?}")),
+            Some(offset_text(*expected)),
+            Some(offset_text(*found)),
         ),
     };
     Problem {
@@ -827,6 +833,23 @@ fn verify_file(args: &VerifyArgs, path: &Path, started: Instant) -> anyhow::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_head_offset_mismatch_reports_offsets_not_rust_debug_text() {
+        let problem = StreamProblem {
+            stream: StreamId::new("deal-events", 2),
+            seq: 17,
+            offset: Some(41),
+            kind: ProblemKind::HeadOffsetMismatch {
+                expected: Some(41),
+                found: None,
+            },
+        };
+        let reported = store_problem(&problem);
+        assert_eq!(reported.kind, "head_offset_mismatch");
+        assert_eq!(reported.expected.as_deref(), Some("41"));
+        assert_eq!(reported.found.as_deref(), Some("none"));
+    }
 
     #[test]
     fn expected_heads_parse() {
