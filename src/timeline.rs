@@ -353,6 +353,8 @@ impl StoredSpans {
         if found.len() > most {
             return Collected::OverLimit;
         }
+        // One buffer for every chunk read: `read` replaces its contents.
+        let mut bytes = Vec::new();
         for run in &self.runs {
             let live = run
                 .chunks
@@ -360,7 +362,6 @@ impl StoredSpans {
                 .take_while(|c| c.first_from <= t)
                 .filter(|c| t < c.latest_end);
             for chunk in live {
-                let mut bytes = Vec::new();
                 if self.store.read(chunk.at, &mut bytes) {
                     binding_in_encoded(&bytes, usize::from(chunk.len), t, found);
                 }
