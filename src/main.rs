@@ -5,6 +5,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// jemalloc instead of glibc malloc: batches are built on the ingest thread
@@ -18,14 +20,36 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// Standard error, for log lines, ignoring failed writes. When a daemon's
+/// log reader goes away (a closed terminal or pipe, a restarted collector)
+/// tracing-subscriber reports each failed write with `eprintln!`, which
+/// panics on that same broken pipe: the ingest thread died at its next log
+/// line. A log line that cannot be written is lost; the work goes on.
+struct LogSink;
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 fn main() -> ExitCode {
+    let cli = dealledger::cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_env("DEALLEDGER_LOG").unwrap_or_else(|_| EnvFilter::new("warn")),
+            EnvFilter::try_from_env("DEALLEDGER_LOG")
+                .unwrap_or_else(|_| EnvFilter::new(cli.default_log_level())),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogSink)
+        // Colours only for a terminal: not into log files and pipes.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = dealledger::cli::Cli::parse();
     match dealledger::cli::run(cli) {
         Ok(code) => code,
         Err(err) => {

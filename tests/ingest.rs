@@ -375,28 +375,7 @@ fn daemon_serves_health_and_metrics_and_stops_cleanly_on_sigterm() {
     let port = free_port();
     let mut child = spawn_serve(&topic, dir.path(), port);
 
-    // Wait until every scenario event is accepted, as /metrics reports it.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let accepted = loop {
-        if let Some((200, body)) = http_get(port, "/metrics") {
-            let n: f64 = body
-                .lines()
-                .filter(|l| {
-                    l.starts_with("dealledger_events_total{") && l.contains("verdict=\"accepted\"")
-                })
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum();
-            if n >= 41.0 {
-                break n;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the daemon did not ingest the scenario in 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    assert_eq!(accepted, 41.0);
+    assert_eq!(wait_for_accepted(port, 41), 41.0);
     let (status, health) = http_get(port, "/health").expect("health answers");
     assert_eq!(status, 200, "{health}");
     assert!(health.contains("\"ok\""), "{health}");
@@ -418,22 +397,72 @@ fn daemon_serves_health_and_metrics_and_stops_cleanly_on_sigterm() {
     assert!(stderr.contains(dir.path().to_str().unwrap()), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 
+    let exit = stop_with_sigterm(&mut child);
+    assert!(exit.success(), "serve exited with {exit:?}");
+    assert_ledger_matches_topic(&topic, dir.path());
+}
+
+#[test]
+fn the_daemon_outlives_its_log_reader() {
+    // A daemon's log reader can go away (a closed terminal, a restarted
+    // log collector): every later log line then meets a broken pipe.
+    // tracing-subscriber reports a failed write with eprintln!, which
+    // panicked on that same broken pipe and took the ingest thread down.
+    let topic = unique_topic("ingest-logpipe");
+    create_topic(&topic, 2);
+    produce_file(&topic, &repo_file("schemas/examples/scenario.jsonl"));
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = spawn_serve(&topic, dir.path(), port);
+    drop(child.stderr.take());
+    // Taking its partitions and stopping are logged at the default level.
+    assert_eq!(wait_for_accepted(port, 41), 41.0);
+    let exit = stop_with_sigterm(&mut child);
+    assert!(exit.success(), "serve exited with {exit:?}");
+    assert_ledger_matches_topic(&topic, dir.path());
+}
+
+/// Waits (60 s at most) until the daemon on `port` reports at least
+/// `events` accepted on /metrics; returns how many it reports.
+fn wait_for_accepted(port: u16, events: u64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some((200, body)) = http_get(port, "/metrics") {
+            let n: f64 = body
+                .lines()
+                .filter(|l| {
+                    l.starts_with("dealledger_events_total{") && l.contains("verdict=\"accepted\"")
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            if n >= events as f64 {
+                return n;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not accept {events} events in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Sends SIGTERM to `child` and waits (30 s at most) for it to exit.
+fn stop_with_sigterm(child: &mut Child) -> std::process::ExitStatus {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(30);
-    let exit = loop {
+    loop {
         if let Some(exit) = child.try_wait().unwrap() {
-            break exit;
+            return exit;
         }
-        assert!(
-            Instant::now() < deadline,
-            "serve did not stop within 30 s of SIGTERM"
-        );
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("serve did not stop within 30 s of SIGTERM");
+        }
         std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(exit.success(), "serve exited with {exit:?}");
-    assert_ledger_matches_topic(&topic, dir.path());
+    }
 }

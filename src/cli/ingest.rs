@@ -232,7 +232,6 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(args.listen))
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(listen = %args.listen, "HTTP listener up");
     let api_state = ApiState {
         metrics: Arc::clone(&metrics),
         ledger: Some(api::LedgerHandle {

@@ -38,6 +38,19 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// The log level when `DEALLEDGER_LOG` does not set one: `info` for the
+    /// daemon (`serve`), whose operators want to see it start, listen,
+    /// take its partitions and stop; `warn` for the commands, whose output
+    /// is their answer.
+    pub fn default_log_level(&self) -> &'static str {
+        match self.command {
+            Command::Serve(_) => "info",
+            _ => "warn",
+        }
+    }
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
