@@ -81,7 +81,7 @@ pub enum Command {
     ///
     /// Example: dealledger ingest --until-caught-up --data ./ledger
     Ingest(ingest::IngestArgs),
-    /// Run the daemon: continuous ingest plus /health and /metrics over HTTP.
+    /// Run the daemon: continuous ingest plus /health, /metrics and the query API over HTTP(S).
     ///
     /// SIGTERM or Ctrl-C finishes the batch in flight, makes it durable,
     /// leaves the consumer group and exits 0.
