@@ -12,6 +12,7 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use super::table::{Align, Table};
 use super::{DEFAULT_DATA_DIR, EXIT_BAD_INPUT};
 use crate::event::{Id, LockKind, Timestamp};
 use crate::export::{ExportReader, import_export};
@@ -259,41 +260,61 @@ fn print_table(out: &mut impl Write, replayed: &Replay, deals: &[DealView]) -> s
         writeln!(out, "{cut}")?;
     }
     writeln!(out)?;
-    let header = [
-        "DEAL",
-        "STATUS",
-        "PARTIES",
-        "CAPACITY",
-        "PRICE (MINOR UNITS)",
-        "TERM",
-        "EVENTS",
-        "LAST EVENT",
-    ];
-    let rows: Vec<[String; 8]> = deals
-        .iter()
-        .map(|d| {
-            let parties = [&d.parties.customer, &d.parties.provider]
-                .into_iter()
-                .chain(&d.parties.partners)
-                .map(Id::as_str)
-                .collect::<Vec<_>>()
-                .join(", ");
-            let (capacity, price, term) = match &d.terms {
-                None => ("-".into(), "-".into(), "-".into()),
-                Some(t) => (
-                    format!(
-                        "{} {}",
-                        t.capacity.quantity,
-                        serde_json::to_value(t.capacity.unit)
-                            .ok()
-                            .and_then(|u| u.as_str().map(str::to_owned))
-                            .unwrap_or_default()
-                    ),
-                    format!("{} {}", t.price.amount_minor, t.price.currency),
-                    format!("{} .. {}", t.start, t.end),
+    let mut table = Table::new(&[
+        ("deal", Align::Left),
+        ("status", Align::Left),
+        ("parties", Align::Left),
+        ("capacity", Align::Left),
+        ("price (minor units)", Align::Left),
+        ("term", Align::Left),
+        ("events", Align::Right),
+        ("last event", Align::Left),
+    ]);
+    for d in deals {
+        let parties = [&d.parties.customer, &d.parties.provider]
+            .into_iter()
+            .chain(&d.parties.partners)
+            .map(Id::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let (capacity, price, term) = match &d.terms {
+            None => ("-".into(), "-".into(), "-".into()),
+            Some(t) => (
+                format!(
+                    "{} {}",
+                    t.capacity.quantity,
+                    serde_json::to_value(t.capacity.unit)
+                        .ok()
+                        .and_then(|u| u.as_str().map(str::to_owned))
+                        .unwrap_or_default()
                 ),
-            };
-            [
+                format!("{} {}", t.price.amount_minor, t.price.currency),
+                format!("{} .. {}", t.start, t.end),
+            ),
+        };
+        let locks = d
+            .active_locks
+            .iter()
+            .map(|lock| {
+                let kind = match lock.kind {
+                    LockKind::Exclusive => "exclusive",
+                    LockKind::RightOfFirstRefusal => "right of first refusal",
+                };
+                format!(
+                    "    lock {}: {} holds {kind} over {} in {}, since {}{}",
+                    lock.lock_id,
+                    lock.holder,
+                    lock.bound_party,
+                    lock.scope,
+                    lock.since,
+                    lock.until
+                        .map(|u| format!(" until {u}"))
+                        .unwrap_or_default()
+                )
+            })
+            .collect();
+        table.row_with_notes(
+            vec![
                 d.id.to_string(),
                 d.status.to_string(),
                 parties,
@@ -302,49 +323,11 @@ fn print_table(out: &mut impl Write, replayed: &Replay, deals: &[DealView]) -> s
                 term,
                 d.event_count.to_string(),
                 format!("{} {}", d.last_event.event_type, d.last_event.time),
-            ]
-        })
-        .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
+            ],
+            locks,
+        );
     }
-    let line = |cells: &[&str]| -> String {
-        let mut s = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            if i + 1 == cells.len() {
-                s.push_str(cell);
-            } else {
-                s.push_str(&format!("{cell:<w$}  "));
-            }
-        }
-        s
-    };
-    writeln!(out, "{}", line(&header))?;
-    for (row, deal) in rows.iter().zip(deals) {
-        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
-        writeln!(out, "{}", line(&cells))?;
-        for lock in &deal.active_locks {
-            let kind = match lock.kind {
-                LockKind::Exclusive => "exclusive",
-                LockKind::RightOfFirstRefusal => "right of first refusal",
-            };
-            writeln!(
-                out,
-                "    lock {}: {} holds {kind} over {} in {}, since {}{}",
-                lock.lock_id,
-                lock.holder,
-                lock.bound_party,
-                lock.scope,
-                lock.since,
-                lock.until
-                    .map(|u| format!(" until {u}"))
-                    .unwrap_or_default()
-            )?;
-        }
-    }
+    table.write_to(out)?;
     if deals.is_empty() {
         writeln!(out, "(no deals)")?;
     }

@@ -18,7 +18,14 @@ pub enum Align {
 pub struct Table {
     headers: Vec<&'static str>,
     aligns: Vec<Align>,
-    rows: Vec<Vec<String>>,
+    rows: Vec<Row>,
+}
+
+/// A row's cells, and the lines printed under it as they are (the locks
+/// of a deal in `replay`), which do not count toward the widths.
+struct Row {
+    cells: Vec<String>,
+    notes: Vec<String>,
 }
 
 /// Spaces between two columns.
@@ -37,12 +44,17 @@ impl Table {
 
     /// Adds a row: one cell per column, in the columns' order.
     pub fn row(&mut self, cells: Vec<String>) {
+        self.row_with_notes(cells, Vec::new());
+    }
+
+    /// Adds a row followed by `notes`, lines written under it as they are.
+    pub fn row_with_notes(&mut self, cells: Vec<String>, notes: Vec<String>) {
         assert_eq!(
             cells.len(),
             self.headers.len(),
             "a row has one cell per column"
         );
-        self.rows.push(cells);
+        self.rows.push(Row { cells, notes });
     }
 
     /// Writes the header line and every row, each line without trailing
@@ -50,12 +62,15 @@ impl Table {
     pub fn write_to(&self, out: &mut dyn Write) -> io::Result<()> {
         let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
         for row in &self.rows {
-            for (width, cell) in widths.iter_mut().zip(row) {
+            for (width, cell) in widths.iter_mut().zip(&row.cells) {
                 *width = (*width).max(cell.chars().count());
             }
         }
-        let header: Vec<String> = self.headers.iter().map(|h| h.to_string()).collect();
-        for cells in std::iter::once(&header).chain(&self.rows) {
+        let header = Row {
+            cells: self.headers.iter().map(|h| h.to_string()).collect(),
+            notes: Vec::new(),
+        };
+        for Row { cells, notes } in std::iter::once(&header).chain(&self.rows) {
             let mut line = String::new();
             for (i, cell) in cells.iter().enumerate() {
                 if i > 0 {
@@ -74,6 +89,9 @@ impl Table {
                 }
             }
             writeln!(out, "{}", line.trim_end())?;
+            for note in notes {
+                writeln!(out, "{note}")?;
+            }
         }
         Ok(())
     }
@@ -128,6 +146,20 @@ mod tests {
         t.row(vec!["t/0".into(), String::new()]);
         t.row(vec!["é/1".into(), "why".into()]);
         assert_eq!(written(&t), "stream  reason\nt/0\né/1     why\n");
+    }
+
+    #[test]
+    fn notes_go_under_their_row_and_do_not_widen_its_columns() {
+        let mut t = Table::new(&[("deal", Align::Left), ("events", Align::Right)]);
+        t.row_with_notes(
+            vec!["d1".into(), "3".into()],
+            vec!["    a long note line".into()],
+        );
+        t.row(vec!["d2".into(), "10".into()]);
+        assert_eq!(
+            written(&t),
+            "deal  events\nd1         3\n    a long note line\nd2        10\n"
+        );
     }
 
     #[test]
