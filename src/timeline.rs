@@ -427,11 +427,60 @@ fn encode(spans: &[Span]) -> Vec<u8> {
     out
 }
 
-/// Takes the first `n` of `bytes`.
-fn take<'a>(bytes: &mut &'a [u8], n: usize) -> &'a [u8] {
-    let (head, rest) = bytes.split_at(n);
-    *bytes = rest;
-    head
+/// One span as [`encode`] stored it: its times as (seconds, nanoseconds)
+/// since the epoch, which order instants as the timestamps do (nanoseconds
+/// stay below 10^9: there are no leap seconds), and its ids' bytes.
+struct RawSpan<'a> {
+    from: (i64, u32),
+    end: (i64, u32),
+    deal: &'a [u8],
+    lock: &'a [u8],
+}
+
+/// The `len` spans [`encode`] wrote into `bytes`, in order, undecoded (in
+/// this process: anything else is a bug).
+fn raw_spans(mut bytes: &[u8], len: usize) -> impl Iterator<Item = RawSpan<'_>> {
+    fn take<'a>(bytes: &mut &'a [u8], n: usize) -> &'a [u8] {
+        let (head, rest) = bytes.split_at(n);
+        *bytes = rest;
+        head
+    }
+    let mut left = len;
+    std::iter::from_fn(move || {
+        if left == 0 {
+            assert!(bytes.is_empty(), "a stored chunk has bytes after its spans");
+            return None;
+        }
+        left -= 1;
+        let mut time = || {
+            let secs = i64::from_be_bytes(take(&mut bytes, 8).try_into().expect("8 bytes"));
+            let nanos = u32::from_be_bytes(take(&mut bytes, 4).try_into().expect("4 bytes"));
+            (secs, nanos)
+        };
+        let (from, end) = (time(), time());
+        let mut id = || {
+            let n = usize::from(take(&mut bytes, 1)[0]);
+            take(&mut bytes, n)
+        };
+        let (deal, lock) = (id(), id());
+        Some(RawSpan {
+            from,
+            end,
+            deal,
+            lock,
+        })
+    })
+}
+
+/// An id [`encode`] wrote.
+fn stored_id(bytes: &[u8]) -> Id {
+    let text = std::str::from_utf8(bytes).expect("an id this process wrote");
+    Id::parse(text).expect("an id this process wrote")
+}
+
+/// A time [`encode`] wrote.
+fn stored_time((secs, nanos): (i64, u32)) -> Timestamp {
+    Timestamp::from_unix_parts(secs, nanos).expect("a span's time this process wrote")
 }
 
 /// Adds to `found` the ids of the spans in `bytes` ([`encode`]d, `len` of
@@ -439,58 +488,25 @@ fn take<'a>(bytes: &mut &'a [u8], n: usize) -> &'a [u8] {
 /// but testing each span's times as they are stored, before anything is
 /// decoded: only the ids of spans that bind are read into [`Id`]s. A
 /// `locks active` page reads many chunks whose spans mostly do not bind.
-fn binding_in_encoded(mut bytes: &[u8], len: usize, t: Timestamp, found: &mut Vec<(Id, Id)>) {
-    // Seconds then nanoseconds (below 10^9: no leap seconds) order
-    // instants as the timestamps do.
+fn binding_in_encoded(bytes: &[u8], len: usize, t: Timestamp, found: &mut Vec<(Id, Id)>) {
     let t = t.unix_parts();
-    for _ in 0..len {
-        let mut time = || {
-            let secs = i64::from_be_bytes(take(&mut bytes, 8).try_into().expect("8 bytes"));
-            let nanos = u32::from_be_bytes(take(&mut bytes, 4).try_into().expect("4 bytes"));
-            (secs, nanos)
-        };
-        let (from, end) = (time(), time());
-        let mut id_bytes = || {
-            let n = usize::from(take(&mut bytes, 1)[0]);
-            take(&mut bytes, n)
-        };
-        let (deal, lock) = (id_bytes(), id_bytes());
-        if from <= t && t < end {
-            let id = |b| {
-                let text = std::str::from_utf8(b).expect("an id this process wrote");
-                Id::parse(text).expect("an id this process wrote")
-            };
-            found.push((id(deal), id(lock)));
-        }
-    }
-    assert!(bytes.is_empty(), "a stored chunk has bytes after its spans");
+    found.extend(
+        raw_spans(bytes, len)
+            .filter(|s| s.from <= t && t < s.end)
+            .map(|s| (stored_id(s.deal), stored_id(s.lock))),
+    );
 }
 
 /// Decodes what [`encode`] wrote (in this process: anything else is a bug).
-fn decode(mut bytes: &[u8], len: usize) -> Vec<Span> {
-    let mut spans = Vec::with_capacity(len);
-    for _ in 0..len {
-        let mut time = || {
-            let secs = i64::from_be_bytes(take(&mut bytes, 8).try_into().expect("8 bytes"));
-            let nanos = u32::from_be_bytes(take(&mut bytes, 4).try_into().expect("4 bytes"));
-            Timestamp::from_unix_parts(secs, nanos).expect("a span's time this process wrote")
-        };
-        let (from, end) = (time(), time());
-        let mut id = || {
-            let n = usize::from(take(&mut bytes, 1)[0]);
-            let text = std::str::from_utf8(take(&mut bytes, n)).expect("an id this process wrote");
-            Id::parse(text).expect("an id this process wrote")
-        };
-        let (deal, lock) = (id(), id());
-        spans.push(Span {
-            from,
-            end,
-            deal,
-            lock,
-        });
-    }
-    assert!(bytes.is_empty(), "a stored chunk has bytes after its spans");
-    spans
+fn decode(bytes: &[u8], len: usize) -> Vec<Span> {
+    raw_spans(bytes, len)
+        .map(|s| Span {
+            from: stored_time(s.from),
+            end: stored_time(s.end),
+            deal: stored_id(s.deal),
+            lock: stored_id(s.lock),
+        })
+        .collect()
 }
 
 /// Where the spans of ended locks are.
